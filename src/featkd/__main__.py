@@ -1,0 +1,5 @@
+import sys
+
+from featkd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The ``featkd`` command: one sub-command per module in this package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from featkd.cli.common import CliError
+
+__all__ = ["build_parser", "main"]
+
+# Each module exposes add_parser(subparsers) or add_parsers(subparsers);
+# every sub-command sets `func(args) -> int` as its default.
+COMMAND_MODULES = ("quality", "train", "demo", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="featkd",
+        description="Logit-free feature knowledge distillation with layer selection by knowledge quality.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"featkd.cli.{name}")
+        except ModuleNotFoundError as err:  # a command still under construction
+            if err.name != f"featkd.cli.{name}":
+                raise
+            continue
+        register = getattr(module, "add_parsers", None) or module.add_parser
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featkd`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, FileNotFoundError, ValueError, IndexError) as err:
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"featkd {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

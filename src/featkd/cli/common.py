@@ -1,0 +1,47 @@
+"""Helpers shared by the ``featkd`` commands."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["CliError", "build_model_from_args", "parse_layers"]
+
+LAYER_KEYWORDS = ("all", "auto", "standard", "paper")
+
+
+class CliError(Exception):
+    """A bad command-line value: reported in one line, exit status 2."""
+
+
+def parse_layers(text: str) -> str | list[int | str]:
+    """``"all"``/``"auto"``/``"standard"``/``"paper"`` or ``"3,7,layer3.1"`` -> list."""
+    text = text.strip()
+    if text in LAYER_KEYWORDS:
+        return text
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise CliError(f"empty layer list {text!r}: give GL indices like 1,2,3 or module names")
+    return [int(item) if item.lstrip("-").isdigit() else item for item in items]
+
+
+def build_model_from_args(
+    name: str,
+    width: float,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    checkpoint: str | None = None,
+) -> nn.Module:
+    """A zoo model, with weights from a file or run directory when given."""
+    from featkd.checkpoint import load_model_weights
+    from featkd.models import create_model
+
+    try:
+        model = create_model(
+            name, num_classes, in_channels=in_channels, image_size=image_size, width=width
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    if checkpoint:
+        load_model_weights(model, checkpoint)
+    return model

@@ -1,0 +1,141 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from featkd.layers import (
+    FeatureTap,
+    extract,
+    feature_shapes,
+    generalized_layers,
+    head_index,
+    layer_index,
+    register_block,
+    resolve_layers,
+    tail,
+    to_channels_first,
+)
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(x + self.conv(x))
+
+
+register_block(Residual)
+
+
+def small_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+        nn.MaxPool2d(2),
+        Residual(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+
+
+def test_rule_on_small_chain():
+    model = small_chain()
+    # conv-bn-relu | pool+block | avgpool+flatten | linear-relu ; final linear is the head
+    assert generalized_layers(model) == ["0.2", "2", "4", "6"]
+    assert head_index(model) == 3
+    assert layer_index(model, "2") == 1
+
+
+def test_torchvision_resnet18():
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    names = generalized_layers(model)
+    # stem relu + 8 BasicBlocks; torchvision flattens functionally, so no Flatten GL
+    assert names == ["relu"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert head_index(model) == 9
+    x = torch.randn(2, 3, 64, 64)
+    feats = extract(model, x, [8, 0, "layer2.1"])
+    assert [tuple(f.shape) for f in feats] == [(2, 512, 2, 2), (2, 64, 32, 32), (2, 128, 8, 8)]
+
+
+def test_extract_matches_full_forward_and_stops_early():
+    model = small_chain().eval()
+    x = torch.randn(2, 3, 8, 8)
+    calls = []
+    model[5].register_forward_hook(lambda m, i, o: calls.append("linear"))
+    (feat,) = extract(model, x, [1])
+    assert calls == []  # stopped before the head
+    expected = model[2](model[1](model[0](x)))
+    torch.testing.assert_close(feat, expected)
+
+
+def test_extract_respects_grad_mode():
+    model = small_chain()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        (f,) = extract(model, x, [0])
+    assert not f.requires_grad
+    (f,) = extract(model, x, [0])
+    assert f.requires_grad
+
+
+def test_resolve_layers_errors():
+    model = small_chain()
+    assert resolve_layers(model, [-1, "2"]) == ["6", "2"]
+    with pytest.raises(IndexError, match=r"valid indices 0\.\.3"):
+        resolve_layers(model, [4])
+    with pytest.raises(ValueError, match="generalized layers are: 0.2, 2, 4, 6"):
+        resolve_layers(model, ["nope"])
+    with pytest.raises(TypeError):
+        resolve_layers(model, [1.5])
+
+
+def test_tap_detach_after_cuts_gradient_path():
+    model = small_chain()
+    x = torch.randn(2, 3, 8, 8)
+    with FeatureTap(model, ["2"], detach_after="2") as tap:
+        logits = model(x)
+    (feat,) = tap.outputs
+    assert feat.requires_grad
+    logits.sum().backward()
+    first_conv = model[0][0].weight
+    assert first_conv.grad is None  # the head's loss never reached the backbone
+    assert model[5].weight.grad is not None
+    feat.sum().backward()
+    assert first_conv.grad is not None
+
+
+def test_tap_removes_hooks_and_reports_missing():
+    model = small_chain()
+    with FeatureTap(model, ["6"], stop_early=True) as tap:
+        model(torch.randn(1, 3, 8, 8))
+    assert all(not m._forward_hooks for m in model.modules())
+    tap.clear()
+    with pytest.raises(RuntimeError, match="did not run"):
+        tap.outputs
+
+
+def test_tail_runs_rest_of_chain():
+    model = small_chain().eval()
+    x = torch.randn(2, 3, 8, 8)
+    (feat,) = extract(model, x, ["2"])
+    torch.testing.assert_close(tail(model, "2")(feat), model(x))
+    with pytest.raises(ValueError, match="not a chain"):
+        tail(torchvision.models.resnet18(weights=None), "layer1.0")
+
+
+def test_feature_shapes_and_layout():
+    model = small_chain()
+    model.train()
+    shapes = feature_shapes(model, [0, 3], torch.randn(2, 3, 8, 8))
+    assert shapes == [torch.Size([4, 8, 8]), torch.Size([8])]
+    assert model.training
+    tokens = torch.randn(2, 5, 7)
+    assert to_channels_first(tokens).shape == (2, 7, 5)
+    maps = torch.randn(2, 3, 4, 4)
+    assert to_channels_first(maps) is maps
