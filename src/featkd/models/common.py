@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 
@@ -23,10 +25,17 @@ def check_args(num_classes: int, in_channels: int, image_size: int, width: float
 
 
 def conv_bn_act(in_ch: int, out_ch: int, kernel: int, stride: int, act: type[nn.Module],
-                groups: int = 1) -> list[nn.Module]:
-    """Bias-free conv, BatchNorm, activation (as a list, to splice into a Sequential)."""
-    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False)
+                groups: int = 1, bias: bool = False) -> list[nn.Module]:
+    """Conv (bias-free by default), BatchNorm, activation, as a list to splice into a Sequential."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=bias)
     return [conv, nn.BatchNorm2d(out_ch), act()]
+
+
+def conv_bn_act_stage(in_ch: int, out_ch: int, kernel: int, stride: int,
+                      act: type[nn.Module]) -> nn.Sequential:
+    """:func:`conv_bn_act` as a Sequential with children named conv, bn, relu."""
+    layers = conv_bn_act(in_ch, out_ch, kernel, stride, act)
+    return nn.Sequential(OrderedDict(zip(("conv", "bn", "relu"), layers)))
 
 
 def init_cnn(model: nn.Module) -> nn.Module:

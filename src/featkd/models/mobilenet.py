@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from .common import conv_bn_act, init_cnn, scaled
+from .common import conv_bn_act, conv_bn_act_stage, init_cnn, scaled
 
 # (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -53,9 +53,9 @@ def build_mobilenetv2(name: str, num_classes: int, in_channels: int, image_size:
             in_ch = out_ch
     last_ch = scaled(LAST_CHANNELS, width)
     model = nn.Sequential(OrderedDict(
-        stem=nn.Sequential(*conv_bn_act(in_channels, stem_ch, 3, stem_stride, nn.ReLU6)),
+        stem=conv_bn_act_stage(in_channels, stem_ch, 3, stem_stride, nn.ReLU6),
         blocks=nn.Sequential(*blocks),
-        last_conv=nn.Sequential(*conv_bn_act(in_ch, last_ch, 1, 1, nn.ReLU6)),
+        last_conv=conv_bn_act_stage(in_ch, last_ch, 1, 1, nn.ReLU6),
         pool=nn.AdaptiveAvgPool2d(1),
         flatten=nn.Flatten(),
         dropout=nn.Dropout(0.2),

@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from .common import conv_bn_act, init_cnn, scaled
+from .common import conv_bn_act_stage, init_cnn, scaled
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS = {"resnet9": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
@@ -42,10 +42,9 @@ def build_resnet(name: str, num_classes: int, in_channels: int, image_size: int,
                  width: float) -> nn.Sequential:
     """ResNet with a 3x3/1 stem; inputs larger than 32 px get a 3x3/2 max-pool after it."""
     channels = [scaled(c, width) for c in STAGE_CHANNELS]
-    stem = nn.Sequential(OrderedDict(zip(
-        ("conv", "bn", "relu"), conv_bn_act(in_channels, channels[0], 3, 1, nn.ReLU)
-    )))
-    parts: OrderedDict[str, nn.Module] = OrderedDict(stem=stem)
+    parts: OrderedDict[str, nn.Module] = OrderedDict(
+        stem=conv_bn_act_stage(in_channels, channels[0], 3, 1, nn.ReLU)
+    )
     if image_size > 32:
         parts["maxpool"] = nn.MaxPool2d(3, 2, 1)
     in_ch = channels[0]

@@ -1,7 +1,7 @@
 """VGG11-BN / VGG19-BN for small images, as chains.
 
-``features`` uses torchvision's indices (conv, bn, relu, ..., max-pool), so
-ImageNet weights map one to one. After the last max-pool an adaptive average
+``features`` uses torchvision's indices and convs with bias (conv, bn, relu,
+..., max-pool), so ImageNet weights map one to one. After the last max-pool an adaptive average
 pool to 1x1 (a no-op at 32 px, where the map is already 1x1) keeps the
 classifier's first Linear at 512 inputs for any image size.
 """
@@ -34,7 +34,7 @@ def build_vgg(name: str, num_classes: int, in_channels: int, image_size: int,
             layers.append(nn.MaxPool2d(2, 2))
         else:
             out_ch = scaled(item, width)
-            layers += conv_bn_act(in_ch, out_ch, 3, 1, nn.ReLU)
+            layers += conv_bn_act(in_ch, out_ch, 3, 1, nn.ReLU, bias=True)
             in_ch = out_ch
     hidden = scaled(HIDDEN, width)
     classifier = nn.Sequential(

@@ -1,0 +1,110 @@
+"""The paper's model zoo: ResNet, VGG-BN, MobileNetV2 and ViT for 32/64 px images.
+
+Every model is a chain (nested ``nn.Sequential``), so running its leaf modules
+in order is its forward pass and :func:`featkd.layers.tail` can cut it.
+``width`` scales every channel count (``max(1, round(c * width))``) and the
+ViT hidden size, MLP width and head count, never the depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .common import check_args
+from .imagenet import IMAGENET_MODELS, ImageNetLoadReport, load_imagenet_weights
+from .mobilenet import build_mobilenetv2
+from .resnet import build_resnet
+from .vgg import build_vgg
+from .vit import build_vit
+
+__all__ = [
+    "IMAGENET_MODELS",
+    "PAPER_Q_LAYERS",
+    "PAPER_STUDENT_LAYERS",
+    "STANDARD_TEACHER_LAYERS",
+    "ImageNetLoadReport",
+    "create_model",
+    "list_models",
+    "load_imagenet_weights",
+    "model_family",
+    "peak_lr",
+]
+
+Builder = Callable[[str, int, int, int, float], nn.Sequential]
+
+# name -> (family, builder)
+_REGISTRY: dict[str, tuple[str, Builder]] = {
+    "resnet9": ("resnet", build_resnet),
+    "resnet18": ("resnet", build_resnet),
+    "resnet34": ("resnet", build_resnet),
+    "vgg11_bn": ("vgg", build_vgg),
+    "vgg19_bn": ("vgg", build_vgg),
+    "mobilenetv2": ("mobilenet", build_mobilenetv2),
+    "vit_et": ("vit", build_vit),
+    "vit_t": ("vit", build_vit),
+    "vit_s": ("vit", build_vit),
+    "vit_b": ("vit", build_vit),
+}
+
+# Generalized-layer indices (spec/experiments.md "Layer lists").
+PAPER_STUDENT_LAYERS: dict[str, list[int]] = {
+    "resnet9": [1, 2, 3, 4],
+    "mobilenetv2": [3, 6, 13, 17],
+    "vgg11_bn": [1, 3, 5, 7],
+    "vit_et": [1, 3, 5, 7],
+}
+STANDARD_TEACHER_LAYERS: dict[str, list[int]] = {
+    "resnet34": [3, 7, 13, 16],
+    "vgg19_bn": [3, 7, 11, 15],
+    "vit_b": [2, 4, 8, 10],
+}
+# Q-selected teacher layers of the authors' released configs: teacher -> dataset -> layers.
+PAPER_Q_LAYERS: dict[str, dict[str, list[int]]] = {
+    "resnet34": {"cifar10": [12, 13, 14, 15], "cifar100": [12, 13, 14, 15],
+                 "tinyimagenet": [12, 13, 14, 15]},
+    "vgg19_bn": {"cifar10": [11, 12, 13, 15], "cifar100": [11, 12, 13, 15],
+                 "tinyimagenet": [11, 12, 13, 16]},
+    "vit_b": {"cifar10": [9, 10, 11, 12], "cifar100": [7, 10, 11, 12],
+              "tinyimagenet": [7, 8, 11, 12]},
+}
+
+# One-cycle peak learning rate (AdamW) per family; ViT-B (a fine-tuned teacher) is lower
+# than the small ViTs trained from scratch.
+_PEAK_LR = {"resnet": 0.0075, "mobilenet": 0.0075, "vgg": 0.005, "vit": 0.001}
+_PEAK_LR_OVERRIDES = {"vit_b": 1e-4}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[str, Builder]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def model_family(name: str) -> str:
+    """Family of model ``name``: "resnet", "vgg", "mobilenet" or "vit"."""
+    return _lookup(name)[0]
+
+
+def peak_lr(name: str) -> float:
+    """The paper's one-cycle peak learning rate for model ``name``."""
+    return _PEAK_LR_OVERRIDES.get(name, _PEAK_LR[model_family(name)])
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                 width: float = 1.0) -> nn.Sequential:
+    """Build zoo model ``name`` for ``image_size``-px images with ``in_channels`` channels.
+
+    Up to 32 px the CNNs use CIFAR stems (ResNet 3x3/1 without max-pool, MobileNetV2
+    stride-1 stem); above, ResNets add a 3x3/2 max-pool and MobileNetV2's stem has
+    stride 2. ViTs use patch ``image_size // 8`` (65 tokens always).
+    """
+    _, builder = _lookup(name)
+    check_args(num_classes, in_channels, image_size, width)
+    return builder(name, num_classes, in_channels, image_size, width)
