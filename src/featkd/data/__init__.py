@@ -1,0 +1,45 @@
+"""Image datasets held in memory as uint8 tensors, with vectorised per-sample augmentation.
+
+Every dataset loads whole into an :class:`ImageDataset`: a uint8 tensor (N, C, H, W) and
+int64 labels. Normalisation uses the per-channel mean/std of the *training* split (in [0, 1]
+pixel units) for both splits. Batches are built by tensor indexing (:meth:`ImageDataset.batch`):
+a random crop with zero padding 4 and a horizontal flip are drawn per sample, without a
+Python loop over samples. Zero padding is applied to raw pixels before normalising, as
+torchvision does on PIL images.
+
+Datasets (``get_datasets(name, ...)``; ``root`` defaults to ``$FEATKD_DATA`` or
+``~/.cache/featkd/data``):
+
+* ``digits``: scikit-learn's bundled 8x8 digits (0..16 scaled to 0..255), bilinear-upsampled
+  to 32x32; a stratified 80/20 train/test split with seed 0 (``test_fraction``, ``split_seed``).
+* ``fashion_mnist``: IDX files (``.gz`` or plain), zero-padded 28 -> 32 (``pad=2``). Looked up in
+  /usr/share/datasets/fashion-mnist (``apt-get install dataset-fashion-mnist``) when no root is given.
+* ``cifar10`` / ``cifar100``: the python pickle batches (``cifar-10-batches-py``, ``cifar-100-python``).
+* ``tiny_imagenet``: the ``tiny-imagenet-200`` folder, 64x64 RGB; its val split is the test split.
+* ``imagefolder``: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), RGB,
+  resized to ``image_size`` (default 32).
+* ``synthetic``: one smooth random template per class plus seeded noise, for tests.
+
+``download=True`` fetches CIFAR and Fashion-MNIST with torchvision (TinyImageNet with torchvision's
+archive helper) where a network exists; without files a FileNotFoundError says where it looked.
+"""
+
+from .dataset import BatchLoader, ImageDataset
+from .sources import default_root, get_datasets, list_datasets
+from .tensors import (
+    CROP_PADDING,
+    channel_stats,
+    class_balanced_subset,
+    convert_channels,
+    derive_generator,
+    normalize,
+    random_crop_flip,
+    resize_images,
+    stratified_subset,
+)
+
+__all__ = [
+    "CROP_PADDING", "BatchLoader", "ImageDataset", "channel_stats", "class_balanced_subset",
+    "convert_channels", "default_root", "derive_generator", "get_datasets", "list_datasets",
+    "normalize", "random_crop_flip", "resize_images", "stratified_subset",
+]

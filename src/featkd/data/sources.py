@@ -1,0 +1,354 @@
+"""Dataset files on disk (IDX, CIFAR pickles, image folders) and the dataset registry."""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import logging
+import math
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .dataset import ImageDataset
+from .tensors import channel_stats, convert_channels, resize_images, stratified_subset
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def default_root() -> Path:
+    """Where datasets are looked for (and downloaded to) when no root is given."""
+    return Path(os.environ.get("FEATKD_DATA", Path.home() / ".cache" / "featkd" / "data"))
+
+
+@dataclass
+class _Splits:
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    classes: list[str]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (unsigned-byte data, ``.gz`` or plain) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[:4], "big")
+    type_code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
+    if magic >> 16 != 0 or type_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic})")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(dims):
+        raise ValueError(f"{path}: header says {dims} but holds {data.size} values")
+    return data.reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_image_files(paths: Sequence[Path], size: int, desc: str) -> Tensor:
+    """Decode image files to uint8 RGB (N, 3, size, size), resizing bilinearly where needed."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+
+    def read(i: int) -> None:
+        with Image.open(paths[i]) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            out[i] = np.asarray(image)
+
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes without holding the GIL
+        for _ in tqdm(pool.map(read, range(len(paths))), total=len(paths), desc=desc,
+                      disable=len(paths) < 2000, leave=False):
+            pass
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _torchvision_download(dataset_class: str, root: Path) -> None:
+    import torchvision.datasets
+
+    log.info("downloading %s to %s", dataset_class, root)
+    getattr(torchvision.datasets, dataset_class)(str(root), train=True, download=True)
+
+
+def _not_found(what: str, looked: Sequence[Path], layout: str, how: str) -> FileNotFoundError:
+    places = ", ".join(str(p) for p in looked)
+    return FileNotFoundError(f"{what} not found; looked in: {places}. Expected layout: {layout}. {how}")
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def _load_digits(root: Path | None, download: bool, *, test_fraction: float = 0.2,
+                 split_seed: int = 0) -> _Splits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0))).to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target).long()
+    test = stratified_subset(labels, round(test_fraction * len(labels)), split_seed)
+    is_train = torch.ones(len(labels), dtype=torch.bool)
+    is_train[test] = False
+    return _Splits(images[is_train], labels[is_train], images[test], labels[test],
+                   [str(c) for c in range(10)])
+
+
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+
+
+def _load_fashion_mnist(root: Path | None, download: bool, *, pad: int = 2) -> _Splits:
+    base = root or default_root()
+    looked = ([root, root / "FashionMNIST" / "raw", root / "fashion-mnist"] if root
+              else [FASHION_MNIST_SYSTEM_DIR, base / "FashionMNIST" / "raw"])
+    complete = [d for d in looked if all(_idx_file(d, s) for s in FASHION_MNIST_FILES)]
+    if not complete and download:
+        _torchvision_download("FashionMNIST", base)
+        downloaded = base / "FashionMNIST" / "raw"
+        complete = [downloaded] if all(_idx_file(downloaded, s) for s in FASHION_MNIST_FILES) else []
+    if not complete:
+        raise _not_found("Fashion-MNIST IDX files", looked,
+                         f"{', '.join(FASHION_MNIST_FILES)} (each .gz or uncompressed) in one folder",
+                         "Install them with `apt-get install dataset-fashion-mnist` (puts them in "
+                         f"{FASHION_MNIST_SYSTEM_DIR}), pass root=<that folder>, or use download=True "
+                         "where a network exists.")
+    arrays = [_read_idx(_idx_file(complete[0], stem)) for stem in FASHION_MNIST_FILES]
+    images = [F.pad(torch.from_numpy(a.copy()).unsqueeze(1), (pad,) * 4) for a in arrays[0::2]]
+    labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2]]
+    return _Splits(images[0], labels[0], images[1], labels[1], list(FASHION_MNIST_CLASSES))
+
+
+_CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                    test=["test_batch"], label_key="labels", meta="batches.meta",
+                    names_key="label_names", torchvision="CIFAR10"),
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], label_key="fine_labels",
+                     meta="meta", names_key="fine_label_names", torchvision="CIFAR100"),
+}
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[Tensor, Tensor]:
+    entries = [_unpickle(p) for p in paths]
+    images = np.concatenate([np.asarray(e["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for e in entries])
+    labels = np.concatenate([np.asarray(e[label_key], dtype=np.int64) for e in entries])
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _load_cifar(root: Path | None, download: bool, variant: str) -> _Splits:
+    info = _CIFAR[variant]
+    base = root or default_root()
+    looked = [base / info["folder"], base] if root else [base / info["folder"]]
+    needed = info["train"] + info["test"]
+    complete = [d for d in looked if all((d / n).is_file() for n in needed)]
+    if not complete and download:
+        _torchvision_download(info["torchvision"], base)
+        complete = [base / info["folder"]]
+    if not complete:
+        raise _not_found(f"{variant} pickle batches", looked,
+                         f"{info['folder']}/{{{', '.join(needed)}, {info['meta']}}}",
+                         "Pass root=<folder holding that directory> (the python version from "
+                         "https://www.cs.toronto.edu/~kriz/cifar.html), "
+                         "or download=True where a network exists.")
+    folder = complete[0]
+    train_x, train_y = _read_cifar_batches([folder / n for n in info["train"]], info["label_key"])
+    test_x, test_y = _read_cifar_batches([folder / n for n in info["test"]], info["label_key"])
+    num_classes = 10 if variant == "cifar10" else 100
+    classes = [str(c) for c in range(num_classes)]
+    if (folder / info["meta"]).is_file():
+        classes = list(_unpickle(folder / info["meta"])[info["names_key"]])
+    return _Splits(train_x, train_y, test_x, test_y, classes)
+
+
+def _load_cifar10(root: Path | None, download: bool) -> _Splits:
+    return _load_cifar(root, download, "cifar10")
+
+
+def _load_cifar100(root: Path | None, download: bool) -> _Splits:
+    return _load_cifar(root, download, "cifar100")
+
+
+def _load_tiny_imagenet(root: Path | None, download: bool) -> _Splits:
+    base = root or default_root()
+    looked = [base / "tiny-imagenet-200", base] if root else [base / "tiny-imagenet-200"]
+
+    def complete(d: Path) -> bool:
+        return ((d / "wnids.txt").is_file() and (d / "train").is_dir()
+                and (d / "val" / "val_annotations.txt").is_file())
+
+    found = [d for d in looked if complete(d)]
+    if not found and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(TINY_IMAGENET_URL, str(base))
+        found = [d for d in [base / "tiny-imagenet-200"] if complete(d)]
+    if not found:
+        raise _not_found("TinyImageNet", looked,
+                         "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
+                         "val/val_annotations.txt}",
+                         f"Unzip {TINY_IMAGENET_URL} under root, "
+                         "or use download=True where a network exists.")
+    folder = found[0]
+    wnids = (folder / "wnids.txt").read_text().split()
+    class_of = {w: i for i, w in enumerate(wnids)}
+    train_paths, train_labels = [], []
+    for wnid in wnids:
+        files = _image_files(folder / "train" / wnid / "images")
+        train_paths += files
+        train_labels += [class_of[wnid]] * len(files)
+    test_paths, test_labels = [], []
+    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+        if line.strip():
+            file_name, wnid = line.split("\t")[:2]
+            if wnid not in class_of:
+                raise ValueError(f"val_annotations.txt names {wnid!r}, which is not in wnids.txt")
+            test_paths.append(folder / "val" / "images" / file_name)
+            test_labels.append(class_of[wnid])
+    return _Splits(_read_image_files(train_paths, 64, "tiny_imagenet train"), torch.tensor(train_labels),
+                   _read_image_files(test_paths, 64, "tiny_imagenet val"), torch.tensor(test_labels), wnids)
+
+
+def _scan_class_folders(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+        if sub.name not in classes:
+            raise ValueError(f"{sub}: class {sub.name!r} has no training folder; classes: {classes}")
+        files = _image_files(sub)
+        paths += files
+        labels += [classes.index(sub.name)] * len(files)
+    return paths, labels
+
+
+def _load_imagefolder(root: Path | None, download: bool, *, image_size: int = 32) -> _Splits:
+    layout = "root/train/<class>/<image> and root/test/<class>/<image> (or root/val/...)"
+    if root is None:
+        raise ValueError(f"imagefolder needs root=...; expected layout: {layout}")
+    test_dirs = [root / "test", root / "val"]
+    test_dir = next((d for d in test_dirs if d.is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise _not_found("image folders", [root / "train", *test_dirs], layout,
+                         "Arrange the images that way.")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    train_paths, train_labels = _scan_class_folders(root / "train", classes)
+    test_paths, test_labels = _scan_class_folders(test_dir, classes)
+    return _Splits(_read_image_files(train_paths, image_size, "imagefolder train"),
+                   torch.tensor(train_labels),
+                   _read_image_files(test_paths, image_size, "imagefolder test"),
+                   torch.tensor(test_labels), classes)
+
+
+def _load_synthetic(root: Path | None, download: bool, *, num_classes: int = 10, samples_per_class: int = 20,
+                    test_per_class: int = 10, image_size: int = 32, in_channels: int = 3, seed: int = 0,
+                    noise: float = 0.25) -> _Splits:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, in_channels, 4, 4, generator=generator)
+    templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    def draw(per_class: int) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        noisy = templates[labels] + noise * torch.randn(labels.numel(), in_channels, image_size, image_size,
+                                                        generator=generator)
+        return noisy.clamp(0, 1).mul(255).round().to(torch.uint8), labels
+
+    train, test = draw(samples_per_class), draw(test_per_class)
+    return _Splits(*train, *test, [f"class{c}" for c in range(num_classes)])
+
+
+@dataclass(frozen=True)
+class _DatasetSpec:
+    loader: Callable[..., _Splits]
+    default_image_size: int | None  # resize to this when image_size is not given
+
+
+_DATASETS: dict[str, _DatasetSpec] = {
+    "digits": _DatasetSpec(_load_digits, 32),
+    "fashion_mnist": _DatasetSpec(_load_fashion_mnist, None),
+    "cifar10": _DatasetSpec(_load_cifar10, None),
+    "cifar100": _DatasetSpec(_load_cifar100, None),
+    "tiny_imagenet": _DatasetSpec(_load_tiny_imagenet, None),
+    "imagefolder": _DatasetSpec(_load_imagefolder, None),
+    "synthetic": _DatasetSpec(_load_synthetic, None),
+}
+_ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "fmnist": "fashion_mnist",
+            "cifar-10": "cifar10", "cifar-100": "cifar100", "tiny-imagenet": "tiny_imagenet",
+            "tinyimagenet": "tiny_imagenet", "image_folder": "imagefolder"}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`get_datasets`."""
+    return sorted(_DATASETS)
+
+
+def get_datasets(name: str, root: str | Path | None = None, download: bool = False,
+                 image_size: int | None = None, augment: bool = False, *, in_channels: int | None = None,
+                 train_limit: int | None = None, seed: int = 0,
+                 **kw: Any) -> tuple[ImageDataset, ImageDataset]:
+    """(train, test) ImageDatasets of a registered dataset; see the module docstring.
+
+    ``image_size`` resizes (bilinear); ``in_channels`` repeats grey channels (or takes luminance);
+    ``train_limit`` keeps a seeded stratified subset (class-balanced on balanced data) of the
+    training split, and the normalisation statistics are those of the kept training images.
+    ``augment`` applies to the training split only. Other keywords go to the dataset's loader.
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {list_datasets()}")
+    spec = _DATASETS[key]
+    options = [p for p in inspect.signature(spec.loader).parameters if p not in ("root", "download")]
+    unknown = sorted(set(kw) - set(options))
+    if unknown:
+        valid = sorted({*options, "image_size", "in_channels", "train_limit", "seed", "augment"})
+        raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; valid: {valid}")
+    for option, value in (("image_size", image_size), ("in_channels", in_channels), ("seed", seed)):
+        if option in options and value is not None:
+            kw[option] = value
+    splits = spec.loader(Path(root).expanduser() if root is not None else None, download, **kw)
+    train_x, test_x = splits.train_images, splits.test_images
+    size = image_size or spec.default_image_size
+    if size is not None and "image_size" not in options:
+        train_x, test_x = resize_images(train_x, size), resize_images(test_x, size)
+    if in_channels is not None and "in_channels" not in options:
+        train_x, test_x = convert_channels(train_x, in_channels), convert_channels(test_x, in_channels)
+    train_y = splits.train_labels
+    if train_limit is not None:
+        keep = stratified_subset(train_y, train_limit, seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    mean, std = channel_stats(train_x)
+    train = ImageDataset(train_x, train_y, splits.classes, mean, std, augment, name=f"{key}/train")
+    test = ImageDataset(test_x, splits.test_labels, splits.classes, mean, std, False, name=f"{key}/test")
+    log.info("loaded %s: %d train, %d test, shape %s, %d classes", key, len(train), len(test),
+             train.image_shape, train.num_classes)
+    return train, test

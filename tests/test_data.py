@@ -1,0 +1,419 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featkd.data import (
+    BatchLoader,
+    ImageDataset,
+    channel_stats,
+    class_balanced_subset,
+    convert_channels,
+    derive_generator,
+    get_datasets,
+    list_datasets,
+    normalize,
+    random_crop_flip,
+    resize_images,
+    stratified_subset,
+)
+from featkd.data.sources import FASHION_MNIST_SYSTEM_DIR
+
+
+def synthetic(**kw):
+    args = dict(num_classes=4, samples_per_class=6, test_per_class=3, image_size=8)
+    args.update(kw)
+    return get_datasets("synthetic", **args)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_list_datasets_and_bad_names():
+    assert set(list_datasets()) == {"digits", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet",
+                                    "imagefolder", "synthetic"}
+    with pytest.raises(ValueError, match="valid:.*cifar10"):
+        get_datasets("mnist3d")
+    with pytest.raises(ValueError, match="unknown option.*bogus.*samples_per_class"):
+        get_datasets("synthetic", bogus=1)
+
+
+def test_synthetic_is_deterministic_and_class_structured():
+    train, test = synthetic(seed=3)
+    again, _ = synthetic(seed=3)
+    other, _ = synthetic(seed=4)
+    assert train.images.shape == (24, 3, 8, 8) and test.images.shape == (12, 3, 8, 8)
+    assert torch.equal(train.images, again.images) and not torch.equal(train.images, other.images)
+    assert torch.bincount(train.labels).tolist() == [6] * 4 and train.num_classes == 4
+    # samples sit closer to their own class mean than to the other classes' means
+    x = train.images.float().flatten(1)
+    means = torch.stack([x[train.labels == c].mean(0) for c in range(4)])
+    assert torch.equal(torch.cdist(x, means).argmin(1), train.labels)
+    grey, _ = synthetic(in_channels=1, image_size=12)
+    assert grey.images.shape == (24, 1, 12, 12)
+
+
+def test_digits_real_bundled_data():
+    train, test = get_datasets("digits")
+    assert train.images.shape == (1438, 1, 32, 32) and test.images.shape == (359, 1, 32, 32)
+    assert train.images.dtype == torch.uint8 and int(train.images.max()) == 255
+    test_share = torch.bincount(test.labels, minlength=10) / torch.bincount(
+        torch.cat([train.labels, test.labels]), minlength=10)
+    assert ((test_share - 0.2).abs() < 0.01).all()  # stratified
+    again, _ = get_datasets("digits")
+    assert torch.equal(train.labels, again.labels) and torch.equal(train.images, again.images)
+    rgb, rgb_test = get_datasets("digits", in_channels=3, image_size=16)
+    assert rgb.images.shape == (1438, 3, 16, 16) and rgb_test.images.shape[1] == 3
+    assert torch.equal(rgb.images[:, 0], rgb.images[:, 2])
+
+
+# ----------------------------------------------------------------------------- file formats
+
+def write_idx(path, array, compress=True):
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fashion(folder, compress=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train": (rng.integers(1, 256, (20, 28, 28)), np.arange(20) % 10),
+              "t10k": (rng.integers(1, 256, (10, 28, 28)), np.arange(10)[::-1])}
+    suffix = ".gz" if compress else ""
+    for split, (images, labels) in arrays.items():
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
+    return arrays
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_idx_files_padded_to_32(tmp_path, compress):
+    arrays = write_fashion(tmp_path / "FashionMNIST" / "raw", compress)  # torchvision's layout
+    train, test = get_datasets("fashion_mnist", root=tmp_path)
+    assert train.images.shape == (20, 1, 32, 32) and test.images.shape == (10, 1, 32, 32)
+    assert torch.equal(train.images[:, 0, 2:30, 2:30], torch.tensor(arrays["train"][0], dtype=torch.uint8))
+    assert int(train.images[:, :, :2].max()) == 0 and int(train.images[:, :, :, 30:].max()) == 0
+    assert test.labels.tolist() == list(range(10))[::-1] and train.classes[9] == "Ankle boot"
+    raw, _ = get_datasets("fashion_mnist", root=tmp_path, pad=0, in_channels=3)
+    assert raw.images.shape == (20, 3, 28, 28)
+
+
+def test_idx_reader_rejects_bad_header(tmp_path):
+    write_fashion(tmp_path)
+    with open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(gzip.compress(struct.pack(">I", 0x0D01) + struct.pack(">I", 20) + bytes(80)))  # float type
+    with pytest.raises(ValueError, match="unsigned-byte"):
+        get_datasets("fashion_mnist", root=tmp_path)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_system_files_with_train_limit():
+    train, test = get_datasets("fashion_mnist", train_limit=5000, seed=1)
+    assert len(train) == 5000 and len(test) == 10000 and train.image_shape == (1, 32, 32)
+    assert torch.bincount(train.labels).tolist() == [500] * 10
+
+
+def cifar_entry(images, labels, label_key, byte_keys):
+    entry = {"data": images.reshape(len(images), -1), label_key: list(labels)}
+    return {k.encode(): v for k, v in entry.items()} if byte_keys else entry
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(12) % 10
+    for i in range(5):  # python-2 style pickles load with bytes keys
+        batch = cifar_entry(images[2 * i:2 * i + 2], labels[2 * i:2 * i + 2], "labels", byte_keys=True)
+        pickle.dump(batch, open(folder / f"data_batch_{i + 1}", "wb"))
+    pickle.dump(cifar_entry(images[10:], labels[10:], "labels", True), open(folder / "test_batch", "wb"))
+    names = [f"name{i}" for i in range(10)]
+    pickle.dump({b"label_names": names}, open(folder / "batches.meta", "wb"))
+    train, test = get_datasets("cifar10", root=tmp_path)
+    assert torch.equal(train.images, torch.from_numpy(images[:10]))
+    assert train.labels.tolist() == labels[:10].tolist() and test.labels.tolist() == [0, 1]
+    assert train.classes == names and train.image_shape == (3, 32, 32)
+    direct, _ = get_datasets("cifar10", root=folder)  # the batch folder itself also works
+    assert torch.equal(direct.images, train.images)
+
+
+def test_cifar100_pickle_files(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    train = cifar_entry(images[:4], [99, 0, 5, 7], "fine_labels", byte_keys=False)
+    train["coarse_labels"] = [1, 2, 3, 4]
+    pickle.dump(train, open(folder / "train", "wb"))
+    pickle.dump(cifar_entry(images[4:], [3, 99], "fine_labels", False), open(folder / "test", "wb"))
+    pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)]}, open(folder / "meta", "wb"))
+    train_set, test_set = get_datasets("cifar-100", root=tmp_path, image_size=16)
+    assert train_set.labels.tolist() == [99, 0, 5, 7] and test_set.labels.tolist() == [3, 99]
+    assert train_set.num_classes == 100 and train_set.images.shape == (4, 3, 16, 16)
+
+
+def save_solid(path, colour, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_tiny_imagenet_folder(tmp_path):
+    folder = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01", "n02"]
+    colours = {"n01": (250, 10, 10), "n02": (10, 10, 250)}
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for wnid in wnids:
+        for k in range(2):
+            save_solid(folder / "train" / wnid / "images" / f"{wnid}_{k}.JPEG", colours[wnid], (64, 64))
+        (folder / "train" / wnid / f"{wnid}_boxes.txt").write_text("ignored")
+    lines = []
+    for k, wnid in enumerate(["n02", "n01", "n02"]):
+        save_solid(folder / "val" / "images" / f"val_{k}.JPEG", colours[wnid], (64, 64))
+        lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    train, test = get_datasets("tiny_imagenet", root=tmp_path)
+    assert train.images.shape == (4, 3, 64, 64) and train.labels.tolist() == [0, 0, 1, 1]
+    assert test.labels.tolist() == [1, 0, 1] and train.classes == wnids
+    red = train.images[0].float().mean((1, 2))
+    assert red[0] > 200 and red[2] < 50  # JPEG is lossy: compare colours loosely
+
+
+def test_imagefolder_resizes_and_maps_classes(tmp_path):
+    for split, count in (("train", 2), ("test", 1)):
+        for name, colour in (("cat", (200, 100, 0)), ("dog", (0, 50, 255))):
+            for k in range(count):
+                save_solid(tmp_path / split / name / f"{k}.png", colour, (40 + 7 * k, 20))
+    train, test = get_datasets("imagefolder", root=tmp_path)
+    assert train.images.shape == (4, 3, 32, 32) and train.classes == ["cat", "dog"]
+    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
+    assert train.images[2:, :, 5, 5].tolist() == [[0, 50, 255]] * 2
+    small, _ = get_datasets("imagefolder", root=tmp_path, image_size=8)
+    assert small.image_shape == (3, 8, 8)
+    save_solid(tmp_path / "test" / "bird" / "0.png", (1, 2, 3), (8, 8))
+    with pytest.raises(ValueError, match="bird"):
+        get_datasets("imagefolder", root=tmp_path)
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("fashion_mnist", "apt-get install dataset-fashion-mnist"),
+    ("cifar10", "cifar-10-batches-py"),
+    ("cifar100", "cifar-100-python"),
+    ("tiny_imagenet", "val_annotations.txt"),
+    ("imagefolder", "root/train/<class>"),
+])
+def test_missing_files_explain_where_and_how(tmp_path, name, hint):
+    with pytest.raises(FileNotFoundError) as error:
+        get_datasets(name, root=tmp_path / "nothing")
+    message = str(error.value)
+    assert str(tmp_path / "nothing") in message and hint in message
+    if name != "imagefolder":
+        assert "download=True" in message
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+def test_channel_stats_match_float64_reference():
+    images = torch.randint(0, 256, (50, 3, 5, 7), dtype=torch.uint8, generator=gen(0))
+    mean, std = channel_stats(images, chunk_size=7)
+    ref = images.double().permute(1, 0, 2, 3).flatten(1) / 255
+    torch.testing.assert_close(mean.double(), ref.mean(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(std.double(), ref.std(1, unbiased=False), atol=1e-6, rtol=0)
+    _, constant_std = channel_stats(torch.full((2, 1, 3, 3), 9, dtype=torch.uint8))
+    assert constant_std.tolist() == [1.0]
+    with pytest.raises(ValueError):
+        channel_stats(torch.zeros(0, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_train_split_normalises_to_zero_mean_unit_std():
+    train, test = synthetic()
+    x, _, _ = train.batch(torch.arange(len(train)))
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-5, rtol=0)
+    assert torch.equal(test.mean, train.mean) and torch.equal(test.std, train.std)
+    white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    assert torch.equal(normalize(white, train.mean, train.std).flatten(), (1 - train.mean) / train.std)
+
+
+def test_train_limit_is_stratified_seeded_and_sets_stats():
+    full, _ = synthetic(samples_per_class=10)
+    small, _ = synthetic(samples_per_class=10, train_limit=20, seed=5)
+    again, _ = synthetic(samples_per_class=10, train_limit=20, seed=5)
+    assert torch.bincount(small.labels).tolist() == [5] * 4
+    assert torch.equal(small.images, again.images)
+    assert torch.equal(small.mean, channel_stats(small.images)[0]) and not torch.equal(small.mean, full.mean)
+    with pytest.raises(ValueError, match="subset size"):
+        synthetic(train_limit=1000)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def test_random_crop_flip_is_a_per_sample_crop_of_the_zero_padded_image():
+    image = torch.randint(1, 256, (1, 2, 6, 6), dtype=torch.uint8, generator=gen(1))
+    batch = image.repeat(32, 1, 1, 1)
+    out = random_crop_flip(batch, padding=4, generator=gen(2))
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(image[0], (4, 4, 4, 4))
+    crops = {(dy, dx): padded[:, dy:dy + 6, dx:dx + 6] for dy in range(9) for dx in range(9)}
+    candidates = {(dy, dx, flip): crop.flip(-1) if flip else crop
+                  for (dy, dx), crop in crops.items() for flip in (0, 1)}
+    chosen = [next(k for k, c in candidates.items() if torch.equal(c, sample)) for sample in out]
+    assert len(set(chosen)) > 10 and {k[2] for k in chosen} == {0, 1}  # different draws in one batch
+    assert torch.equal(out, random_crop_flip(batch, 4, gen(2)))
+    assert not torch.equal(out, random_crop_flip(batch, 4, gen(3)))
+
+
+def test_dataset_batch_augment_flag_and_shared_view():
+    train, _ = synthetic(augment=False)
+    indices = torch.tensor([3, 0, 3, 7])
+    x, y, idx = train.batch(indices, gen(0))
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == idx.dtype == torch.int64
+    assert torch.equal(idx, indices) and torch.equal(y, train.labels[indices])
+    assert torch.equal(x, normalize(train.images[indices], train.mean, train.std))
+    assert torch.equal(x, train.batch(indices, gen(9))[0])  # no augmentation: generator unused
+    augmented = train.with_augment(True)
+    assert augmented.images is train.images and augmented.augment and not train.augment
+    xa, _, _ = augmented.batch(indices, gen(0))
+    assert xa.shape == x.shape and not torch.equal(xa, x)
+    assert torch.equal(xa, augmented.batch(indices, gen(0))[0])
+    assert not torch.equal(xa[0], xa[2])  # the same image, drawn differently
+    # crop/flip act on raw pixels (zero padding), normalisation comes after
+    expected = normalize(random_crop_flip(train.images[indices], 4, gen(0)), train.mean, train.std)
+    assert torch.equal(xa, expected)
+
+
+def test_getitem_and_subset():
+    train, _ = synthetic()
+    x, y, i = train[-1]
+    assert i == len(train) - 1 and y == int(train.labels[-1])
+    assert torch.equal(x, train.batch(torch.tensor([i]))[0][0])
+    with pytest.raises(IndexError):
+        train[len(train)]
+    part = train.subset(torch.tensor([1, 5]))
+    assert len(part) == 2 and torch.equal(part.mean, train.mean) and part.classes == train.classes
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="labels"):
+        ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3))
+    with pytest.raises(ValueError, match="per channel"):
+        ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2), mean=[0.5, 0.5], std=[1, 1])
+
+
+def test_resize_and_channel_conversion():
+    images = torch.full((3, 1, 8, 8), 77, dtype=torch.uint8)
+    assert torch.equal(resize_images(images, 20), torch.full((3, 1, 20, 20), 77, dtype=torch.uint8))
+    assert resize_images(images, 8) is images
+    assert convert_channels(images, 3).shape == (3, 3, 8, 8)
+    rgb = torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert convert_channels(rgb, 1).item() == round(0.299 * 255)
+    with pytest.raises(ValueError, match="in_channels"):
+        convert_channels(rgb, 2)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def test_class_balanced_subset():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    chosen = class_balanced_subset(labels, 3, seed=0)
+    assert torch.equal(chosen, chosen.sort().values) and chosen.unique().numel() == 9
+    assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
+    assert torch.equal(chosen, class_balanced_subset(labels, 3, seed=gen(0)))
+    draws = {tuple(class_balanced_subset(labels, 2, seed=s).tolist()) for s in range(10)}
+    assert len(draws) > 1
+    with pytest.raises(ValueError, match="class 1: 3"):
+        class_balanced_subset(labels, 4, seed=0)
+    with pytest.raises(ValueError, match="class 3: 0"):
+        class_balanced_subset(labels, 1, seed=0, num_classes=4)
+
+
+def test_stratified_subset_is_proportional():
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    chosen = stratified_subset(labels, 10, seed=1)
+    assert torch.bincount(labels[chosen]).tolist() == [6, 3, 1]
+    assert torch.bincount(labels[stratified_subset(labels, 7, seed=1)]).tolist() == [4, 2, 1]
+    assert torch.equal(chosen, stratified_subset(labels, 10, seed=1))
+    with pytest.raises(ValueError):
+        stratified_subset(labels, 0, seed=1)
+
+
+# ----------------------------------------------------------------------------- loader
+
+def loader_indices(loader):
+    return torch.cat([idx for _, _, idx in loader])
+
+
+def test_batch_loader_deterministic_and_reshuffles_per_epoch():
+    train, _ = synthetic(augment=True)
+    loader = BatchLoader(train, batch_size=5, seed=3)
+    first = list(loader)
+    assert len(first) == len(loader) == 5
+    assert [b[0].shape[0] for b in first] == [5, 5, 5, 5, 4]
+    second = list(BatchLoader(train, batch_size=5, seed=3))
+    for a, b in zip(first, second):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert sorted(loader_indices(loader).tolist()) == list(range(24))
+    loader.set_epoch(1)
+    assert not torch.equal(loader_indices(loader), torch.cat([b[2] for b in first]))
+    assert not torch.equal(loader_indices(BatchLoader(train, 5, seed=4)), torch.cat([b[2] for b in first]))
+    fixed = BatchLoader(train, batch_size=5, shuffle=False, seed=3)
+    epoch0 = next(iter(fixed))[0]
+    fixed.set_epoch(1)
+    assert not torch.equal(epoch0, next(iter(fixed))[0])  # new augmentation draws per epoch
+    x, y, idx = first[0]
+    assert torch.equal(y, train.labels[idx]) and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+def test_batch_loader_eval_order_and_drop_last():
+    _, test = synthetic()
+    loader = BatchLoader(test, batch_size=5, shuffle=False)
+    assert loader_indices(loader).tolist() == list(range(12))
+    x, _, _ = next(iter(loader))
+    assert torch.equal(x, test.batch(torch.arange(5))[0])
+    dropping = BatchLoader(test, batch_size=5, shuffle=False, drop_last=True)
+    assert len(dropping) == 2 and loader_indices(dropping).tolist() == list(range(10))
+
+
+def test_batch_loader_ranks_partition_the_data():
+    train, _ = synthetic()  # 24 samples
+    shards = [loader_indices(BatchLoader(train, 4, seed=1, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 8 for s in shards)
+    assert sorted(torch.cat(shards).tolist()) == list(range(24))  # disjoint and complete
+    lengths = [len(BatchLoader(train, 4, rank=r, world_size=5)) for r in range(5)]
+    padded = [loader_indices(BatchLoader(train, 4, seed=1, rank=r, world_size=5)) for r in range(5)]
+    assert lengths == [2] * 5 and [len(p) for p in padded] == [5] * 5  # 24 -> 25 by wrapping
+    assert set(torch.cat(padded).tolist()) == set(range(24))
+    dropped = [loader_indices(BatchLoader(train, 4, seed=1, rank=r, world_size=5, drop_last=True))
+               for r in range(5)]
+    assert [len(d) for d in dropped] == [4] * 5 and torch.cat(dropped).unique().numel() == 20
+    same = ImageDataset(train.images[:1].repeat(8, 1, 1, 1), torch.zeros(8), augment=True)
+    rank_x = [next(iter(BatchLoader(same, 4, shuffle=False, rank=r, world_size=2)))[0] for r in range(2)]
+    assert not torch.equal(rank_x[0], rank_x[1])  # augmentation draws differ between ranks
+    with pytest.raises(ValueError, match="rank"):
+        BatchLoader(train, 4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchLoader(train, 0)
+
+
+def test_batch_loader_accepts_plain_datasets():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1), torch.arange(10) % 3)
+    x, y, idx = next(iter(BatchLoader(data, 4, shuffle=False)))
+    assert x.flatten().tolist() == [0, 1, 2, 3] and y.tolist() == [0, 1, 2, 0]
+    assert idx.tolist() == [0, 1, 2, 3]
+
+
+def test_derive_generator_streams():
+    a = torch.rand(3, generator=derive_generator(1, 2, 3))
+    assert torch.equal(a, torch.rand(3, generator=derive_generator(1, 2, 3)))
+    assert not torch.equal(a, torch.rand(3, generator=derive_generator(1, 2, 4)))
+    assert not torch.equal(a, torch.rand(3, generator=derive_generator(1, 3, 2)))
