@@ -1,0 +1,510 @@
+"""Distillation methods: each owns its trainable extras and names its losses.
+
+A :class:`Method` turns the student's logits and tapped features plus the
+teacher's outputs into a dict of named, already weighted losses. The trainer
+sums them; :class:`DistillModel` wraps student + method into one module so the
+optimizer and DDP see every trainable parameter. Loss names: ``ce``, ``kd``,
+``feat``, ``sp``, ``semckd``.
+
+Loss weights: CE 1; KD = Hinton KL at T = 4 times T**2 (spec/experiments.md).
+Feature terms: FitNet / featkd ``feat`` weight 1 (the per-pair elementwise MSE,
+mean over pairs; fitnet_fc weights each of its all-to-all pairs 1/n_teacher);
+``sp`` weight 3000 (Tung & Mori 2019, summed over layer pairs); ``semckd``
+weight 400 (Chen et al. 2021). Every feature weight can be overridden with
+``build_method(..., feature_weight=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featkd.layers import FeatureTap, resolve_layers, tail
+
+from .losses import (
+    batch_gram, ce, feature_mse, kd_loss, kd_std_loss, layout_dims, resize_to, semckd_loss,
+    similarity_preserving_loss, to_layout,
+)
+from .projectors import ThreeLayerConv, from_layout, layout_channels, layout_size, make_projector
+from .teacher import TeacherOutputs
+
+__all__ = [
+    "METHOD_INFO", "DistillModel", "FeatureMSE", "Method", "MethodInfo", "SemCKD", "SimKD",
+    "SimilarityEmbed", "SimilarityPreserving", "build_method", "list_methods",
+]
+
+log = logging.getLogger(__name__)
+
+KD_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"kd": kd_loss, "kd_std": kd_std_loss}
+SP_WEIGHT = 3000.0
+SEMCKD_WEIGHT = 400.0
+SEMCKD_HIDDEN = 256
+SEMCKD_EMBED = 128
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method needs from the caller.
+
+    ``teacher_layers``: which teacher-layer list the caller passes by default:
+    "standard" (evenly spread baseline layers), "q" (chosen by knowledge
+    quality) or None (no teacher layers). ``teacher_logits`` /
+    ``teacher_features``: whether the teacher outputs must include them.
+    """
+
+    teacher_layers: str | None
+    teacher_logits: bool
+    teacher_features: bool
+    description: str
+
+
+class Method(nn.Module):
+    """Base method: CE on the logits, plus KD (``kd`` = "kd" or "kd_std") when set.
+
+    Used as is for ``ce``, ``kd`` and ``kd_std``. Subclasses add feature losses
+    and trainable extras.
+    """
+
+    #: the trainer must drop the last incomplete batch (the method's size depends on B)
+    requires_full_batches: bool = False
+    #: some student parameters never get a gradient (DDP needs find_unused_parameters)
+    find_unused_parameters: bool = False
+    #: the student's own logits are used (False: its forward stops after the last tapped layer)
+    uses_student_logits: bool = True
+
+    def __init__(self, name: str, *, kd: str | None = None, student_layers: Sequence[str] = (),
+                 teacher_layers: Sequence[str] = (), needs_teacher_features: bool = False,
+                 detach_after: str | None = None) -> None:
+        super().__init__()
+        if kd is not None and kd not in KD_LOSSES:
+            raise ValueError(f"unknown KD loss {kd!r}; valid: {sorted(KD_LOSSES)}")
+        self.name = name
+        self.kd = kd
+        self.student_layers = list(student_layers)
+        self.teacher_layers = list(teacher_layers)
+        self.needs_teacher_logits = kd is not None
+        self.needs_teacher_features = needs_teacher_features
+        self.detach_after = detach_after
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, kd={self.kd!r}, student_layers={self.student_layers}, "
+                f"teacher_layers={self.teacher_layers}, detach_after={self.detach_after!r}")
+
+    def check_teacher(self, teacher: TeacherOutputs | None) -> None:
+        """Raise ValueError when ``teacher`` lacks what this method needs."""
+        if not (self.needs_teacher_logits or self.needs_teacher_features):
+            return
+        if teacher is None:
+            raise ValueError(f"method {self.name!r} needs teacher outputs, got None")
+        if self.needs_teacher_logits and teacher.logits is None:
+            raise ValueError(f"method {self.name!r} needs teacher logits")
+        if self.needs_teacher_features and len(teacher.features) != len(self.teacher_layers):
+            raise ValueError(f"method {self.name!r} needs {len(self.teacher_layers)} teacher "
+                             f"features ({self.teacher_layers}), got {len(teacher.features)}")
+
+    def logit_losses(self, logits: Tensor, teacher: TeacherOutputs | None,
+                     labels: Tensor) -> dict[str, Tensor]:
+        """``ce`` (weight 1) and, when the method uses KD, ``kd``."""
+        losses = {"ce": ce(logits, labels)}
+        if self.kd is not None:
+            losses["kd"] = KD_LOSSES[self.kd](logits, teacher.logits)
+        return losses
+
+    def losses(self, logits: Tensor, student_feats: list[Tensor], teacher: TeacherOutputs | None,
+               labels: Tensor) -> dict[str, Tensor]:
+        """Named, weighted losses. ``logits`` is the output of :meth:`predict`."""
+        return self.logit_losses(logits, teacher, labels)
+
+    def predict(self, logits: Tensor | None, student_feats: list[Tensor]) -> Tensor:
+        """Logits used for accuracy and for the logit losses (the student's own by default)."""
+        return logits
+
+
+class FeatureMSE(Method):
+    """Projected-feature MSE: FitNet, FitNet-FC and the featkd family.
+
+    ``pairs`` are (student index, teacher index) into the layer lists; each pair
+    has a bias-free 1x1-conv projector, and ``feat`` = feature_weight *
+    pair_weight * sum over pairs of the elementwise MSE.
+    """
+
+    def __init__(self, name: str, *, pairs: Sequence[tuple[int, int]],
+                 student_shapes: Sequence[torch.Size], teacher_shapes: Sequence[torch.Size],
+                 pair_weight: float, feature_weight: float = 1.0, **kwargs) -> None:
+        super().__init__(name, needs_teacher_features=True, **kwargs)
+        self.pairs = [tuple(p) for p in pairs]
+        self.pair_weight = pair_weight
+        self.feature_weight = feature_weight
+        self.projectors = nn.ModuleList(
+            make_projector(student_shapes[s], teacher_shapes[t], "single") for s, t in self.pairs)
+
+    def losses(self, logits, student_feats, teacher, labels):
+        losses = self.logit_losses(logits, teacher, labels)
+        terms = [feature_mse(*projector(student_feats[s], teacher.features[t]))
+                 for (s, t), projector in zip(self.pairs, self.projectors)]
+        losses["feat"] = self.feature_weight * self.pair_weight * torch.stack(terms).sum()
+        return losses
+
+
+class SimilarityPreserving(Method):
+    """SP (Tung & Mori 2019): batch-similarity matching on one-to-one layer pairs."""
+
+    def __init__(self, name: str, *, feature_weight: float = SP_WEIGHT, **kwargs) -> None:
+        super().__init__(name, needs_teacher_features=True, **kwargs)
+        self.feature_weight = feature_weight
+
+    def losses(self, logits, student_feats, teacher, labels):
+        losses = self.logit_losses(logits, teacher, labels)
+        losses["sp"] = self.feature_weight * similarity_preserving_loss(student_feats,
+                                                                        teacher.features)
+        return losses
+
+
+class SimKD(Method):
+    """SimKD (Chen et al. 2022): the frozen teacher tail classifies the projected student feature.
+
+    A ThreeLayerConv maps the last student feature onto the last teacher layer's
+    shape (the student map is pooled when larger, the projection resized to the
+    teacher's size when smaller); the teacher's layers after that layer give the
+    logits. Losses: CE + KD on those logits. The tail stays frozen and in eval mode.
+    """
+
+    find_unused_parameters = True        # the student's own head is never used
+    uses_student_logits = False
+
+    def __init__(self, name: str, *, student_layer: str, student_shape: torch.Size,
+                 teacher_layer: str, teacher_shape: torch.Size, teacher_tail: nn.Module,
+                 kd: str = "kd") -> None:
+        super().__init__(name, kd=kd, student_layers=[student_layer])
+        self.teacher_tail_layer = teacher_layer
+        self.teacher_shape = tuple(teacher_shape)
+        self.dims = layout_dims(student_shape, teacher_shape)
+        self.teacher_size = layout_size(teacher_shape, self.dims)
+        self.projector = ThreeLayerConv(layout_channels(student_shape, self.dims),
+                                        layout_channels(teacher_shape, self.dims), self.dims)
+        self.teacher_tail = teacher_tail.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> SimKD:
+        super().train(mode)
+        self.teacher_tail.eval()
+        return self
+
+    def project(self, student_feat: Tensor) -> Tensor:
+        """Student feature -> teacher-layer-shaped feature, laid out as the teacher taps it."""
+        x = to_layout(student_feat, self.dims)
+        x = resize_to(x, [min(s, t) for s, t in zip(x.shape[2:], self.teacher_size)])
+        x = resize_to(self.projector(x), self.teacher_size)
+        return from_layout(x, self.teacher_shape)
+
+    def predict(self, logits, student_feats):
+        return self.teacher_tail(self.project(student_feats[-1]))
+
+
+class SimilarityEmbed(nn.Module):
+    """SemCKD embedding: a sample's row of the batch Gram -> MLP (B->256->128) -> unit vector.
+
+    The MLP input is fixed to ``batch_size``; a smaller batch's Gram rows are
+    zero-padded (a missing sample has similarity 0), a larger batch is an error.
+    The MLP runs in float32 (raw Gram entries can exceed the float16 range).
+    """
+
+    def __init__(self, batch_size: int, hidden: int = SEMCKD_HIDDEN,
+                 out: int = SEMCKD_EMBED) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.mlp = nn.Sequential(nn.Linear(batch_size, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, feat: Tensor) -> Tensor:
+        gram = batch_gram(feat)
+        batch = gram.shape[0]
+        if batch > self.batch_size:
+            raise ValueError(f"batch of {batch} exceeds the SemCKD batch size {self.batch_size} "
+                             "(build_method(..., batch_size=...))")
+        gram = F.pad(gram, (0, self.batch_size - batch))
+        with torch.autocast(device_type=gram.device.type, enabled=False):
+            return F.normalize(self.mlp(gram), dim=1)
+
+
+class SemCKD(Method):
+    """SemCKD (Chen et al. 2021): per-sample attention over all teacher layers.
+
+    Each student layer s has a query embedding, each teacher layer t a key
+    embedding (:class:`SimilarityEmbed`); att[b, s, :] = softmax_t(q_bs . k_bt)
+    on unit vectors, as in the authors' code (a 1/sqrt(128) scale on unit
+    vectors would flatten the attention to near-uniform). Every (s, t) pair has a
+    ThreeLayerConv projector after spatial alignment. ``semckd`` =
+    weight * sum_{b,s,t} att * mse_b(s, t) / (B * S).
+    """
+
+    requires_full_batches = True
+
+    def __init__(self, name: str, *, student_shapes: Sequence[torch.Size],
+                 teacher_shapes: Sequence[torch.Size], batch_size: int,
+                 feature_weight: float = SEMCKD_WEIGHT, **kwargs) -> None:
+        super().__init__(name, needs_teacher_features=True, **kwargs)
+        self.feature_weight = feature_weight
+        self.batch_size = batch_size
+        self.queries = nn.ModuleList(SimilarityEmbed(batch_size) for _ in student_shapes)
+        self.keys = nn.ModuleList(SimilarityEmbed(batch_size) for _ in teacher_shapes)
+        self.projectors = nn.ModuleList(
+            nn.ModuleList(make_projector(s, t, "three") for t in teacher_shapes)
+            for s in student_shapes)
+
+    def attention(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+        """(B, S, T) attention of each sample's student layers over the teacher layers."""
+        query = torch.stack([embed(f) for embed, f in zip(self.queries, student_feats)], dim=1)
+        key = torch.stack([embed(f.detach()) for embed, f in zip(self.keys, teacher_feats)], dim=1)
+        return torch.softmax(query @ key.transpose(1, 2), dim=-1)
+
+    def losses(self, logits, student_feats, teacher, labels):
+        losses = self.logit_losses(logits, teacher, labels)
+        attention = self.attention(student_feats, teacher.features)
+        aligned = [[projector(s_feat, t_feat) for projector, t_feat in zip(row, teacher.features)]
+                   for row, s_feat in zip(self.projectors, student_feats)]
+        projected = [[p for p, _ in row] for row in aligned]
+        targets = [[t for _, t in row] for row in aligned]
+        losses["semckd"] = self.feature_weight * semckd_loss(projected, targets, attention)
+        return losses
+
+
+class DistillModel(nn.Module):
+    """Student + method in one module; ``forward(x, labels, teacher) -> (logits, losses)``.
+
+    The student runs inside a FeatureTap on ``method.student_layers`` (detaching
+    after ``method.detach_after``); ``losses`` is empty when ``labels`` is None.
+    """
+
+    def __init__(self, student: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, x: Tensor, labels: Tensor | None = None,
+                teacher: TeacherOutputs | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        method = self.method
+        raw_logits = None
+        with FeatureTap(self.student, method.student_layers, detach_after=method.detach_after,
+                        stop_early=not method.uses_student_logits) as tap:
+            raw_logits = self.student(x)
+        logits = method.predict(raw_logits, tap.outputs)
+        if labels is None:
+            return logits, {}
+        method.check_teacher(teacher)
+        return logits, method.losses(logits, tap.outputs, teacher, labels)
+
+
+# ----------------------------------------------------------------------------- building
+
+@dataclass
+class _Setup:
+    """Everything a method builder needs, layers resolved and shapes probed."""
+
+    name: str
+    teacher: nn.Module | None
+    student_layers: list[str]
+    teacher_layers: list[str]
+    student_shapes: list[torch.Size]
+    teacher_shapes: list[torch.Size]
+    batch_size: int
+    feature_weight: float | None
+
+
+def _weight(setup: _Setup, default: float) -> float:
+    return default if setup.feature_weight is None else setup.feature_weight
+
+
+def _check_one_to_one(setup: _Setup) -> None:
+    if len(setup.student_layers) != len(setup.teacher_layers):
+        raise ValueError(f"method {setup.name!r} pairs layers one-to-one: got "
+                         f"{len(setup.student_layers)} student layers {setup.student_layers} and "
+                         f"{len(setup.teacher_layers)} teacher layers {setup.teacher_layers}")
+
+
+def _build_logit_only(setup: _Setup, *, kd: str | None) -> Method:
+    return Method(setup.name, kd=kd)
+
+
+def _build_feature_mse(setup: _Setup, *, all_to_all: bool, kd: str | None,
+                       detach: bool) -> FeatureMSE:
+    num_s, num_t = len(setup.student_layers), len(setup.teacher_layers)
+    if all_to_all:
+        pairs = [(s, t) for s in range(num_s) for t in range(num_t)]
+        pair_weight = 1.0 / num_t
+    else:
+        _check_one_to_one(setup)
+        pairs = [(i, i) for i in range(num_s)]
+        pair_weight = 1.0 / num_s
+    return FeatureMSE(setup.name, pairs=pairs, student_shapes=setup.student_shapes,
+                      teacher_shapes=setup.teacher_shapes, pair_weight=pair_weight,
+                      feature_weight=_weight(setup, 1.0), kd=kd,
+                      student_layers=setup.student_layers, teacher_layers=setup.teacher_layers,
+                      detach_after=setup.student_layers[-1] if detach else None)
+
+
+def _build_sp(setup: _Setup) -> SimilarityPreserving:
+    _check_one_to_one(setup)
+    return SimilarityPreserving(setup.name, feature_weight=_weight(setup, SP_WEIGHT), kd="kd",
+                                student_layers=setup.student_layers,
+                                teacher_layers=setup.teacher_layers)
+
+
+def _build_simkd(setup: _Setup) -> SimKD:
+    teacher_layer = setup.teacher_layers[-1]
+    teacher_tail = copy.deepcopy(tail(setup.teacher, teacher_layer))
+    return SimKD(setup.name, student_layer=setup.student_layers[-1],
+                 student_shape=setup.student_shapes[-1], teacher_layer=teacher_layer,
+                 teacher_shape=setup.teacher_shapes[-1], teacher_tail=teacher_tail)
+
+
+def _build_semckd(setup: _Setup) -> SemCKD:
+    return SemCKD(setup.name, student_shapes=setup.student_shapes,
+                  teacher_shapes=setup.teacher_shapes, batch_size=setup.batch_size,
+                  feature_weight=_weight(setup, SEMCKD_WEIGHT), kd="kd",
+                  student_layers=setup.student_layers, teacher_layers=setup.teacher_layers)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: MethodInfo
+    build: Callable[[_Setup], Method]
+
+
+def _feature_entry(layers: str, kd: str | None, detach: bool, description: str,
+                   all_to_all: bool = False) -> _Entry:
+    info = MethodInfo(layers, kd is not None, True, description)
+    return _Entry(info, functools.partial(_build_feature_mse, all_to_all=all_to_all, kd=kd,
+                                          detach=detach))
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "ce": _Entry(MethodInfo(None, False, False, "CE only (the scratch student)"),
+                 functools.partial(_build_logit_only, kd=None)),
+    "kd": _Entry(MethodInfo(None, True, False, "CE + Hinton KD"),
+                 functools.partial(_build_logit_only, kd="kd")),
+    "kd_std": _Entry(MethodInfo(None, True, False, "CE + KD on z-scored logits"),
+                     functools.partial(_build_logit_only, kd="kd_std")),
+    "fitnet": _feature_entry("standard", "kd", False, "CE + KD + 1x1-projected feature MSE, "
+                             "one-to-one"),
+    "fitnet_fc": _feature_entry("standard", "kd", False, "CE + KD + feature MSE, every student "
+                                "layer from every teacher layer (weight 1/n_teacher)",
+                                all_to_all=True),
+    "sp": _Entry(MethodInfo("standard", True, True, "CE + KD + similarity-preserving loss"),
+                 _build_sp),
+    "simkd": _Entry(MethodInfo("standard", True, False, "CE + KD on the frozen teacher tail "
+                               "applied to the projected last student feature"), _build_simkd),
+    "semckd": _Entry(MethodInfo("standard", True, True, "CE + KD + attention-weighted "
+                                "all-to-all feature MSE"), _build_semckd),
+    "featkd": _feature_entry("q", None, True, "feature MSE only on the backbone; CE trains the "
+                             "tail on detached features"),
+    "featkd_ce": _feature_entry("q", None, False, "CE + feature MSE on the backbone"),
+    "featkd_ce_kd": _feature_entry("q", "kd", False, "CE + KD + feature MSE on the backbone"),
+    "featkd_std": _feature_entry("standard", None, True, "featkd with the standard teacher "
+                                 "layers"),
+}
+
+METHOD_INFO: dict[str, MethodInfo] = {name: entry.info for name, entry in _REGISTRY.items()}
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`build_method`, in the spec's table order."""
+    return list(_REGISTRY)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every submodule's own mode restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, names: list[str], sample_input: Tensor
+           ) -> tuple[list[str], list[torch.Size], Tensor | None]:
+    """One dry forward: ``names`` sorted in forward order, their per-sample shapes, the output."""
+    fired: list[str] = []
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda module, inputs, output, n=n: fired.append(n) if n not in fired else None)
+        for n in names]
+    output = None
+    try:
+        with _eval_mode(model), FeatureTap(model, names) as tap:
+            output = model(sample_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    shapes = dict(zip(names, (f.shape[1:] for f in tap.outputs)))
+    ordered = sorted(names, key=fired.index)
+    return ordered, [shapes[n] for n in ordered], output
+
+
+def _resolve(model: nn.Module, layers: Sequence[int | str] | None, role: str, method: str
+             ) -> list[str]:
+    if layers is None or len(layers) == 0:
+        raise ValueError(f"method {method!r} needs {role} layers")
+    names = resolve_layers(model, layers)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{role} layers repeat a layer: {names}")
+    return names
+
+
+def _check_logits(output: Tensor, num_classes: int, role: str) -> None:
+    if output.dim() != 2 or output.shape[1] != num_classes:
+        raise ValueError(f"the {role} outputs shape {tuple(output.shape)}, expected logits "
+                         f"(batch, {num_classes})")
+
+
+def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
+                 teacher_layers: Sequence[int | str] | None,
+                 student_layers: Sequence[int | str] | None,
+                 num_classes: int, sample_input: Tensor, batch_size: int | None = None,
+                 feature_weight: float | None = None) -> Method:
+    """Build method ``name`` for a (teacher, student) pair.
+
+    Layers are GL indices or module names (keywords such as "standard" are the
+    caller's to resolve); methods without teacher layers ignore both lists.
+    Lists are sorted into forward order and one-to-one methods pair them in that
+    order. ``sample_input`` (a small batch on the models' device) gives feature
+    shapes by one dry forward in eval mode; ``batch_size`` (default: the sample
+    batch size) is the training batch size SemCKD's embeddings take;
+    ``feature_weight`` overrides the method's feature-loss weight.
+    Raises ValueError for an unknown method, missing or mismatched layers,
+    shapes that cannot be aligned, or logits without ``num_classes`` classes.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
+    entry = _REGISTRY[name]
+    info = entry.info
+    needs_teacher = info.teacher_logits or info.teacher_layers is not None
+    if needs_teacher and teacher is None:
+        raise ValueError(f"method {name!r} needs a teacher model")
+    s_names: list[str] = []
+    t_names: list[str] = []
+    if info.teacher_layers is not None:
+        s_names = _resolve(student, student_layers, "student", name)
+        t_names = _resolve(teacher, teacher_layers, "teacher", name)
+    s_names, s_shapes, s_out = _probe(student, s_names, sample_input)
+    _check_logits(s_out, num_classes, "student")
+    t_shapes: list[torch.Size] = []
+    if needs_teacher:
+        t_names, t_shapes, t_out = _probe(teacher, t_names, sample_input)
+        _check_logits(t_out, num_classes, "teacher")
+    setup = _Setup(name, teacher, s_names, t_names, s_shapes, t_shapes,
+                   batch_size or sample_input.shape[0], feature_weight)
+    method = entry.build(setup)
+    log.info("built method %s: student layers %s, teacher layers %s", name,
+             method.student_layers, method.teacher_layers)
+    return method

@@ -1,0 +1,193 @@
+"""Teacher outputs for distillation: run online per batch, or cached once by sample index.
+
+Features are kept as tapped: conv maps (B, C, H, W), ViT tokens (B, T, d),
+vectors (B, D). The teacher always runs in eval mode without gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from featkd.layers import FeatureTap, resolve_layers
+
+__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherOutputs:
+    """Teacher features (in the method's teacher-layer order) and logits (None if unused)."""
+
+    features: list[Tensor]
+    logits: Tensor | None = None
+
+
+class OnlineTeacher:
+    """Run the teacher on each batch: ``OnlineTeacher(teacher, layers, need_logits)(x)``.
+
+    When logits are not needed the forward pass stops after the deepest tapped layer.
+    """
+
+    def __init__(self, teacher: nn.Module, layers: Sequence[int | str], need_logits: bool) -> None:
+        self.teacher = teacher
+        self.layers = resolve_layers(teacher, list(layers)) if layers else []
+        self.need_logits = bool(need_logits)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> TeacherOutputs:
+        if not self.layers and not self.need_logits:
+            return TeacherOutputs([], None)
+        if self.teacher.training:
+            self.teacher.eval()
+        logits = None
+        with FeatureTap(self.teacher, self.layers, stop_early=not self.need_logits) as tap:
+            logits = self.teacher(x)
+        return TeacherOutputs(tap.outputs, logits if self.need_logits else None)
+
+
+def _remove_directory(directory: Path | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class TeacherCache:
+    """Teacher outputs for every sample of a dataset, looked up by sample index.
+
+    Build with :meth:`build`. Arrays live in RAM when they fit ``memory_budget_bytes``,
+    otherwise in ``np.memmap`` files inside a fresh sub-directory of ``cache_dir``
+    (a temporary directory when None); the files are removed by :meth:`close` or
+    when the cache is garbage-collected.
+    """
+
+    def __init__(self, features: list[Tensor | np.memmap], logits: Tensor | np.memmap | None,
+                 directory: Path | None = None) -> None:
+        self._features = features
+        self._logits = logits
+        self.directory = directory
+        self._finalizer = weakref.finalize(self, _remove_directory, directory)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the arrays are held in RAM rather than memory-mapped files."""
+        return self.directory is None
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self._features, *([self._logits] if self._logits is not None else [])]
+        return sum(int(a.nbytes) for a in arrays)
+
+    def __len__(self) -> int:
+        arrays = [*self._features, *([self._logits] if self._logits is not None else [])]
+        return int(arrays[0].shape[0]) if arrays else 0
+
+    def close(self) -> None:
+        """Drop the arrays and delete any memmap files."""
+        self._features, self._logits = [], None
+        self._finalizer()
+
+    def lookup(self, idx: Tensor, device: torch.device | str = "cpu") -> TeacherOutputs:
+        """Rows for sample indices ``idx`` as float32 tensors on ``device``."""
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1).cpu()
+        features = [self._gather(a, idx, device) for a in self._features]
+        logits = self._gather(self._logits, idx, device) if self._logits is not None else None
+        return TeacherOutputs(features, logits)
+
+    @staticmethod
+    def _gather(array: Tensor | np.memmap, idx: Tensor, device: torch.device | str) -> Tensor:
+        rows = array[idx] if isinstance(array, Tensor) else torch.from_numpy(array[idx.numpy()])
+        return rows.to(device, non_blocking=True).float()
+
+    @classmethod
+    def build(cls, teacher: nn.Module, dataset, layers: Sequence[int | str], need_logits: bool,
+              batch_size: int, device: torch.device | str, memory_budget_bytes: int,
+              cache_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+              progress: bool = True) -> TeacherCache:
+        """Run ``teacher`` once over ``dataset`` in index order (augmentation off).
+
+        ``layers``: teacher layers to store (GL indices or module names); ``dtype``:
+        float32 or float16 storage for the features (logits are always float32).
+        """
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"cache dtype must be torch.float32 or torch.float16, got {dtype}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        online = OnlineTeacher(teacher, layers, need_logits)
+        data = dataset.with_augment(False)
+        count = len(data)
+        starts = range(0, count, batch_size)
+        if count == 0:
+            raise ValueError("cannot cache the teacher outputs of an empty dataset")
+        storage: _Storage | None = None
+        try:
+            with tqdm(total=count, desc="teacher cache", unit="img", disable=not progress) as bar:
+                for start in starts:
+                    indices = torch.arange(start, min(start + batch_size, count))
+                    x, _, _ = data.batch(indices)
+                    out = online(x.to(device))
+                    if storage is None:
+                        storage = _Storage(out, count, dtype, memory_budget_bytes, cache_dir)
+                    storage.write(start, out)
+                    bar.update(len(indices))
+            storage.flush()
+        except BaseException:
+            _remove_directory(storage.directory if storage is not None else None)
+            raise
+        return cls(storage.features, storage.logits, storage.directory)
+
+
+class _Storage:
+    """Preallocated arrays (RAM tensors or memmaps) shaped from the first batch."""
+
+    def __init__(self, first: TeacherOutputs, count: int, dtype: torch.dtype, budget: int,
+                 cache_dir: str | Path | None) -> None:
+        shapes = [tuple(f.shape[1:]) for f in first.features]
+        itemsize = torch.finfo(dtype).bits // 8
+        total = count * sum(math.prod(s) for s in shapes) * itemsize
+        if first.logits is not None:
+            total += count * first.logits.shape[1] * 4
+        self.directory: Path | None = None
+        if total <= budget:
+            log.info("teacher cache: %.1f MB in RAM", total / 1e6)
+            self.features = [torch.empty((count, *s), dtype=dtype) for s in shapes]
+            self.logits = (torch.empty(count, first.logits.shape[1], dtype=torch.float32)
+                           if first.logits is not None else None)
+            return
+        parent = Path(cache_dir) if cache_dir is not None else None
+        self.directory = Path(tempfile.mkdtemp(prefix="featkd-teacher-cache-", dir=parent))
+        log.info("teacher cache: %.1f MB in memmap files under %s", total / 1e6, self.directory)
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        self.features = [self._memmap(f"feature{i}.bin", (count, *s), np_dtype)
+                         for i, s in enumerate(shapes)]
+        self.logits = (self._memmap("logits.bin", (count, first.logits.shape[1]), np.float32)
+                       if first.logits is not None else None)
+
+    def _memmap(self, name: str, shape: tuple[int, ...], dtype: type) -> np.memmap:
+        return np.memmap(self.directory / name, dtype=dtype, mode="w+", shape=shape)
+
+    def write(self, start: int, out: TeacherOutputs) -> None:
+        arrays = [*self.features, *([self.logits] if self.logits is not None else [])]
+        values = [*out.features, *([out.logits] if out.logits is not None else [])]
+        for array, value in zip(arrays, values):
+            stop = start + value.shape[0]
+            if isinstance(array, Tensor):
+                array[start:stop] = value.to("cpu", array.dtype)
+            else:
+                array[start:stop] = value.to("cpu", torch.float32).numpy().astype(array.dtype)
+
+    def flush(self) -> None:
+        for array in [*self.features, *([self.logits] if self.logits is not None else [])]:
+            if isinstance(array, np.memmap):
+                array.flush()

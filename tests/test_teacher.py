@@ -1,0 +1,124 @@
+"""OnlineTeacher and TeacherCache (RAM and memmap) give the same teacher outputs."""
+
+import pytest
+import torch
+
+from featkd.data import ImageDataset
+from featkd.distill import (
+    DistillModel, OnlineTeacher, TeacherCache, TeacherOutputs, build_method,
+)
+from featkd.layers import extract
+from featkd.models import create_model
+
+NUM_CLASSES = 5
+TEACHERS = {"resnet34": [3, 16], "vit_b": [2, 10]}
+
+
+def make_dataset(size=20, augment=True):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(size) % NUM_CLASSES
+    return ImageDataset(images, labels, augment=augment)
+
+
+def make_teacher(name):
+    torch.manual_seed(0)
+    return create_model(name, NUM_CLASSES, width=1 / 16).eval()
+
+
+def plain_batch(dataset, idx):
+    return dataset.with_augment(False).batch(torch.as_tensor(idx))[0]
+
+
+def assert_outputs_equal(a: TeacherOutputs, b: TeacherOutputs, exact=True):
+    assert len(a.features) == len(b.features)
+    for fa, fb in zip([*a.features, a.logits], [*b.features, b.logits]):
+        assert fa.shape == fb.shape and fa.dtype == fb.dtype == torch.float32
+        assert torch.equal(fa, fb) if exact else torch.allclose(fa, fb, atol=1e-5, rtol=1e-4)
+
+
+def test_online_teacher_taps_in_eval_mode_without_grad():
+    teacher = make_teacher("vit_b").train()
+    x = plain_batch(make_dataset(), range(4))
+    out = OnlineTeacher(teacher, [10, 2], need_logits=True)(x)
+    assert not teacher.training
+    assert [f.shape for f in out.features] == [f.shape for f in extract(teacher, x, [10, 2])]
+    assert out.features[0].shape[1:] == (65, 48)                 # tokens kept (B, T, d)
+    assert torch.equal(out.logits, teacher(x))
+    assert not any(t.requires_grad for t in [*out.features, out.logits])
+    features_only = OnlineTeacher(teacher, [2], need_logits=False)(x)
+    assert features_only.logits is None and torch.equal(features_only.features[0], out.features[1])
+    assert OnlineTeacher(teacher, [], need_logits=False)(x) == TeacherOutputs([], None)
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["ram", "memmap"])
+def test_cache_matches_online_teacher(name, budget, tmp_path):
+    teacher, dataset = make_teacher(name), make_dataset()
+    layers = TEACHERS[name]
+    cache = TeacherCache.build(teacher, dataset, layers, need_logits=True, batch_size=8,
+                               device="cpu", memory_budget_bytes=budget, cache_dir=tmp_path,
+                               progress=False)
+    assert dataset.augment                                        # the caller's dataset unchanged
+    assert len(cache) == len(dataset) and cache.in_memory == (budget > 0)
+    online = OnlineTeacher(teacher, layers, need_logits=True)
+    # same batch composition as the build: bit-identical
+    assert_outputs_equal(cache.lookup(torch.arange(8, 16), "cpu"),
+                         online(plain_batch(dataset, range(8, 16))))
+    # any order, repeats, on the un-augmented images
+    idx = torch.tensor([17, 3, 0, 9, 9, 19])
+    assert_outputs_equal(cache.lookup(idx, "cpu"), online(plain_batch(dataset, idx)), exact=False)
+    if not cache.in_memory:
+        directory = cache.directory
+        assert directory.parent == tmp_path and any(directory.iterdir())
+        cache.close()
+        assert not directory.exists()
+
+
+def test_cache_stores_only_what_is_asked_and_supports_float16():
+    teacher, dataset = make_teacher("resnet34"), make_dataset()
+    full = TeacherCache.build(teacher, dataset, [3], need_logits=False, batch_size=16, device="cpu",
+                              memory_budget_bytes=1 << 30, progress=False)
+    half = TeacherCache.build(teacher, dataset, [3], need_logits=False, batch_size=16, device="cpu",
+                              memory_budget_bytes=1 << 30, dtype=torch.float16, progress=False)
+    idx = torch.arange(20)
+    a, b = full.lookup(idx), half.lookup(idx)
+    assert a.logits is None and len(a.features) == 1
+    assert half.nbytes * 2 == full.nbytes == 20 * a.features[0][0].numel() * 4
+    assert b.features[0].dtype == torch.float32
+    assert torch.allclose(a.features[0], b.features[0], rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="dtype"):
+        TeacherCache.build(teacher, dataset, [3], need_logits=False, batch_size=16, device="cpu",
+                           memory_budget_bytes=0, dtype=torch.int8)
+
+
+def test_memmap_in_a_temporary_directory_is_removed():
+    teacher, dataset = make_teacher("resnet34"), make_dataset(size=6)
+    cache = TeacherCache.build(teacher, dataset, [16], need_logits=True, batch_size=4, device="cpu",
+                               memory_budget_bytes=0, progress=False)
+    directory = cache.directory
+    assert directory.exists() and not cache.in_memory
+    del cache
+    assert not directory.exists()
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["ram", "memmap"])
+def test_cached_and_online_teacher_give_identical_losses(budget, tmp_path):
+    torch.manual_seed(0)
+    teacher = make_teacher("resnet34")
+    student = create_model("resnet9", NUM_CLASSES, width=1 / 16).eval()
+    dataset = make_dataset(size=16)
+    idx = torch.arange(8)
+    x, y, _ = dataset.with_augment(False).batch(idx)
+    method = build_method("featkd_ce_kd", teacher, student, teacher_layers=[3, 7, 13, 16],
+                          student_layers=[1, 2, 3, 4], num_classes=NUM_CLASSES, sample_input=x)
+    cache = TeacherCache.build(teacher, dataset, method.teacher_layers, method.needs_teacher_logits,
+                               batch_size=8, device="cpu", memory_budget_bytes=budget,
+                               cache_dir=tmp_path, progress=False)
+    online = OnlineTeacher(teacher, method.teacher_layers, method.needs_teacher_logits)
+    model = DistillModel(student, method)
+    _, from_cache = model(x, y, cache.lookup(idx, "cpu"))
+    _, from_online = model(x, y, online(x))
+    assert from_cache.keys() == from_online.keys() == {"ce", "kd", "feat"}
+    for key in from_cache:
+        assert torch.equal(from_cache[key], from_online[key]), key
