@@ -1,0 +1,487 @@
+"""High-level Python API: ``featkd.train_teacher(...)`` and ``featkd.distill(...)``.
+
+Both take models and datasets (``featkd.data.ImageDataset``) and return a
+:class:`featkd.train.TrainResult`; the ``*_from_config`` variants build models
+and data from a :class:`featkd.config.TrainConfig` / :class:`DistillConfig`, as
+the command line does.
+
+Layer lists: ``teacher_layers="auto"`` measures knowledge quality on the
+training split and keeps the ``len(student_layers)`` best layers by Q;
+``"standard"`` is the paper's evenly spread list for the teacher
+(``featkd.models.STANDARD_TEACHER_LAYERS``) and ``student_layers="paper"`` the
+paper's fixed student layers (``PAPER_STUDENT_LAYERS``). For models outside
+those tables (custom models, or when the zoo name is not given),
+``"standard"``/``"paper"`` pick 4 generalized layers evenly spread over GLs
+1 .. head-2 (the stem/input GL and the GL just below the head left out),
+see :func:`spread_layers`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import featkd.distill  # noqa: F401  (loaded first, so featkd/__init__ may bind the name to distill())
+from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
+from featkd.train import (
+    Callback,
+    ClassifierModel,
+    DistContext,
+    TrainResult,
+    default_lr,
+    init_distributed,
+    prepare_output,
+    train_runs,
+)
+
+__all__ = [
+    "distill",
+    "distill_from_config",
+    "load_data",
+    "resolve_student_layers",
+    "resolve_teacher_layers",
+    "spread_layers",
+    "TeacherFeed",
+    "train_teacher",
+    "train_teacher_from_config",
+]
+
+log = logging.getLogger(__name__)
+
+QUALITY_FILE = "quality.json"
+QUALITY_PLOT = "quality.png"
+ModelSpec = nn.Module | Callable[[], nn.Module]
+
+
+# --------------------------------------------------------------------------- data and models
+def load_data(config: RunConfig) -> tuple[Any, Any]:
+    """(train, test) datasets named by ``config`` (augmentation on the training split only)."""
+    from featkd.data import get_datasets
+
+    options = dict(root=config.data_root, image_size=config.image_size, augment=config.augment,
+                   train_limit=config.train_limit, seed=config.seed)
+    clash = sorted(set(options) & set(config.data_options))
+    if clash:
+        raise ValueError(f"data_options {clash}: set them as options of their own ({', '.join(clash)}=...)")
+    return get_datasets(config.data, **options, **config.data_options)
+
+
+def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:
+    """A fresh model for one run: a factory called under ``seed``, or a deep copy of a module."""
+    if isinstance(spec, nn.Module):
+        return copy.deepcopy(spec)
+    torch.manual_seed(seed)
+    return spec()
+
+
+def _sample_input(dataset: Any) -> torch.Tensor:
+    x, _, _ = dataset.with_augment(False).batch(torch.arange(min(2, len(dataset))))
+    return x
+
+
+# --------------------------------------------------------------------------- layers
+def spread_layers(model: nn.Module, k: int = 4) -> list[int]:
+    """``k`` GL indices evenly spread over GLs 1 .. head-2 (all below the head when fewer)."""
+    from featkd.layers import generalized_layers, head_index
+
+    head = head_index(model) or len(generalized_layers(model))
+    first, last = (1, head - 2) if head - 2 >= 1 else (0, head - 1)
+    count = last - first + 1
+    if count <= k:
+        return list(range(first, last + 1))
+    return sorted({round(first + i * (last - first) / (k - 1)) for i in range(k)}) if k > 1 else [last]
+
+
+def resolve_student_layers(spec: str | Sequence[int | str], student: nn.Module, name: str | None) -> list[int | str]:
+    """``"paper"`` -> the paper's list for zoo model ``name`` (else :func:`spread_layers`); lists pass."""
+    from featkd.models import PAPER_STUDENT_LAYERS
+
+    if spec == "paper":
+        if name in PAPER_STUDENT_LAYERS:
+            return list(PAPER_STUDENT_LAYERS[name])
+        layers = spread_layers(student)
+        log.info("student %s has no paper layer list: using evenly spread GLs %s", name or "model", layers)
+        return layers
+    if isinstance(spec, str):
+        raise ValueError(f"student_layers must be 'paper' or a list of GL indices / names; got {spec!r}")
+    return list(spec)
+
+
+def resolve_teacher_layers(
+    spec: str | Sequence[int | str],
+    teacher: nn.Module,
+    name: str | None,
+    k: int,
+    train_set: Any,
+    *,
+    device: torch.device,
+    out: Path | None = None,
+    context: DistContext | None = None,
+    variant: str = "paper",
+    subset_size: int = 5000,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[int | str]:
+    """``"auto"`` (top-k by quality Q, written to ``out/quality.json``), ``"standard"``, or a list.
+
+    With ``"auto"`` an existing ``out/quality.json`` is reused (a resumed run).
+    """
+    from featkd.models import STANDARD_TEACHER_LAYERS
+
+    if spec == "standard":
+        if name in STANDARD_TEACHER_LAYERS:
+            return list(STANDARD_TEACHER_LAYERS[name])
+        layers = spread_layers(teacher, k)
+        log.info("teacher %s has no standard layer list: using evenly spread GLs %s", name or "model", layers)
+        return layers
+    if spec == "auto":
+        return _quality_layers(teacher, name, k, train_set, device, out, context, variant, subset_size,
+                               seed, progress)
+    if isinstance(spec, str):
+        raise ValueError(f"teacher_layers must be auto, standard or a list of GL indices / names; got {spec!r}")
+    return list(spec)
+
+
+def _quality_layers(
+    teacher: nn.Module,
+    name: str | None,
+    k: int,
+    train_set: Any,
+    device: torch.device,
+    out: Path | None,
+    context: DistContext | None,
+    variant: str,
+    subset_size: int,
+    seed: int,
+    progress: bool,
+) -> list[int]:
+    from featkd.quality import QualityReport, measure
+
+    context = context or DistContext(device=device)
+    saved = out / QUALITY_FILE if out is not None else None
+    if saved is not None and saved.is_file():
+        report = QualityReport.from_json(saved)
+        if report.variant == variant and report.settings.get("n_a", 0) <= subset_size:
+            log.info("teacher layers from %s", saved)
+            return report.select(k)
+    if context.is_main:
+        log.info("measuring knowledge quality of every teacher layer on %d training images", len(train_set))
+        report = measure(teacher, train_set.with_augment(False), "all", variant=variant, seed=seed,
+                         device=device, subset_size=subset_size, model_name=name, progress=progress)
+        selected = report.select(k)
+        log.info("selected teacher layers by Q: %s\n%s", selected, report.table(k))
+        if saved is not None:
+            report.to_json(saved, k)
+            _try_plot(report, out / QUALITY_PLOT, k)
+    else:
+        selected = None
+    if context.distributed:
+        box = [selected]
+        torch.distributed.broadcast_object_list(box, src=0)
+        selected = box[0]
+    return selected
+
+
+def _try_plot(report: Any, path: Path, k: int) -> None:
+    try:
+        report.plot(path, k)
+    except ImportError as err:  # matplotlib missing: the JSON still holds everything
+        log.warning("quality plot skipped: %s", err)
+
+
+# --------------------------------------------------------------------------- teacher outputs
+class TeacherFeed:
+    """``feed(x, idx) -> TeacherOutputs | None`` for the trainer: cached or online teacher outputs.
+
+    Configured from the first built method (which layers, whether logits are needed).
+    ``mode`` "cache" computes the outputs once over the un-augmented training set
+    (in :meth:`prepare`, which the trainer calls before its first epoch) and looks
+    them up by sample index; "online" runs the teacher on every batch; "auto" is
+    "online" when the training set is augmented, else "cache".
+    """
+
+    def __init__(self, teacher: nn.Module, train_set: Any, mode: str, device: torch.device, *,
+                 batch_size: int = 512, memory_budget_bytes: int = 4 * 2**30,
+                 cache_dir: Path | None = None, progress: bool = True) -> None:
+        if mode not in ("auto", "cache", "online"):
+            raise ValueError(f"teacher_mode must be auto, cache or online; got {mode!r}")
+        augment = bool(getattr(train_set, "augment", False))
+        if mode == "cache" and augment:
+            raise ValueError("teacher_mode=cache needs an un-augmented training set")
+        self.mode = mode if mode != "auto" else ("online" if augment else "cache")
+        self.teacher, self.train_set, self.device = teacher, train_set, device
+        self.batch_size, self.memory_budget_bytes = batch_size, memory_budget_bytes
+        self.cache_dir, self.progress = cache_dir, progress
+        self.layers: list[str] = []
+        self.need_logits = False
+        self.active = False
+        self._online: Any = None
+        self._cache: Any = None
+
+    def configure(self, method: Any) -> None:
+        """Take the teacher layers and logit need from ``method`` (first call wins)."""
+        if self._online is not None:
+            return
+        from featkd.distill import OnlineTeacher
+
+        self.need_logits = bool(method.needs_teacher_logits)
+        self.layers = list(method.teacher_layers) if method.needs_teacher_features else []
+        self.active = self.need_logits or bool(self.layers)
+        self._online = OnlineTeacher(self.teacher, self.layers, self.need_logits)
+
+    def prepare(self) -> None:
+        """Build the cache (mode "cache") unless it exists."""
+        if self.mode != "cache" or not self.active or self._cache is not None:
+            return
+        from featkd.distill import TeacherCache
+
+        self._cache = TeacherCache.build(
+            self.teacher, self.train_set, self.layers, self.need_logits, self.batch_size, self.device,
+            self.memory_budget_bytes, self.cache_dir, progress=self.progress,
+        )
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> Any:
+        if not self.active:
+            return None
+        if self.mode == "online":
+            return self._online(x)
+        self.prepare()
+        return self._cache.lookup(idx, self.device)
+
+    def close(self) -> None:
+        """Free the cache (and delete its memory-mapped files)."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+# --------------------------------------------------------------------------- public API
+def _config(cls: type, config: RunConfig | None, options: dict[str, Any], train_set: Any) -> Any:
+    config = copy.deepcopy(config) if config is not None else cls()
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    apply_overrides(config, {k: v for k, v in options.items() if v is not None})
+    config.augment = bool(getattr(train_set, "augment", config.augment))
+    config.validate()
+    return config
+
+
+def train_teacher(
+    model: ModelSpec,
+    train_set: Any,
+    test_set: Any,
+    *,
+    config: TrainConfig | None = None,
+    model_name: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    context: DistContext | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Train ``model`` with cross-entropy; ``options`` are :class:`TrainConfig` fields (epochs, lr, out, ...).
+
+    ``model`` is a module (copied for every run) or a factory called under each run's seed.
+    ``lr`` defaults to the recipe's value for zoo model ``model_name`` (or ``config.model``).
+    """
+    config = _config(TrainConfig, config, options, train_set)
+    if model_name is not None:
+        config.model = model_name
+    context = context or init_distributed(config.device)
+    lr = config.lr or default_lr(config.model, config.optimizer)
+
+    def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
+        net = _instantiate(model, seed)
+        return ClassifierModel(net), net
+
+    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, callbacks=callbacks)
+
+
+def distill(
+    teacher: nn.Module,
+    student: ModelSpec,
+    train_set: Any,
+    test_set: Any,
+    *,
+    method: str = "featkd",
+    teacher_layers: str | Sequence[int | str] | None = None,
+    student_layers: str | Sequence[int | str] = "paper",
+    config: DistillConfig | None = None,
+    teacher_name: str | None = None,
+    student_name: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    context: DistContext | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Distil ``student`` from the trained ``teacher``; returns every run's history and the summary.
+
+    ``teacher_layers``: None (the method's default: "auto" for the featkd family,
+    else "standard"), "auto", "standard" or GL indices / module names.
+    ``student_layers``: "paper" or GL indices / module names. ``teacher_name`` /
+    ``student_name`` are zoo names for the layer tables and the default lr.
+    ``options`` are :class:`DistillConfig` fields (epochs, runs, out, teacher_mode, ...).
+    """
+    from featkd.distill import DistillModel, build_method
+
+    config = _config(DistillConfig, config, {
+        **options, "method": method, "teacher": teacher_name, "student": student_name,
+        "teacher_layers": teacher_layers, "student_layers": student_layers,
+    }, train_set)
+    context = context or init_distributed(config.device)
+    device = context.device
+    out = Path(config.out) if config.out else None
+    lr = config.lr or default_lr(config.student, config.optimizer)
+
+    teacher = teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    if out is not None:
+        prepare_output(out, config, context)  # refuse a different run's directory before writing to it
+    s_layers: list[int | str] = []
+    t_layers: list[int | str] = []
+    if method_uses_layers(config.method):
+        probe_student = _instantiate(student, config.seed)
+        s_layers = resolve_student_layers(config.student_layers, probe_student, config.student)
+        t_spec = config.teacher_layers or default_teacher_layers(config.method)
+        t_layers = resolve_teacher_layers(
+            t_spec, teacher, config.teacher, len(s_layers), train_set,
+            device=device, out=out, context=context, variant=config.quality_variant,
+            subset_size=config.quality_subset, seed=config.seed, progress=config.progress,
+        )
+    sample = _sample_input(train_set).to(device)
+    feed = TeacherFeed(teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
+                       memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
+                       progress=config.progress and context.is_main)
+
+    def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
+        net = _instantiate(student, seed).to(device)
+        distill_method = build_method(
+            config.method, teacher, net, teacher_layers=t_layers, student_layers=s_layers,
+            num_classes=train_set.num_classes, sample_input=sample,
+            batch_size=config.batch_size // context.world_size,
+        )
+        feed.configure(distill_method)
+        return DistillModel(net, distill_method), net
+
+    extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
+    try:
+        return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                          teacher=feed, callbacks=callbacks, extra=extra)
+    finally:
+        feed.close()
+
+
+def default_teacher_layers(method: str) -> str:
+    """The layer list a method uses by default: "auto" (Q-selected, featkd family) or "standard"."""
+    from featkd.distill import METHOD_INFO
+
+    return "auto" if METHOD_INFO[method].teacher_layers == "q" else "standard"
+
+
+def method_uses_layers(method: str) -> bool:
+    """Whether ``method`` takes teacher and student layer lists."""
+    from featkd.distill import METHOD_INFO
+
+    return METHOD_INFO[method].teacher_layers is not None
+
+
+# --------------------------------------------------------------------------- from configs
+def _teacher_run_config(checkpoint: str | None) -> TrainConfig | None:
+    """The TrainConfig of a train-teacher run directory, when ``checkpoint`` is one."""
+    if not checkpoint or not Path(checkpoint).is_dir():
+        return None
+    path = Path(checkpoint) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return TrainConfig.from_yaml(path)
+    except ValueError:
+        return None
+
+
+def teacher_weights_path(checkpoint: str) -> Path:
+    """The weights file of ``checkpoint`` (a file, or a run directory holding model.pt)."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    if (path / "model.pt").is_file():
+        return path / "model.pt"
+    runs = sorted(p.parent for p in path.glob("run-*/model.pt"))
+    if runs:
+        raise ValueError(f"{path} holds {len(runs)} runs; pass one of them: {', '.join(map(str, runs))}")
+    raise FileNotFoundError(f"{path} holds no model.pt (is the teacher run finished?)")
+
+
+def complete_distill_config(config: DistillConfig) -> DistillConfig:
+    """Fill ``teacher``/``teacher_width`` from the teacher's run directory; check required fields."""
+    previous = _teacher_run_config(config.teacher_checkpoint)
+    if previous is not None:
+        if config.teacher is None:
+            config.teacher = previous.model
+        if config.teacher_width is None and config.teacher == previous.model:
+            config.teacher_width = previous.width
+    if config.teacher is None:
+        raise ValueError("no teacher model: give --teacher NAME (or a train-teacher run directory as --teacher-checkpoint)")
+    if config.teacher_width is None:
+        config.teacher_width = 1.0
+    if config.student is None:
+        raise ValueError("no student model: give --student NAME")
+    if config.teacher_checkpoint is None and config.method != "ce":
+        log.warning("no --teacher-checkpoint: distilling from an untrained teacher")
+    config.validate()
+    return config
+
+
+def _data_shape(train_set: Any) -> tuple[int, int, int]:
+    channels, size, _ = train_set.image_shape
+    return train_set.num_classes, channels, size
+
+
+def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Load data, build ``config.model`` and train it (what ``featkd train-teacher`` runs)."""
+    from featkd.checkpoint import load_model_weights
+    from featkd.models import create_model
+
+    if config.model is None:
+        raise ValueError("no model: give --model NAME")
+    config.validate()
+    context = init_distributed(config.device)
+    train_set, test_set = load_data(config)
+    num_classes, channels, size = _data_shape(train_set)
+
+    def factory() -> nn.Module:
+        net = create_model(config.model, num_classes, in_channels=channels, image_size=size, width=config.width)
+        if config.init_checkpoint:
+            load_model_weights(net, config.init_checkpoint)
+        return net
+
+    return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context)
+
+
+def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Load data, build teacher and student and distil (what ``featkd distill`` runs)."""
+    from featkd.checkpoint import load_model_weights
+    from featkd.models import create_model
+
+    config = complete_distill_config(config)
+    context = init_distributed(config.device)
+    train_set, test_set = load_data(config)
+    num_classes, channels, size = _data_shape(train_set)
+    teacher = create_model(config.teacher, num_classes, in_channels=channels, image_size=size,
+                           width=config.teacher_width)
+    if config.teacher_checkpoint:
+        load_model_weights(teacher, teacher_weights_path(config.teacher_checkpoint))
+
+    def student() -> nn.Module:
+        return create_model(config.student, num_classes, in_channels=channels, image_size=size,
+                            width=config.student_width)
+
+    return distill(teacher, student, train_set, test_set, config=config, method=config.method,
+                   teacher_layers=config.teacher_layers, student_layers=config.student_layers,
+                   teacher_name=config.teacher, student_name=config.student, callbacks=callbacks,
+                   context=context)

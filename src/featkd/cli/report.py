@@ -1,0 +1,31 @@
+"""``featkd report DIR``: rebuild the Markdown report of one run directory or a folder of them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``featkd report``."""
+    parser = subparsers.add_parser(
+        "report", help="write report.md (table, curves, quality plot) for finished runs",
+        description="Write DIR/report.md for a run directory, or for every run directory inside DIR.",
+    )
+    parser.add_argument("directory", metavar="DIR", help="a run directory or a folder of them")
+    parser.add_argument("--title", default="featkd report", help="report title")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``featkd report``."""
+    from featkd.report import comparison_rows, find_runs, markdown_table, write_report
+
+    runs = find_runs(Path(args.directory))
+    path = write_report(Path(args.directory), runs, title=args.title)
+    print(markdown_table(comparison_rows(runs)))
+    print(f"\nreport: {path}")
+    return 0

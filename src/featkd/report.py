@@ -1,0 +1,255 @@
+"""Reports of finished runs: a comparison table, training curves and the quality plot, as Markdown.
+
+A *run directory* is what ``featkd train-teacher`` / ``featkd distill`` write
+(config.yaml, metrics.jsonl or run-<seed>/metrics.jsonl, results.json, and
+quality.json for ``teacher_layers=auto``). :func:`write_report` turns one or
+several of them into ``report.md`` with PNG figures beside it (matplotlib,
+Agg backend).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "RunRecord",
+    "comparison_rows",
+    "find_runs",
+    "format_mean_std",
+    "load_run",
+    "markdown_table",
+    "plot_curves",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+CURVES_FILE = "curves.png"
+
+
+@dataclass
+class RunRecord:
+    """What a run directory holds: config, summary results and per-seed epoch histories."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    results: dict[str, Any] | None
+    histories: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def is_distill(self) -> bool:
+        return "method" in self.config
+
+    @property
+    def model(self) -> str:
+        name = self.config.get("student") if self.is_distill else self.config.get("model")
+        width = self.config.get("student_width") if self.is_distill else self.config.get("width")
+        return f"{name} ×{_width(width)}" if width not in (None, 1, 1.0) else str(name)
+
+    @property
+    def method(self) -> str:
+        return self.config["method"] if self.is_distill else "ce (train-teacher)"
+
+    def mean_curve(self, key: str) -> list[float]:
+        """Per-epoch mean of ``key`` over the seeds that reached that epoch."""
+        curves = [[r[key] for r in h if key in r] for h in self.histories.values()]
+        length = max((len(c) for c in curves), default=0)
+        return [_mean([c[e] for c in curves if len(c) > e]) for e in range(length)]
+
+
+def _width(width: float) -> str:
+    inverse = 1 / width
+    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{width:g}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def format_mean_std(stats: dict[str, Any], digits: int = 4) -> str:
+    """``0.9123 ± 0.0040`` (sample std over runs), or just the mean for one run."""
+    if stats.get("std") is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- reading
+def load_run(path: str | Path, name: str | None = None) -> RunRecord:
+    """Read a run directory (FileNotFoundError when it holds no config.yaml)."""
+    path = Path(path)
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a featkd run directory (no config.yaml)")
+    config = yaml.safe_load(config_file.read_text()) or {}
+    results_file = path / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    histories: dict[int, list[dict[str, Any]]] = {}
+    metric_files = [path / "metrics.jsonl"] if (path / "metrics.jsonl").is_file() else sorted(
+        path.glob("run-*/metrics.jsonl"))
+    for metric_file in metric_files:
+        for line in metric_file.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                histories.setdefault(int(record["seed"]), []).append(record)
+    return RunRecord(name or path.name, path, config, results, histories)
+
+
+def find_runs(root: str | Path) -> list[RunRecord]:
+    """``root`` itself when it is a run directory, else its sub-directories that are (by name)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such directory: {root}")
+    if (root / "config.yaml").is_file():
+        return [load_run(root)]
+    runs = [load_run(d) for d in sorted(root.iterdir()) if (d / "config.yaml").is_file()]
+    if not runs:
+        raise FileNotFoundError(f"{root} holds no run directories (folders with config.yaml)")
+    return runs
+
+
+# --------------------------------------------------------------------------- table
+def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
+    """One row per run: model, method, layers, epochs, final/best accuracy, time, throughput."""
+    rows = []
+    for run in runs:
+        res = run.results or {}
+        final, best = res.get("final_test_acc"), res.get("best_test_acc")
+        per_run = res.get("runs", [])
+        rows.append({
+            "run": run.name,
+            "model": run.model,
+            "method": run.method,
+            "teacher layers": _layers(res.get("teacher_layers")),
+            "student layers": _layers(res.get("student_layers")),
+            "epochs": str(run.config.get("epochs", "")),
+            "runs": str(len(per_run) or len(run.histories)),
+            "final acc": format_mean_std(final) if final else "unfinished",
+            "best acc": format_mean_std(best) if best else "",
+            "time (s)": f"{_mean([r['train_time_s'] for r in per_run]):.1f}" if per_run else "",
+            "img/s": f"{_mean([r['images_per_s'] for r in per_run]):.0f}" if per_run else "",
+        })
+    return rows
+
+
+def _layers(layers: Any) -> str:
+    return ", ".join(str(x) for x in layers) if layers else "–"
+
+
+def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+    """A GitHub Markdown table of ``rows`` (columns from the first row)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
+    """PNG of test accuracy and training loss per epoch (mean over seeds), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        acc, loss = run.mean_curve("test_acc"), run.mean_curve("loss")
+        epochs = range(1, len(acc) + 1)
+        label = f"{run.name} ({run.method})"
+        acc_ax.plot(epochs, acc, marker=".", label=label)
+        loss_ax.plot(epochs, loss, marker=".", label=label)
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+    loss_ax.set(xlabel="epoch", ylabel="training loss (sum of named losses)", title="training loss", yscale="log")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
+    """Markdown for a run's quality.json: selected layers, the plot and the per-layer table."""
+    from featkd.quality import QualityReport
+
+    report = QualityReport.from_json(run.path / "quality.json")
+    k = len((run.results or {}).get("teacher_layers") or []) or 4
+    plot = run.path / "quality.png"
+    if not plot.is_file():
+        report.plot(plot, k)
+    teacher = run.config.get("teacher") or report.model
+    lines = [
+        f"## Knowledge quality of the teacher ({teacher}, variant `{report.variant}`)",
+        "",
+        f"Selected teacher layers (top {k} by Q, in depth order): **{report.select(k)}**",
+        "",
+        f"![per-layer S, I, E and Q]({_relative(plot, out_dir)})",
+        "",
+        "```",
+        report.table(k),
+        "```",
+        "",
+    ]
+    return lines
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path, start)
+
+
+def write_report(
+    out_dir: str | Path,
+    runs: Sequence[RunRecord] | None = None,
+    *,
+    title: str = "featkd report",
+    notes: Sequence[str] = (),
+    rows: Sequence[dict[str, str]] | None = None,
+) -> Path:
+    """Write ``out_dir/report.md`` (+ curves.png) for ``runs`` (default: :func:`find_runs` of ``out_dir``).
+
+    ``rows``: the results table (default :func:`comparison_rows` of ``runs``).
+    """
+    out_dir = Path(out_dir)
+    runs = list(runs) if runs is not None else find_runs(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(runs, out_dir / CURVES_FILE)
+    lines = [f"# {title}", ""]
+    lines += [*notes, ""] if notes else []
+    lines += [
+        "## Results",
+        "",
+        "Final-epoch and best-epoch test accuracy; with several runs, mean ± sample standard "
+        "deviation (ddof=1) over runs. Time: training seconds per run (evaluation included).",
+        "",
+        markdown_table(rows if rows is not None else comparison_rows(runs)),
+        "",
+        "## Training curves",
+        "",
+        f"![test accuracy and training loss per epoch]({_relative(curves, out_dir)})",
+        "",
+    ]
+    for run in runs:
+        if (run.path / "quality.json").is_file():
+            lines += _quality_section(run, out_dir)
+            break
+    lines += ["## Runs", ""]
+    lines += [f"* `{run.name}`: `{_relative(run.path, out_dir)}/` ({run.method}, {run.model})" for run in runs]
+    path = out_dir / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n")
+    log.info("report written to %s", path)
+    return path

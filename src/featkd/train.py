@@ -1,0 +1,748 @@
+"""The method-agnostic training loop: optimizer, schedule, evaluation, checkpoints, DDP.
+
+The trainer drives any module whose ``forward(x, labels, teacher)`` returns
+``(logits, {name: loss})`` (``featkd.distill.DistillModel``, or
+:class:`ClassifierModel` for plain cross-entropy training); it sums the named
+losses and never branches on the method.
+
+Checkpoints hold tensors only: model, optimizer and RNG state are tensors, and
+the small non-tensor state (schedule, optimizer hyper-parameters, history) is a
+JSON text stored as a uint8 tensor in the same file, so one atomic
+``featkd.checkpoint.save_tensors`` call writes everything and
+``torch.load(weights_only=True)`` reads it back without unpickling objects.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featkd.checkpoint import load_tensors, save_tensors
+from featkd.config import RunConfig
+
+__all__ = [
+    "ClassifierModel",
+    "DistContext",
+    "RunResult",
+    "TrainResult",
+    "Trainer",
+    "autocast_context",
+    "build_optimizer",
+    "build_scheduler",
+    "default_lr",
+    "evaluate",
+    "finish_distributed",
+    "init_distributed",
+    "is_main_process",
+    "pack_state",
+    "read_metrics",
+    "summarize",
+    "train_runs",
+    "unpack_state",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
+TIMING_FIELDS = ("epoch_time_s", "images_per_s")
+_FORMAT_VERSION = 1
+_SGD_LR = {"resnet": 0.05, "mobilenet": 0.05, "vgg": 0.01, "vit": 0.01}
+
+TeacherFeed = Callable[[Tensor, Tensor], Any]  # (x, sample indices) -> TeacherOutputs | None
+Callback = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- models
+class ClassifierModel(nn.Module):
+    """A classifier with the trainer's interface: ``forward(x, labels, teacher) -> (logits, {"ce": loss})``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, teacher: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.model(x)
+        losses = {} if labels is None else {"ce": F.cross_entropy(logits.float(), labels)}
+        return logits, losses
+
+
+# --------------------------------------------------------------------------- devices
+@dataclass
+class DistContext:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} asked for but CUDA is not available")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(device: str | torch.device | None = "auto") -> DistContext:
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); else one process.
+
+    The backend is nccl on CUDA and gloo on CPU. An existing process group is reused.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 and not dist.is_initialized():
+        return DistContext(device=resolve_device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
+
+
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def finish_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_context(device: torch.device, amp: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``amp`` auto or bf16), on CPU only when ``amp="bf16"``."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if amp not in ("auto", "none"):
+        raise ValueError(f"amp must be auto, bf16 or none; got {amp!r}")
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- optimisation
+def default_lr(model_name: str | None, optimizer: str) -> float:
+    """The recipe's learning rate: one-cycle peak (adamw) or SGD initial lr, by model family."""
+    from featkd.models import model_family, peak_lr
+
+    if model_name is None:
+        raise ValueError("lr is not set and the model is not a zoo model: pass lr=...")
+    if optimizer == "adamw":
+        return peak_lr(model_name)
+    return _SGD_LR[model_family(model_name)]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: RunConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (weight decay 0.01) or SGD (momentum 0.9, weight decay 5e-4), per ``config.optimizer``."""
+    params = list(params)
+    if config.optimizer == "adamw":
+        wd = 0.01 if config.weight_decay is None else config.weight_decay
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if config.optimizer == "sgd":
+        wd = 5e-4 if config.weight_decay is None else config.weight_decay
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+    raise ValueError(f"optimizer must be adamw or sgd; got {config.optimizer!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: RunConfig, lr: float, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A schedule stepped once per batch: one-cycle (adamw) or multi-step at epoch milestones (sgd)."""
+    if config.optimizer == "adamw":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=lr,
+            total_steps=config.epochs * steps_per_epoch,
+            pct_start=config.pct_start,
+            anneal_strategy="cos",
+        )
+    milestones = [m * steps_per_epoch for m in config.milestones]
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.lr_gamma)
+
+
+# --------------------------------------------------------------------------- state packing
+def pack_state(obj: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
+    """Split nested state into JSON-able data and ``tensors`` (stored under ``prefix``-derived keys)."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(obj, collections.Counter):
+        return {"__counter__": [[k, v] for k, v in obj.items()]}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, pack_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [pack_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [pack_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix} in a tensor-only checkpoint")
+
+
+def unpack_state(data: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`pack_state`."""
+    if isinstance(data, dict):
+        if "__tensor__" in data:
+            return tensors[data["__tensor__"]]
+        if "__counter__" in data:
+            return collections.Counter({_key(k): v for k, v in data["__counter__"]})
+        if "__dict__" in data:
+            return {_key(k): unpack_state(v, tensors) for k, v in data["__dict__"]}
+        if "__tuple__" in data:
+            return tuple(unpack_state(v, tensors) for v in data["__tuple__"])
+    if isinstance(data, list):
+        return [unpack_state(v, tensors) for v in data]
+    return data
+
+
+def _key(k: Any) -> Any:
+    return k if not isinstance(k, list) else tuple(k)
+
+
+def _text_tensor(text: str) -> Tensor:
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).clone()
+
+
+def _tensor_text(t: Tensor) -> str:
+    return t.numpy().tobytes().decode()
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(tensors: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    history: list[dict[str, Any]],
+    seed: int,
+    device: torch.device,
+) -> None:
+    """Write the training state after ``len(history)`` epochs, atomically, tensors only."""
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors.update(_rng_state(device))
+    meta = {
+        "format": _FORMAT_VERSION,
+        "epoch": len(history),
+        "seed": seed,
+        "optimizer": pack_state(optimizer.state_dict(), tensors, "optim"),
+        "scheduler": pack_state(scheduler.state_dict(), tensors, "sched"),
+        "history": history,
+    }
+    tensors["meta"] = _text_tensor(json.dumps(meta))
+    save_tensors(path, tensors)
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Restore state written by :func:`save_checkpoint`; returns the epoch history."""
+    tensors = load_tensors(path)
+    meta = json.loads(_tensor_text(tensors["meta"]))
+    if meta.get("format") != _FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(unpack_state(meta["optimizer"], tensors))
+    scheduler.load_state_dict(unpack_state(meta["scheduler"], tensors))
+    _set_rng_state(tensors, device)
+    return meta["history"]
+
+
+# --------------------------------------------------------------------------- files
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of a ``metrics.jsonl`` file (or of a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class RunResult:
+    """One training run (one seed)."""
+
+    seed: int
+    history: list[dict[str, Any]]
+    finished: bool
+    model: nn.Module | None = None
+    run_dir: Path | None = None
+
+    @property
+    def final_test_acc(self) -> float:
+        return self.history[-1]["test_acc"] if self.history else float("nan")
+
+    @property
+    def best_test_acc(self) -> float:
+        return max((r["test_acc"] for r in self.history), default=float("nan"))
+
+    @property
+    def best_epoch(self) -> int:
+        accs = [r["test_acc"] for r in self.history]
+        return accs.index(max(accs)) + 1 if accs else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary numbers (no history, no model)."""
+        times = [r["epoch_time_s"] for r in self.history]
+        return {
+            "seed": self.seed,
+            "epochs": len(self.history),
+            "finished": self.finished,
+            "final_test_acc": self.final_test_acc,
+            "best_test_acc": self.best_test_acc,
+            "best_epoch": self.best_epoch,
+            "train_time_s": sum(times),
+            "images_per_s": _mean([r["images_per_s"] for r in self.history]),
+        }
+
+
+@dataclass
+class TrainResult:
+    """All runs of one configuration, with mean and spread over runs."""
+
+    runs: list[RunResult]
+    out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finished for r in self.runs)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The trained model of the first run."""
+        return self.runs[0].model if self.runs else None
+
+    def summary(self) -> dict[str, Any]:
+        """``final_test_acc``/``best_test_acc``: mean, std (sample std, ddof=1; None for one run), n."""
+        return {
+            "final_test_acc": summarize([r.final_test_acc for r in self.runs]),
+            "best_test_acc": summarize([r.best_test_acc for r in self.runs]),
+            "train_time_s": summarize([r.to_dict()["train_time_s"] for r in self.runs]),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), **self.extra, "runs": [r.to_dict() for r in self.runs]}
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; None when there is one value)."""
+    n = len(values)
+    mean = _mean(values)
+    std = None if n < 2 else math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "std": std, "std_ddof": 1 if n > 1 else None, "n": n}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------- the loop
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "auto") -> float:
+    """Top-1 accuracy of ``model(x) -> (logits, _)`` over ``loader`` (eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
+    try:
+        for x, y, _ in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, amp):
+                logits, _ = model(x)
+            correct += (logits.argmax(1) == y).sum()
+            total += y.numel()
+    finally:
+        model.train(was_training)
+    return int(correct) / max(total, 1)
+
+
+def _show_progress(enabled: bool) -> bool:
+    return enabled and sys.stderr.isatty()
+
+
+class Trainer:
+    """Trains one model for one seed; resumes from ``run_dir/checkpoint.pt`` when present.
+
+    ``callbacks`` are called with each epoch's record after its checkpoint is written
+    (an exception there stops training; rerunning resumes).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        context: DistContext | None = None,
+        lr: float | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config = config
+        self.context = context or DistContext(device=resolve_device(config.device))
+        self.lr = lr if lr is not None else config.lr
+        if self.lr is None:
+            raise ValueError("Trainer needs a learning rate (config.lr or lr=...)")
+        self.callbacks = list(callbacks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    def fit(
+        self,
+        model: nn.Module,
+        train_set: Any,
+        test_set: Any,
+        *,
+        seed: int,
+        run_dir: str | Path | None = None,
+        export: nn.Module | None = None,
+        teacher: TeacherFeed | None = None,
+    ) -> RunResult:
+        """Train ``model`` (forward(x, labels, teacher) -> (logits, losses)) and return the run.
+
+        ``export`` is the module whose weights go to ``model.pt`` (default ``model``);
+        ``teacher(x, idx)`` gives the teacher outputs passed to ``model``.
+        """
+        cfg, ctx = self.config, self.context
+        run_dir = Path(run_dir) if run_dir is not None else None
+        torch.manual_seed(seed)
+        model.to(self.device)
+        loader = self._train_loader(train_set, seed, _requires_full_batches(model))
+        test_loader = _loader(test_set, cfg.eval_batch_size, shuffle=False)
+        optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), cfg, self.lr)
+        scheduler = build_scheduler(optimizer, cfg, self.lr, len(loader))
+        history = self._restore(run_dir, model, optimizer, scheduler, seed)
+        train_model = model
+        if len(history) < cfg.epochs:
+            if hasattr(teacher, "prepare"):  # e.g. build a teacher cache outside the timed epochs
+                with torch.no_grad(), autocast_context(self.device, cfg.amp):
+                    teacher.prepare()
+            train_model = self._wrap(model, loader, teacher)
+        last = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, len(history) + cfg.stop_after_epochs)
+        for epoch in range(len(history), last):
+            record = self._epoch(train_model, model, loader, test_loader, optimizer, scheduler, teacher, epoch, seed)
+            history.append(record)
+            if ctx.is_main and run_dir is not None:
+                save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, history, seed, self.device)
+                with open(run_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            for callback in self.callbacks:
+                callback(record)
+        export = export or model
+        result = RunResult(seed, history, len(history) == cfg.epochs, export, run_dir)
+        if result.finished and ctx.is_main and run_dir is not None:
+            save_tensors(run_dir / MODEL_FILE, {k: v.detach().cpu() for k, v in export.state_dict().items()})
+        return result
+
+    def _restore(
+        self,
+        run_dir: Path | None,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        seed: int,
+    ) -> list[dict[str, Any]]:
+        """The epoch history of ``run_dir/checkpoint.pt`` with its state loaded; [] when there is none.
+
+        metrics.jsonl is rewritten from the checkpoint, dropping lines of epochs it lacks.
+        """
+        checkpoint = run_dir / CHECKPOINT_FILE if run_dir is not None else None
+        if checkpoint is None or not checkpoint.is_file():
+            return []
+        history = load_checkpoint(checkpoint, model, optimizer, scheduler, self.device)
+        if len(history) > self.config.epochs:
+            raise ValueError(f"{checkpoint} holds {len(history)} epochs but epochs={self.config.epochs}")
+        if self.context.is_main:
+            log.info("seed %d: resuming from %s after epoch %d", seed, checkpoint, len(history))
+            _write_text_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+        return history
+
+    # -- pieces of fit ---------------------------------------------------------
+    def _train_loader(self, train_set: Any, seed: int, drop_last: bool) -> Any:
+        ctx, cfg = self.context, self.config
+        per_rank = cfg.batch_size // ctx.world_size
+        if per_rank < 1 or cfg.batch_size % ctx.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
+        loader = _loader(train_set, per_rank, shuffle=True, seed=seed, rank=ctx.rank,
+                         world_size=ctx.world_size, drop_last=drop_last)
+        if len(loader) == 0:
+            raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one batch of {per_rank}")
+        return loader
+
+    def _wrap(self, model: nn.Module, loader: Any, teacher: TeacherFeed | None) -> nn.Module:
+        if not self.context.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        unused = _unused_parameters(model, loader, teacher, self.device, self.config.amp)
+        if unused and self.context.is_main:
+            log.info("DDP: %d parameter tensors get no gradient (e.g. %s): find_unused_parameters on",
+                     len(unused), unused[0])
+        return DistributedDataParallel(model, find_unused_parameters=bool(unused))
+
+    def _epoch(
+        self,
+        train_model: nn.Module,
+        model: nn.Module,
+        loader: Any,
+        test_loader: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        teacher: TeacherFeed | None,
+        epoch: int,
+        seed: int,
+    ) -> dict[str, Any]:
+        cfg, ctx, device = self.config, self.context, self.device
+        loader.set_epoch(epoch)
+        model.train()
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = torch.zeros((), device=device)
+        start = time.perf_counter()
+        batches = _progress(loader, _show_progress(cfg.progress) and ctx.is_main,
+                            f"seed {seed} epoch {epoch + 1}/{cfg.epochs}")
+        for step, (x, y, idx) in enumerate(batches, start=epoch * len(loader) + 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, cfg.amp):
+                with torch.no_grad():
+                    targets = teacher(x, idx) if teacher is not None else None
+                logits, losses = train_model(x, y, targets)
+            total = _check_finite(losses, step, epoch, seed)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+        train_time = time.perf_counter() - start
+        names = sorted(sums)
+        stats = torch.stack([*(sums[n] for n in names), correct.float(), seen.float()])
+        if ctx.distributed:
+            dist.all_reduce(stats)
+        count = float(stats[-1])
+        test_acc = evaluate(model, test_loader, device, cfg.amp)
+        record: dict[str, Any] = {"seed": seed, "epoch": epoch + 1}
+        record.update({f"loss_{n}": float(stats[i]) / count for i, n in enumerate(names)})
+        record["loss"] = sum(float(stats[i]) for i in range(len(names))) / count
+        record.update(
+            train_acc=float(stats[-2]) / count,
+            test_acc=test_acc,
+            lr=optimizer.param_groups[0]["lr"],
+            images_per_s=count / train_time,
+            epoch_time_s=time.perf_counter() - start,
+        )
+        (log.info if ctx.is_main else log.debug)(
+            "seed %d epoch %d/%d: loss %.4f train acc %.4f test acc %.4f lr %.2e (%.0f img/s, %.1f s)",
+            seed, epoch + 1, cfg.epochs, record["loss"], record["train_acc"], test_acc,
+            record["lr"], record["images_per_s"], record["epoch_time_s"],
+        )
+        return record
+
+
+def _loader(dataset: Any, batch_size: int, **kw: Any) -> Any:
+    from featkd.data import BatchLoader
+
+    return BatchLoader(dataset, batch_size, **kw)
+
+
+def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=len(iterable), desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _requires_full_batches(model: nn.Module) -> bool:
+    """True when a submodule (e.g. a method whose layers depend on B) declares it."""
+    return any(getattr(m, "requires_full_batches", False) for m in model.modules())
+
+
+def _check_finite(losses: dict[str, Tensor], step: int, epoch: int, seed: int) -> Tensor:
+    """The sum of the losses; FloatingPointError naming the first NaN/Inf loss."""
+    if not losses:
+        raise ValueError("the model returned no losses in training mode")
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        name = list(losses)[int((~finite).nonzero()[0])]
+        raise FloatingPointError(
+            f"loss {name!r} is {float(values[list(losses).index(name)])} at step {step} "
+            f"(epoch {epoch + 1}, seed {seed}); training stopped, the last good checkpoint is kept"
+        )
+    return sum(losses.values())
+
+
+def _unused_parameters(
+    model: nn.Module, loader: Any, teacher: TeacherFeed | None, device: torch.device, amp: str
+) -> list[str]:
+    """Names of trainable parameters that one training step leaves without a gradient.
+
+    Probes with the first batch; RNG state and buffers (BatchNorm statistics) are restored.
+    """
+    x, y, idx = next(iter(loader))
+    x, y = x.to(device), y.to(device)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        with autocast_context(device, amp):
+            with torch.no_grad():
+                targets = teacher(x, idx) if teacher is not None else None
+            _, losses = model(x, y, targets)
+        sum(losses.values()).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    return unused
+
+
+# --------------------------------------------------------------------------- several runs
+RunFactory = Callable[[int], tuple[nn.Module, nn.Module]]
+
+
+def run_directory(out: Path | None, seed: int, runs: int) -> Path | None:
+    """``out`` itself for a single run, ``out/run-<seed>`` for several."""
+    if out is None:
+        return None
+    return out if runs == 1 else out / f"run-{seed}"
+
+
+def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
+    """Create ``out`` and write config.yaml, or check that it matches the config there.
+
+    Raises ValueError when ``out`` holds a run of a different configuration.
+    """
+    existing = out / CONFIG_FILE
+    if existing.is_file():
+        import yaml
+
+        old = type(config)()
+        try:
+            from featkd.config import apply_overrides
+
+            apply_overrides(old, yaml.safe_load(existing.read_text()) or {})
+        except ValueError as err:
+            raise ValueError(f"{existing} is not a {type(config).__name__}: {err}; use a new --out") from err
+        diffs = config.differences(old)
+        if diffs:
+            raise ValueError(
+                f"{out} holds a run with a different config ({'; '.join(diffs[:3])}); "
+                "rerun with the same options to resume, or choose a new --out"
+            )
+    context.barrier()
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(existing, config.to_yaml())
+    context.barrier()
+
+
+def train_runs(
+    config: RunConfig,
+    build_run: RunFactory,
+    train_set: Any,
+    test_set: Any,
+    *,
+    lr: float,
+    context: DistContext | None = None,
+    teacher: TeacherFeed | None = None,
+    callbacks: Sequence[Callback] = (),
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train one model per seed of ``config`` and write the run directories under ``config.out``.
+
+    ``build_run(seed)`` returns ``(model to train, module exported to model.pt)``; it is
+    called after ``torch.manual_seed(seed)``. Finished runs are loaded, not retrained.
+    """
+    context = context or init_distributed(config.device)
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        prepare_output(out, config, context)
+    trainer = Trainer(config, context=context, lr=lr, callbacks=callbacks)
+    results = []
+    for seed in config.seeds:
+        run_dir = run_directory(out, seed, config.runs)
+        if run_dir is not None and context.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        model, export = build_run(seed)
+        result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export, teacher=teacher)
+        results.append(result)
+        if run_dir is not None and context.is_main and result.finished and config.runs > 1:
+            write_json(run_dir / RESULTS_FILE, result.to_dict())
+        if not result.finished:
+            log.info("stopped after epoch %d of %d; rerun the same command to resume", len(result.history), config.epochs)
+            break
+    summary = TrainResult(results, out, dict(extra or {}))
+    if out is not None and context.is_main and summary.finished and len(results) == config.runs:
+        write_json(out / RESULTS_FILE, summary.to_dict())
+    return summary

@@ -1,0 +1,123 @@
+"""``featkd train-teacher``, ``featkd distill`` and ``featkd report`` on tiny synthetic data."""
+
+import json
+
+import pytest
+import yaml
+
+from featkd.cli import main
+from featkd.train import read_metrics
+
+DATA = ["--data", "synthetic", "--data-options", "num_classes:3,samples_per_class:6,test_per_class:2",
+        "--image-size", "8", "--batch-size", "6", "--no-progress", "--device", "cpu"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", "--model", "resnet34", "--width", "1/16", "--epochs", "1", "--out", str(out), *DATA]) == 0
+    return out
+
+
+def test_train_teacher_writes_a_run_directory(teacher_dir):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "model.pt", "results.json"):
+        assert (teacher_dir / name).is_file(), name
+    config = yaml.safe_load((teacher_dir / "config.yaml").read_text())
+    assert config["model"] == "resnet34" and config["width"] == 0.0625
+    record = read_metrics(teacher_dir)[0]
+    for key in ("seed", "epoch", "loss_ce", "train_acc", "test_acc", "lr", "images_per_s", "epoch_time_s"):
+        assert key in record
+
+
+def test_distill_from_a_teacher_run_directory(teacher_dir, tmp_path, capsys):
+    """--teacher-checkpoint RUN_DIR: weights from model.pt, teacher name and width from its config."""
+    out = tmp_path / "fitnet"
+    code, stdout, _ = run_cli(["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9",
+                               "--student-width", "1/16", "--method", "fitnet", "--epochs", "1",
+                               "--out", str(out), *DATA], capsys)
+    assert code == 0 and "final test acc" in stdout
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["teacher"] == "resnet34" and config["teacher_width"] == 0.0625
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher_layers"] == [3, 7, 13, 16] and results["method"] == "fitnet"
+    assert {"loss_ce", "loss_kd", "loss_feat"} <= set(read_metrics(out)[0])
+
+    code, stdout, _ = run_cli(["report", str(tmp_path)], capsys)
+    assert code == 0 and "| fitnet |" in stdout and (tmp_path / "report.md").is_file()
+
+
+def test_config_file_then_options_then_overrides(teacher_dir, tmp_path, capsys):
+    config_file = tmp_path / "distill.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "teacher_checkpoint": str(teacher_dir), "student": "resnet9", "student_width": "1/16",
+        "method": "featkd", "teacher_layers": [13, 14, 15, 16], "epochs": 5, "runs": 2,
+    }))
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["distill", "--config", str(config_file), "--epochs", "3", "--out", str(out),
+                               *DATA, "epochs=1", "runs=1", "teacher_mode=online"], capsys)
+    assert code == 0, stdout
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["epochs"] == 1 and written["runs"] == 1 and written["teacher_mode"] == "online"
+    assert written["teacher_layers"] == [13, 14, 15, 16]
+    assert len(read_metrics(out)) == 1
+
+    # same directory, different config: refused with a hint
+    code, _, err = run_cli(["distill", "--config", str(config_file), "--out", str(out), *DATA,
+                            "epochs=2", "runs=1", "teacher_mode=online"], capsys)
+    assert code == 2 and "different config" in err and "new --out" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stop_and_resume_from_the_command_line(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "ce"
+    args = ["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9", "--student-width",
+            "1/16", "--method", "ce", "--epochs", "2", "--out", str(out), *DATA]
+    code, stdout, _ = run_cli([*args, "stop_after_epochs=1"], capsys)
+    assert code == 0 and "rerun the same command to resume" in stdout and len(read_metrics(out)) == 1
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and [r["epoch"] for r in read_metrics(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-teacher", "--model", "resnet7"], "unknown model model 'resnet7'"),
+    (["train-teacher", "--model", "resnet9", "--width", "wide"], "width must be a number"),
+    (["train-teacher", "--model", "resnet9", "epochs=-1"], "epochs must be >= 1"),
+    (["train-teacher", "--model", "resnet9", "colour=red"], "unknown option 'colour'"),
+    (["train-teacher", "--epochs", "2"], "give --model"),
+    (["train-teacher", "--model", "resnet9", "--data", "mnist9"], "unknown dataset 'mnist9'"),
+    (["train-teacher", "--model", "resnet9", "--config", "/no/such.yaml"], "config file not found"),
+    (["distill", "--student", "resnet9", "--method", "magic"], "unknown method 'magic'"),
+    (["distill", "--student", "resnet9"], "no teacher model"),
+    (["distill", "--teacher", "resnet34", "--student", "resnet9", "--teacher-layers", "best"], "no module named 'best'"),
+    (["distill", "--teacher", "resnet34", "--student", "resnet9", "--teacher-checkpoint", "/no/such/dir"],
+     "not found"),
+    (["distill", "--teacher", "resnet34", "--student", "resnet9", "--augment", "--teacher-mode", "cache"],
+     "teacher_mode=cache needs augment=false"),
+    (["distill", "--teacher", "resnet34", "--student", "resnet9", "out=none"], "give --out DIR"),
+])
+def test_bad_values_exit_2_with_one_line(args, message, tmp_path, capsys):
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_bad_yaml_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    code, _, err = run_cli(["train-teacher", "--config", str(bad)], capsys)
+    assert code == 2 and "not valid YAML" in err
+    bad.write_text("- 1\n- 2\n")
+    code, _, err = run_cli(["train-teacher", "--config", str(bad)], capsys)
+    assert code == 2 and "mapping" in err
+
+
+def test_nan_loss_exits_1_with_the_reason(tmp_path, capsys):
+    code, _, err = run_cli(["train-teacher", "--model", "resnet9", "--width", "1/16", "--epochs", "2",
+                            "--lr", "1e30", "--out", str(tmp_path), *DATA], capsys)
+    assert code == 1 and ("is nan" in err or "is inf" in err), err

@@ -1,0 +1,53 @@
+"""``featkd demo`` at a reduced size, and the shipped YAML configs."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featkd.cli import main
+from featkd.cli.demo import QUICK, DemoPlan
+from featkd.config import DistillConfig, TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_quick_demo_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for method in QUICK["methods"]:
+        assert f"| {method} |" in printed
+        assert (out / method / "results.json").is_file()
+    assert (out / "teacher" / "model.pt").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Results" in report and "| teacher |" in report and "wall (s)" in report
+    assert "Selected teacher layers" in report and "featkd/quality.png" in report
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "featkd" / "quality.png").is_file()
+
+
+def test_demo_rejects_bad_settings(tmp_path, capsys):
+    assert main(["demo", "--methods", "featkd,magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    bad = tmp_path / "plan.yaml"
+    bad.write_text("colour: red\n")
+    assert main(["demo", "--config", str(bad), "--out", str(tmp_path)]) == 2
+    assert "unknown demo setting(s) ['colour']" in capsys.readouterr().err
+
+
+def test_demo_yaml_holds_the_built_in_defaults():
+    values = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    assert DemoPlan(**values) == DemoPlan()
+    assert set(QUICK) <= {f.name for f in dataclasses.fields(DemoPlan)}
+
+
+@pytest.mark.parametrize("name, cls, epochs, optimizer", [
+    ("distill_example.yaml", DistillConfig, 50, "adamw"),
+    ("teacher_example.yaml", TrainConfig, 50, "adamw"),
+    ("baseline_240e_example.yaml", DistillConfig, 240, "sgd"),
+])
+def test_example_configs_load_and_validate(name, cls, epochs, optimizer):
+    config = cls.from_yaml(CONFIGS / name)
+    config.validate()
+    assert (config.epochs, config.optimizer, config.batch_size) == (epochs, optimizer, 128)

@@ -1,0 +1,371 @@
+"""Trainer, configs, the Python API and reports: resume, cache vs online, NaN stop, runs, files."""
+
+import collections
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import featkd.api as api
+from featkd.checkpoint import load_tensors
+from featkd.config import DistillConfig, TrainConfig, apply_overrides, parse_value
+from featkd.data import get_datasets
+from featkd.models import create_model
+from featkd.report import find_runs, format_mean_std, markdown_table, write_report
+from featkd.train import (
+    ClassifierModel,
+    _unused_parameters,
+    autocast_context,
+    build_optimizer,
+    build_scheduler,
+    default_lr,
+    evaluate,
+    pack_state,
+    read_metrics,
+    summarize,
+    unpack_state,
+)
+from featkd.data import BatchLoader
+
+TIMING = ("epoch_time_s", "images_per_s")
+FAST = dict(batch_size=8, eval_batch_size=64, progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return get_datasets("synthetic", num_classes=3, samples_per_class=8, test_per_class=4, image_size=8)
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    torch.manual_seed(0)
+    return create_model("resnet34", 3, 3, 8, 1 / 16).eval()
+
+
+def student():
+    return create_model("resnet9", 3, 3, 8, 1 / 16)
+
+
+def dropout_net():
+    """A custom (non-zoo) model with dropout, so resuming must restore the global RNG."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 3))
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data):
+    train, test = data
+    options = dict(epochs=3, lr=0.01, optimizer="sgd", milestones=[1, 2], **FAST)
+    full = api.train_teacher(dropout_net, train, test, out=str(tmp_path / "full"), **options)
+    assert full.finished and len(full.runs[0].history) == 3
+
+    out = str(tmp_path / "cut")
+    part = api.train_teacher(dropout_net, train, test, out=out, stop_after_epochs=1, **options)
+    assert not part.finished and len(part.runs[0].history) == 1
+    assert not (tmp_path / "cut" / "model.pt").exists()
+
+    def crash(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt("simulated crash after epoch 2")
+
+    with pytest.raises(KeyboardInterrupt):
+        api.train_teacher(dropout_net, train, test, out=out, callbacks=[crash], **options)
+    resumed = api.train_teacher(dropout_net, train, test, out=out, **options)
+    assert resumed.finished
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "full"))
+    a, b = load_tensors(tmp_path / "full" / "model.pt"), load_tensors(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_resume_matches_and_checkpoint_is_tensor_only(tmp_path, data, teacher):
+    train, test = data
+    options = dict(method="featkd", teacher_layers=[3, 7, 13, 16], student_name="resnet9", epochs=2, **FAST)
+    api.distill(teacher, student, train, test, out=str(tmp_path / "full"), **options)
+    api.distill(teacher, student, train, test, out=str(tmp_path / "cut"), stop_after_epochs=1, **options)
+    api.distill(teacher, student, train, test, out=str(tmp_path / "cut"), **options)
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "full"))
+    state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert any(k.startswith("model.method.") for k in state)  # projectors are saved with the student
+
+
+def test_refuses_to_resume_with_a_different_config(tmp_path, data):
+    train, test = data
+    api.train_teacher(dropout_net, train, test, out=str(tmp_path), epochs=1, lr=0.01, **FAST)
+    with pytest.raises(ValueError, match="different config.*epochs.*new --out"):
+        api.train_teacher(dropout_net, train, test, out=str(tmp_path), epochs=2, lr=0.01, **FAST)
+
+
+def test_several_runs_get_directories_and_finished_runs_are_skipped(tmp_path, data):
+    train, test = data
+    options = dict(epochs=1, lr=0.01, runs=2, seed=5, **FAST)
+    result = api.train_teacher(dropout_net, train, test, out=str(tmp_path), **options)
+    assert [r.seed for r in result.runs] == [5, 6]
+    for seed in (5, 6):
+        assert (tmp_path / f"run-{seed}" / "model.pt").is_file()
+        assert read_metrics(tmp_path / f"run-{seed}")[0]["seed"] == seed
+    summary = json.loads((tmp_path / "results.json").read_text())
+    accs = [r["final_test_acc"] for r in summary["runs"]]
+    assert summary["final_test_acc"]["std_ddof"] == 1
+    assert summary["final_test_acc"]["mean"] == pytest.approx(sum(accs) / 2)
+
+    calls = []
+    again = api.train_teacher(dropout_net, train, test, out=str(tmp_path), callbacks=[calls.append], **options)
+    assert calls == []  # nothing retrained
+    assert [r.final_test_acc for r in again.runs] == accs
+
+
+# ----------------------------------------------------------------------------- teacher outputs
+def test_cached_and_online_teacher_give_the_same_losses(tmp_path, data, teacher):
+    train, test = data
+    options = dict(method="featkd_ce_kd", teacher_layers=[3, 7, 13, 16], student_name="resnet9", epochs=1, **FAST)
+    cached = api.distill(teacher, student, train, test, teacher_mode="cache", **options)
+    online = api.distill(teacher, student, train, test, teacher_mode="online", **options)
+    a, b = cached.runs[0].history[0], online.runs[0].history[0]
+    assert {"loss_ce", "loss_kd", "loss_feat"} <= set(a)
+    for key in ("loss_ce", "loss_kd", "loss_feat", "train_acc", "test_acc"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_teacher_feed_modes(data, teacher):
+    train, _ = data
+    from featkd.distill import build_method
+
+    x, _, _ = train.batch(torch.arange(2))
+    net = student()
+    m = build_method("kd", teacher, net, teacher_layers=None, student_layers=None, num_classes=3, sample_input=x)
+    with pytest.raises(ValueError, match="un-augmented"):
+        api.TeacherFeed(teacher, train.with_augment(True), "cache", torch.device("cpu"))
+    assert api.TeacherFeed(teacher, train.with_augment(True), "auto", torch.device("cpu")).mode == "online"
+    feed = api.TeacherFeed(teacher, train, "auto", torch.device("cpu"))
+    assert feed.mode == "cache"
+    feed.configure(m)
+    idx = torch.tensor([3, 0, 5])
+    xb, _, _ = train.batch(idx)
+    out = feed(xb, idx)
+    with torch.no_grad():
+        expected = teacher(xb)
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+    feed.close()
+    ce_feed = api.TeacherFeed(teacher, train, "auto", torch.device("cpu"))
+    ce_feed.configure(build_method("ce", teacher, net, teacher_layers=None, student_layers=None,
+                                   num_classes=3, sample_input=x))
+    assert ce_feed(xb, idx) is None
+
+
+# ----------------------------------------------------------------------------- failures
+class NaNAfter(nn.Module):
+    """Logits become NaN from the ``after``-th training forward on."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.net = dropout_net()
+        self.after, self.calls = after, 0
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                return logits * float("nan")
+        return logits
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, data):
+    train, test = data
+    steps_per_epoch = len(BatchLoader(train, 8))
+    model = NaNAfter(after=steps_per_epoch + 2)  # second step of epoch 2
+    with pytest.raises(FloatingPointError, match=rf"loss 'ce' is nan at step {steps_per_epoch + 2} \(epoch 2"):
+        api.train_teacher(model, train, test, out=str(tmp_path), epochs=3, lr=0.01, **FAST)
+    assert len(read_metrics(tmp_path)) == 1
+    meta = load_tensors(tmp_path / "checkpoint.pt")["meta"]
+    assert json.loads(meta.numpy().tobytes().decode())["epoch"] == 1
+    assert not (tmp_path / "model.pt").exists()
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_pack_state_round_trip():
+    state = {"state": {0: {"step": torch.tensor(3.0), "buf": torch.ones(2)}, 1: {"buf": None}},
+             "groups": [{"betas": (0.9, 0.99), "lr": 0.1, "name": "x", "params": [0, 1]}],
+             "milestones": collections.Counter({4: 1, 8: 1})}
+    tensors = {}
+    packed = pack_state(state, tensors, "optim")
+    json.dumps(packed)  # plain JSON
+    back = unpack_state(json.loads(json.dumps(packed)), tensors)
+    assert back["groups"] == state["groups"] and back["state"][1] == {"buf": None}
+    assert torch.equal(back["state"][0]["buf"], torch.ones(2)) and list(back["state"]) == [0, 1]
+    assert isinstance(back["milestones"], collections.Counter) and back["milestones"][5] == 0
+    with pytest.raises(TypeError, match="cannot store"):
+        pack_state({"f": object()}, {}, "x")
+
+
+def test_optimizer_and_schedules_follow_the_recipe():
+    params = [nn.Parameter(torch.zeros(2))]
+    adamw = build_optimizer(params, TrainConfig(), 0.01)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.01
+    cycle = build_scheduler(adamw, TrainConfig(epochs=10), 0.01, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        adamw.step()
+        lrs.append(adamw.param_groups[0]["lr"])
+        cycle.step()
+    assert max(range(100), key=lrs.__getitem__) in (29, 30)  # warm-up 30 % of the steps
+    assert max(lrs) == pytest.approx(0.01, rel=1e-3) and lrs[-1] < 1e-5
+    sgd = build_optimizer(params, TrainConfig(optimizer="sgd"), 0.05)
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["weight_decay"] == 5e-4
+    steps = build_scheduler(sgd, TrainConfig(optimizer="sgd", milestones=[2, 3]), 0.05, steps_per_epoch=5)
+    seen = []
+    for _ in range(20):
+        sgd.step()
+        seen.append(sgd.param_groups[0]["lr"])
+        steps.step()
+    assert seen[9] == pytest.approx(0.05) and seen[10] == pytest.approx(0.005) and seen[15] == pytest.approx(5e-4)
+    assert default_lr("resnet9", "adamw") == 0.0075 and default_lr("vgg11_bn", "sgd") == 0.01
+    with pytest.raises(ValueError, match="pass lr"):
+        default_lr(None, "adamw")
+
+
+def test_summarize_uses_sample_std():
+    stats = summarize([0.5, 0.7, 0.9])
+    assert stats["mean"] == pytest.approx(0.7) and stats["std"] == pytest.approx(0.2) and stats["std_ddof"] == 1
+    assert summarize([0.4])["std"] is None
+    assert format_mean_std(stats) == "0.7000 ± 0.2000" and format_mean_std(summarize([0.4])) == "0.4000"
+
+
+def test_evaluate_and_autocast(data):
+    train, test = data
+    model = ClassifierModel(dropout_net())
+    loader = BatchLoader(test, 5, shuffle=False)
+    acc = evaluate(model, loader, torch.device("cpu"), "none")
+    with torch.no_grad():
+        x, y, _ = test.batch(torch.arange(len(test)))
+        expected = (model.eval()(x)[0].argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(expected) and model.training is False
+    assert isinstance(autocast_context(torch.device("cpu"), "bf16"), torch.autocast)
+    with pytest.raises(ValueError, match="amp"):
+        autocast_context(torch.device("cpu"), "fp8")
+
+
+def test_unused_parameter_probe_finds_unused_student_head(data, teacher):
+    """SimKD classifies with the teacher's tail: the student's own fc gets no gradient (DDP needs to know)."""
+    from featkd.distill import DistillModel, build_method
+
+    train, _ = data
+    x, _, _ = train.batch(torch.arange(2))
+    net = student()
+    method = build_method("simkd", teacher, net, teacher_layers=[16], student_layers=[4], num_classes=3,
+                          sample_input=x)
+    model = DistillModel(net, method)
+    feed = api.TeacherFeed(teacher, train, "online", torch.device("cpu"))
+    feed.configure(method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unused = _unused_parameters(model, BatchLoader(train, 8), feed, torch.device("cpu"), "none")
+    assert unused and all(name.startswith("student.") for name in unused)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats restored
+    plain = ClassifierModel(dropout_net())
+    assert _unused_parameters(plain, BatchLoader(train, 8), None, torch.device("cpu"), "none") == []
+
+
+def test_layer_lists(data, teacher):
+    train, _ = data
+    assert api.resolve_student_layers("paper", student(), "resnet9") == [1, 2, 3, 4]
+    assert api.resolve_teacher_layers("standard", teacher, "resnet34", 4, train, device=torch.device("cpu")) == [3, 7, 13, 16]
+    assert api.spread_layers(teacher, 4) == [1, 6, 11, 16]  # GLs 1..16 (head at 18)
+    assert api.spread_layers(student(), 4) == [1, 2, 3, 4]
+    assert api.resolve_student_layers("paper", dropout_net(), None) == [0, 1]  # only 2 GLs below the head
+    assert api.resolve_teacher_layers([12, "layer3.1"], teacher, None, 4, train, device=torch.device("cpu")) == [12, "layer3.1"]
+    assert api.default_teacher_layers("featkd") == "auto" and api.default_teacher_layers("fitnet") == "standard"
+    assert api.method_uses_layers("fitnet") and not api.method_uses_layers("kd")
+    with pytest.raises(ValueError, match="auto, standard"):
+        api.resolve_teacher_layers("best", teacher, None, 4, train, device=torch.device("cpu"))
+
+
+def test_auto_layers_measure_quality_and_write_it(tmp_path, data, teacher):
+    train, test = data
+    result = api.distill(teacher, student, train, test, method="featkd", teacher_name="resnet34",
+                         student_name="resnet9", epochs=1, out=str(tmp_path), **FAST)
+    from featkd.quality import QualityReport
+
+    report = QualityReport.from_json(tmp_path / "quality.json")
+    assert result.extra["teacher_layers"] == report.select(4)
+    assert (tmp_path / "quality.png").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["teacher_layers"] == report.select(4) and results["student_layers"] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- configs
+def test_config_yaml_round_trip_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student: resnet9\nstudent_width: 1/16\nepochs: 3\nteacher_layers: [12, 13, 14, 15]\n")
+    config = DistillConfig.from_yaml(path)
+    assert config.student_width == 0.0625 and config.epochs == 3 and config.teacher_layers == [12, 13, 14, 15]
+    apply_overrides(config, ["epochs=5", "teacher_layers=auto", "student_layers=1,layer2.0",
+                             "lr=1e-3", "augment=yes", "milestones=[10, 20]", "data_options=num_classes:4,noise:0.1"])
+    assert (config.epochs, config.teacher_layers, config.student_layers) == (5, "auto", [1, "layer2.0"])
+    assert config.lr == 0.001 and config.augment is True and config.milestones == [10, 20]
+    assert config.data_options == {"num_classes": 4, "noise": 0.1}
+    config.teacher_mode = "online"
+    config.validate()
+    config.to_yaml(tmp_path / "back.yaml")
+    assert DistillConfig.from_yaml(tmp_path / "back.yaml") == config
+    assert config.differences(DistillConfig.from_yaml(tmp_path / "back.yaml")) == []
+    other = DistillConfig.from_yaml(tmp_path / "back.yaml")
+    other.progress, other.epochs = False, 6
+    assert config.differences(other) == ["epochs: 6 -> 5"]  # progress is not part of a run's identity
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=two", "epochs must be an integer"),
+    ("width=abc", "width must be a number"),
+    ("nope=1", "unknown option 'nope'"),
+    ("augment=maybe", "augment must be true or false"),
+    ("epochs", "not key=value"),
+])
+def test_override_type_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(TrainConfig(), [override])
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(optimizer="adam"), "optimizer must be one of adamw, sgd"),
+    (dict(model="resnet7"), "unknown model model 'resnet7'"),
+    (dict(data="mnist3"), "unknown dataset"),
+    (dict(milestones=[5, 3]), "milestones"),
+    (dict(pct_start=1.5), "pct_start"),
+    (dict(device="tpu"), "device"),
+])
+def test_validate_rejects_bad_values(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values).validate()
+
+
+def test_distill_config_checks():
+    with pytest.raises(ValueError, match="unknown method"):
+        DistillConfig(method="magic").validate()
+    with pytest.raises(ValueError, match="teacher_layers must be auto or standard"):
+        DistillConfig(teacher_layers="best").validate()
+    with pytest.raises(ValueError, match="teacher_mode=cache needs augment=false"):
+        DistillConfig(teacher_mode="cache", augment=True).validate()
+    assert parse_value("12,13", list[int]) == [12, 13] and parse_value("1/8", float) == 0.125
+
+
+# ----------------------------------------------------------------------------- reports
+def test_report_from_run_directories(tmp_path, data):
+    train, test = data
+    for name in ("a", "b"):
+        api.train_teacher(dropout_net, train, test, out=str(tmp_path / name), epochs=2, lr=0.01, **FAST)
+    runs = find_runs(tmp_path)
+    assert [r.name for r in runs] == ["a", "b"] and len(runs[0].mean_curve("test_acc")) == 2
+    path = write_report(tmp_path, title="two runs")
+    text = path.read_text()
+    assert "# two runs" in text and "| a |" in text and "curves.png" in text
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert markdown_table([{"x": "1", "y": "2"}]) == "| x | y |\n|---|---|\n| 1 | 2 |"
+    with pytest.raises(FileNotFoundError):
+        find_runs(tmp_path / "a" / "missing")
