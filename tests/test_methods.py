@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featkd.distill import (
+from featkd.distillation import (
     METHOD_INFO, DistillModel, OnlineTeacher, SingleLayerConv, ThreeLayerConv, align_spatial,
     build_method, ce, feature_mse, kd_loss, kd_std_loss, list_methods, make_projector, semckd_loss,
     similarity_preserving_loss, standardize_logits,
 )
-from featkd.distill.losses import batch_gram
+from featkd.distillation.losses import batch_gram
 from featkd.layers import extract, resolve_layers, tail
 from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS, create_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from featkd.data import ImageDataset
-from featkd.distill import (
+from featkd.distillation import (
     DistillModel, OnlineTeacher, TeacherCache, TeacherOutputs, build_method,
 )
 from featkd.layers import extract

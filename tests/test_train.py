@@ -134,7 +134,7 @@ def test_cached_and_online_teacher_give_the_same_losses(tmp_path, data, teacher)
 
 def test_teacher_feed_modes(data, teacher):
     train, _ = data
-    from featkd.distill import build_method
+    from featkd.distillation import build_method
 
     x, _, _ = train.batch(torch.arange(2))
     net = student()
@@ -253,7 +253,7 @@ def test_evaluate_and_autocast(data):
 
 def test_unused_parameter_probe_finds_unused_student_head(data, teacher):
     """SimKD classifies with the teacher's tail: the student's own fc gets no gradient (DDP needs to know)."""
-    from featkd.distill import DistillModel, build_method
+    from featkd.distillation import DistillModel, build_method
 
     train, _ = data
     x, _, _ = train.batch(torch.arange(2))

@@ -2,6 +2,18 @@
 
 Implements "Logit-Based Losses Limit the Effectiveness of Feature Knowledge
 Distillation" (Cooper et al., NeurReps 2025, arXiv 2511.14981).
+
+    report = featkd.quality.measure(teacher, train_set)       # S, I, E, Q per layer
+    result = featkd.distill(teacher, student, train_set, test_set, method="featkd",
+                            teacher_layers=report.select(4), student_layers="paper")
+
+Sub-packages: ``models`` (the paper's zoo), ``data``, ``layers`` (generalized
+layers and taps), ``quality``, ``distillation`` (methods, losses, projectors,
+teacher outputs), ``train`` (the method-agnostic trainer), ``cli``.
 """
 
+from featkd import quality
+from featkd.api import distill, train_teacher
+
 __version__ = "0.1.0"
+__all__ = ["distill", "quality", "train_teacher"]

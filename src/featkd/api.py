@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import featkd.distill  # noqa: F401  (loaded first, so featkd/__init__ may bind the name to distill())
 from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
 from featkd.train import (
     Callback,
@@ -228,7 +227,7 @@ class TeacherFeed:
         """Take the teacher layers and logit need from ``method`` (first call wins)."""
         if self._online is not None:
             return
-        from featkd.distill import OnlineTeacher
+        from featkd.distillation import OnlineTeacher
 
         self.need_logits = bool(method.needs_teacher_logits)
         self.layers = list(method.teacher_layers) if method.needs_teacher_features else []
@@ -239,7 +238,7 @@ class TeacherFeed:
         """Build the cache (mode "cache") unless it exists."""
         if self.mode != "cache" or not self.active or self._cache is not None:
             return
-        from featkd.distill import TeacherCache
+        from featkd.distillation import TeacherCache
 
         self._cache = TeacherCache.build(
             self.teacher, self.train_set, self.layers, self.need_logits, self.batch_size, self.device,
@@ -325,7 +324,7 @@ def distill(
     ``student_name`` are zoo names for the layer tables and the default lr.
     ``options`` are :class:`DistillConfig` fields (epochs, runs, out, teacher_mode, ...).
     """
-    from featkd.distill import DistillModel, build_method
+    from featkd.distillation import DistillModel, build_method
 
     config = _config(DistillConfig, config, {
         **options, "method": method, "teacher": teacher_name, "student": student_name,
@@ -376,14 +375,14 @@ def distill(
 
 def default_teacher_layers(method: str) -> str:
     """The layer list a method uses by default: "auto" (Q-selected, featkd family) or "standard"."""
-    from featkd.distill import METHOD_INFO
+    from featkd.distillation import METHOD_INFO
 
     return "auto" if METHOD_INFO[method].teacher_layers == "q" else "standard"
 
 
 def method_uses_layers(method: str) -> bool:
     """Whether ``method`` takes teacher and student layer lists."""
-    from featkd.distill import METHOD_INFO
+    from featkd.distillation import METHOD_INFO
 
     return METHOD_INFO[method].teacher_layers is not None
 

@@ -184,7 +184,7 @@ class DistillConfig(RunConfig):
     teacher_checkpoint: str | None = _opt(None, "teacher weights: a file or a train-teacher run directory")
     student: str | None = _opt(None, "student model name")
     student_width: float = _opt(1.0, "student width multiplier")
-    method: str = _opt("featkd", "distillation method (featkd.distill.list_methods())")
+    method: str = _opt("featkd", "distillation method (featkd.distillation.list_methods())")
     teacher_layers: str | list[int | str] | None = _opt(
         None,
         "auto (top-k by quality Q), standard, or GL indices / module names; default per method",
@@ -213,7 +213,7 @@ class DistillConfig(RunConfig):
                 _check_width(name, getattr(self, name))
         _check_positive("cache_memory_mb", self.cache_memory_mb)
         _check_positive("quality_subset", self.quality_subset)
-        from featkd.distill import list_methods
+        from featkd.distillation import list_methods
 
         if self.method not in list_methods():
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(list_methods())}")

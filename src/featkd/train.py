@@ -1,7 +1,7 @@
 """The method-agnostic training loop: optimizer, schedule, evaluation, checkpoints, DDP.
 
 The trainer drives any module whose ``forward(x, labels, teacher)`` returns
-``(logits, {name: loss})`` (``featkd.distill.DistillModel``, or
+``(logits, {name: loss})`` (``featkd.distillation.DistillModel``, or
 :class:`ClassifierModel` for plain cross-entropy training); it sums the named
 losses and never branches on the method.
 

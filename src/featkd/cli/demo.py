@@ -90,7 +90,7 @@ def plan_from_args(args: argparse.Namespace) -> DemoPlan:
     plan = DemoPlan(**values)
     if plan.epochs < 1 or plan.teacher_epochs < 1:
         raise CliError("epochs and teacher epochs must be >= 1")
-    from featkd.distill import list_methods
+    from featkd.distillation import list_methods
 
     bad = [m for m in plan.methods if m not in list_methods()]
     if bad or not plan.methods:
