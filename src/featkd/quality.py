@@ -1,0 +1,772 @@
+"""Knowledge quality ``Q = S + sqrt(I * E)`` of teacher layers (spec/quality.md).
+
+The metric is a chain of small pure tensor functions:
+
+* :func:`gram_statistics` -- the centred Gram matrix of one layer's features,
+  built from column chunks so memory stays bounded;
+* :func:`sample_statistics` -- cosines, distances, norms and the global
+  spectrum size on subset A, all read off that one Gram matrix, row block by
+  row block;
+* :func:`class_spectrum` / :func:`pad_spectra` -- per-class spectra on subset B
+  from the small per-class Gram matrices;
+* :func:`spectrum_entropy` -- d_c, the truncated rows and their entropies;
+* :func:`quality_parts` -- S, I, E, sqrt(I*E) and Q.
+
+:func:`layer_quality` runs the chain on one layer's features; :func:`measure`
+draws the subsets, extracts features layer group by layer group within a
+memory budget and returns a :class:`QualityReport`.
+
+Both variants take 0 * ln 0 = 0. The authors' released code meant to, but its
+guard constant underflows in float32, so there a class with an exact zero in
+its truncated spectrum row gets entropy 0; we do not reproduce that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "GramStatistics",
+    "LayerQuality",
+    "QualityReport",
+    "SELECT_BY",
+    "VARIANTS",
+    "class_spectra",
+    "class_spectrum",
+    "flatten_features",
+    "gram_statistics",
+    "layer_quality",
+    "measure",
+    "pad_spectra",
+    "quality_parts",
+    "sample_statistics",
+    "spectrum_entropy",
+]
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("paper", "corrected")
+SELECT_BY = ("Q", "S", "I", "E", "sqrtIE")
+MAX_FEATURE_DIM = 262_144
+DEFAULT_MEMORY_BUDGET = 4 * 1024**3
+CLASS_ENERGY = 0.95  # d_c: share of a class spectrum kept
+GLOBAL_ENERGY = 0.90  # G in the corrected variant
+THRESHOLD_SLACK = 1e-9  # absorbs rounding in cumulative ratios that hit a threshold exactly
+ZERO_SPREAD = 1e-24  # centred energy below this share of the raw energy is rounding: no spread
+FLOAT64_BYTES = 8
+CHUNK_BYTES = 128 * 1024**2  # working size of one column chunk when no budget is given
+MIN_CHUNK_COLUMNS = 512
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+
+
+def flatten_features(feats: Tensor) -> Tensor:
+    """(n, ...) -> (n, D), one row per sample.
+
+    A map (n, C, H, W) with D = C*H*W > 262,144 is max-pooled first with kernel
+    ceil(sqrt(D / 262,144)); token matrices and vectors are only flattened.
+    """
+    n = feats.shape[0]
+    dim = math.prod(feats.shape[1:])
+    if feats.dim() == 4 and dim > MAX_FEATURE_DIM:
+        kernel = math.ceil(math.sqrt(dim / MAX_FEATURE_DIM))
+        feats = F.max_pool2d(feats, kernel)
+    return feats.reshape(n, -1)
+
+
+# --------------------------------------------------------------------- Gram
+
+
+@dataclass
+class GramStatistics:
+    """Everything subset A's statistics need from the features X (n x D).
+
+    With the column mean mu and Z = X - mu: ``centred`` = Z Z^T (the
+    double-centred Gram), ``cross`` = Z mu, ``mean_sq`` = |mu|^2 and
+    ``sq_norms`` = |x_i|^2. The plain Gram is
+    X X^T = centred + cross_i + cross_j + mean_sq; distances come from the
+    centred Gram, where cancellation is milder.
+    """
+
+    centred: Tensor
+    cross: Tensor
+    mean_sq: Tensor
+    sq_norms: Tensor
+
+
+def _column_chunk(n: int, dim: int, budget: int | None, dtype: torch.dtype) -> int:
+    """Columns per chunk: its working copies fit ``budget`` bytes, or about CHUNK_BYTES without
+    a budget (wide enough for efficient products, light on memory)."""
+    per_column = n * (FLOAT64_BYTES + (4 if dtype == torch.float32 else 0))
+    if budget is None:
+        columns = max(CHUNK_BYTES // per_column, MIN_CHUNK_COLUMNS)
+    else:
+        columns = max(budget // per_column, 1)
+    return int(min(columns, max(dim, 1)))
+
+
+def gram_statistics(
+    x: Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    chunk_budget: int | None = None,
+) -> GramStatistics:
+    """The centred Gram matrix and the terms that restore the plain one.
+
+    ``x`` (n, D) may live on another device than ``device`` (default: its own);
+    it is moved and promoted ``D``-chunk by ``D``-chunk, the chunk sized so its
+    working copies fit ``chunk_budget`` bytes (``None``: about 128 MB). Products are
+    taken in ``dtype`` (float64, or float32 accumulated into float64); means,
+    norms and the accumulation are float64.
+    """
+    _check_dtype(dtype)
+    device = torch.device(device) if device is not None else x.device
+    n, dim = x.shape
+    centred = torch.zeros(n, n, dtype=torch.float64, device=device)
+    cross = torch.zeros(n, dtype=torch.float64, device=device)
+    sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
+    mean_sq = torch.zeros((), dtype=torch.float64, device=device)
+    step = _column_chunk(n, dim, chunk_budget, dtype)
+    for start in range(0, dim, step):
+        cols = x[:, start : start + step].to(device=device, dtype=torch.float64, copy=True)
+        sq_norms += torch.linalg.vector_norm(cols, dim=1).square()
+        mu = cols.mean(0)
+        cols -= mu
+        cross += cols @ mu
+        mean_sq += mu @ mu
+        if dtype == torch.float64:
+            centred.addmm_(cols, cols.T)
+        else:
+            low = cols.to(dtype)
+            centred += low @ low.T
+    return GramStatistics(centred, cross, mean_sq, sq_norms)
+
+
+# ------------------------------------------------------------ subset A
+
+
+def _class_index(labels: Tensor, subset: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(classes, class position of every sample, samples per class); >= 2 each."""
+    if labels.dim() != 1:
+        raise ValueError(f"labels of subset {subset} must be 1-D, got shape {tuple(labels.shape)}")
+    classes, position, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    small = [(int(c), int(k)) for c, k in zip(classes, counts) if k < 2]
+    if small:
+        raise ValueError(
+            f"every class needs at least 2 samples in subset {subset}; "
+            f"(class, samples) too small: {small}"
+        )
+    return classes, position, counts
+
+
+def _row_block(n: int, budget: int | None) -> int:
+    """Rows per block of the O(n^2) pass (about six n-wide float64 temporaries per row)."""
+    if budget is None:
+        return max(n, 1)
+    return int(min(max(budget // (6 * FLOAT64_BYTES * n), 1), n))
+
+
+def _global_spectrum_size(gram: GramStatistics, n: int, dim: int, variant: str) -> int:
+    """G: min(n, D) (paper, uncentred spectrum length) or the 0.90 rule on the centred spectrum."""
+    if variant == "paper":
+        return min(n, dim)
+    eig = torch.linalg.eigvalsh(gram.centred).clamp(min=0).flip(0)
+    total = eig.sum()
+    if total <= ZERO_SPREAD * gram.sq_norms.sum():
+        warnings.warn("all samples of subset A are identical; global spectrum size G set to 1",
+                      RuntimeWarning, stacklevel=3)
+        return 1
+    ratio = (eig / total).cumsum(0)
+    return int((ratio < GLOBAL_ENERGY - THRESHOLD_SLACK).sum()) + 1
+
+
+def sample_statistics(
+    feats: Tensor,
+    labels: Tensor,
+    *,
+    variant: str = "paper",
+    memory_budget: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Statistics of subset A: per-class intraAvg, intraMin, interAvg (C x C), nu, minInter, G.
+
+    ``feats`` (n, ...) is flattened (see :func:`flatten_features`). One Gram matrix
+    gives everything; the O(n^2) pass runs over row blocks. ``memory_budget``
+    (bytes, ``None``: unbounded) must hold the n x n float64 Gram; the rest of it
+    sizes the column chunks and row blocks. Results do not depend on the blocking.
+    """
+    _check_variant(variant)
+    feats = flatten_features(feats)
+    n, dim = feats.shape
+    if labels.shape[0] != n:
+        raise ValueError(f"subset A has {n} feature rows but {labels.shape[0]} labels")
+    device = torch.device(device) if device is not None else feats.device
+    _, position, counts = _class_index(labels.to(device), "A")
+    num_classes = len(counts)
+    if num_classes < 2:
+        raise ValueError("subset A needs at least 2 classes for the between-class statistics")
+    spare = _spare_budget(n, memory_budget, variant, dtype)
+    gram = gram_statistics(feats, dtype=dtype, device=device, chunk_budget=spare)
+
+    norms = gram.sq_norms.sqrt()
+    zero = norms == 0
+    if zero.any():
+        warnings.warn(
+            f"{int(zero.sum())} of {n} samples have all-zero features; "
+            "their cosine to every sample is taken as 0",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    inv_norm = torch.where(zero, torch.zeros_like(norms), 1 / norms)
+    nonzero = (~zero).to(torch.float64)
+    centred_sq = gram.centred.diagonal()
+    cos_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    intra_min = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
+    inter_sq = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
+    step = _row_block(n, spare)
+    for c in range(num_classes):
+        members = (position == c).nonzero().squeeze(1)
+        for start in range(0, len(members), step):
+            rows = members[start : start + step]
+            local = torch.arange(len(rows), device=device)
+            block = gram.centred.index_select(0, rows)
+            # |cosine| = |centred + cross_i + cross_j + |mu|^2| / (r_i r_j)
+            cos = block + gram.cross[rows, None]
+            cos.add_(gram.cross[None, :] + gram.mean_sq).abs_()
+            cos.mul_(inv_norm[rows, None]).mul_(inv_norm[None, :]).clamp_(max=1)
+            cos[local, rows] = nonzero[rows]  # self-similarity exactly 1
+            cos_sums[c].index_add_(0, position, cos.sum(0))
+            intra = cos.index_select(1, members)
+            intra[local, local + start] = math.inf  # pairs i != j only
+            intra_min[c] = torch.minimum(intra_min[c], intra.amin())
+            sq_dist = torch.add(centred_sq[rows, None], centred_sq[None, :])
+            sq_dist.sub_(block, alpha=2).clamp_(min=0).index_fill_(1, members, math.inf)
+            inter_sq[c] = torch.minimum(inter_sq[c], sq_dist.amin())
+
+    counts64 = counts.to(torch.float64)
+    block_sums = cos_sums.diagonal()
+    if variant == "paper":
+        intra_avg = block_sums / counts64**2
+    else:
+        self_sums = torch.zeros_like(counts64).index_add_(0, position, nonzero)
+        intra_avg = (block_sums - self_sums) / (counts64 * (counts64 - 1))
+    inter_avg = cos_sums / torch.outer(counts64, counts64)
+    return {
+        "intra_avg": intra_avg,
+        "intra_min": intra_min,
+        "inter_avg": inter_avg,
+        "nu": torch.zeros_like(counts64).index_add_(0, position, norms) / counts64,
+        "min_inter": inter_sq.sqrt(),
+        "G": _global_spectrum_size(gram, n, dim, variant),
+        "n": n,
+        "D": dim,
+    }
+
+
+def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) -> int | None:
+    """Bytes left for chunks and blocks once the n x n matrices are held."""
+    if budget is None:
+        return None
+    squares = 1 + (variant == "corrected") + (dtype == torch.float32) / 2  # Gram, eigvalsh copy, f32 product
+    fixed = int(squares * FLOAT64_BYTES * n * n)
+    spare = budget - fixed
+    if spare < 8 * FLOAT64_BYTES * n:
+        raise ValueError(
+            f"memory_budget of {budget:,} bytes is too small for {n} samples: the n x n "
+            f"matrices alone need {fixed:,} bytes plus {8 * FLOAT64_BYTES * n:,} for one block"
+        )
+    return spare
+
+
+# ------------------------------------------------------------ subset B
+
+
+def class_spectrum(
+    feats: Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Normalised squared singular values of one class's centred features, descending.
+
+    Length min(m, D) for m samples; an all-zero spectrum (identical samples)
+    stays zero. Computed from the m x m Gram of the centred class matrix.
+    """
+    feats = flatten_features(feats)
+    m, dim = feats.shape
+    spare = None if memory_budget is None else max(memory_budget - FLOAT64_BYTES * m * m, 1)
+    gram = gram_statistics(feats, dtype=dtype, device=device, chunk_budget=spare)
+    eig = torch.linalg.eigvalsh(gram.centred).clamp(min=0).flip(0)[: min(m, dim)]
+    total = eig.sum()
+    if total <= ZERO_SPREAD * gram.sq_norms.sum():
+        return torch.zeros_like(eig)
+    return eig / total
+
+
+def pad_spectra(rows: Sequence[Tensor], width: int) -> Tensor:
+    """Stack class spectra into (C, width), zero-padded on the right."""
+    out = torch.zeros(len(rows), width, dtype=torch.float64, device=rows[0].device)
+    for c, row in enumerate(rows):
+        out[c, : len(row)] = row
+    return out
+
+
+def class_spectra(
+    feats: Tensor,
+    labels: Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """(C, W) padded class spectra of subset B, W = the largest class's sample count."""
+    feats = flatten_features(feats)
+    if labels.shape[0] != feats.shape[0]:
+        raise ValueError(f"subset B has {feats.shape[0]} feature rows but {labels.shape[0]} labels")
+    classes, _, counts = _class_index(labels.cpu(), "B")
+    labels = labels.to(feats.device)
+    rows = [
+        class_spectrum(feats[labels == c], dtype=dtype, device=device, memory_budget=memory_budget)
+        for c in classes.tolist()
+    ]
+    return pad_spectra(rows, int(counts.max()))
+
+
+def spectrum_entropy(spectra: Tensor, *, variant: str = "paper") -> dict:
+    """d_c, the truncated-row entropies H_c, Hbar and M from padded spectra (C, W).
+
+    d_c = smallest k with cumulative share >= 0.95, capped at W - 1. Rows are
+    truncated at floor(M), M = sum_c d_c (paper) or at d_c (corrected),
+    renormalised, and H_c is their Shannon entropy (natural log, 0 ln 0 = 0).
+    Hbar = mean H_c (paper) or mean H_c / ln d_c, 0 where d_c = 1 (corrected).
+    """
+    _check_variant(variant)
+    num_classes, width = spectra.shape
+    if width < 2:
+        raise ValueError("class spectra need a width of at least 2 (2 samples per class)")
+    if (spectra.sum(1) == 0).any():
+        warnings.warn("a class of subset B has identical samples (zero spectrum); its entropy is 0",
+                      RuntimeWarning, stacklevel=2)
+    below = spectra.cumsum(1) < CLASS_ENERGY - THRESHOLD_SLACK
+    d = (below.sum(1) + 1).clamp(max=width - 1)
+    total_d = int(d.sum())
+    columns = torch.arange(width, device=spectra.device)
+    cut = torch.full_like(d, total_d) if variant == "paper" else d
+    kept = spectra * (columns[None, :] < cut[:, None])
+    mass = kept.sum(1, keepdim=True)
+    p = torch.where(mass > 0, kept / mass.clamp(min=torch.finfo(kept.dtype).tiny), 0.0)
+    entropy = -torch.special.xlogy(p, p).sum(1)
+    if variant == "paper":
+        h_bar = entropy.mean()
+    else:
+        log_d = d.to(torch.float64).log()
+        h_bar = torch.where(d > 1, entropy / log_d.clamp(min=1e-300), 0.0).mean()
+    return {"d": d, "H": entropy, "Hbar": float(h_bar), "M": total_d, "W": width}
+
+
+# ------------------------------------------------------------ the parts
+
+
+def quality_parts(sample: dict, spectra: dict, *, num_train: int, variant: str = "paper") -> dict:
+    """S, I, E, sqrt(I*E), Q and the intermediates, as Python floats and lists."""
+    _check_variant(variant)
+    if num_train <= 0:
+        raise ValueError(f"num_train must be positive, got {num_train}")
+    inter = sample["inter_avg"]
+    off_diagonal = ~torch.eye(inter.shape[0], dtype=torch.bool, device=inter.device)
+    intra_avg = float(sample["intra_avg"].mean())
+    inter_avg = float(inter[off_diagonal].mean())
+    intra_min = float(sample["intra_min"].mean())
+    nu = float(sample["nu"].mean())
+    min_inter = float(sample["min_inter"].mean())
+    big_g = int(sample["G"])
+    k_factor = (num_train / math.pi) ** (1 / big_g)
+    log_base = math.log(5) if variant == "paper" else 1.0
+    separation = intra_avg - inter_avg
+    information = (1 - intra_min) * spectra["Hbar"] / log_base
+    efficiency = k_factor * 2 * min_inter / nu if nu > 0 else 0.0
+    sqrt_ie = math.sqrt(max(information * efficiency, 0.0))
+    return {
+        "S": separation,
+        "I": information,
+        "E": efficiency,
+        "sqrtIE": sqrt_ie,
+        "Q": separation + sqrt_ie,
+        "intra_avg": intra_avg,
+        "intra_min": intra_min,
+        "inter_avg": inter_avg,
+        "nu": nu,
+        "min_inter": min_inter,
+        "d": [int(v) for v in spectra["d"].tolist()],
+        "H": [float(v) for v in spectra["H"].tolist()],
+        "Hbar": spectra["Hbar"],
+        "M": spectra["M"],
+        "W": spectra["W"],
+        "G": big_g,
+        "K": k_factor,
+        "L": log_base,
+        "num_classes": int(inter.shape[0]),
+        "n_a": int(sample["n"]),
+        "D": int(sample["D"]),
+        "num_train": int(num_train),
+        "variant": variant,
+    }
+
+
+def layer_quality(
+    feats_a: Tensor,
+    labels_a: Tensor,
+    feats_b: Tensor | None = None,
+    labels_b: Tensor | None = None,
+    *,
+    num_train: int,
+    variant: str = "paper",
+    memory_budget: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Knowledge quality of one layer from its features on subsets A and B.
+
+    ``feats_a`` (n_A, ...) and ``labels_a`` (n_A,) give the sample statistics;
+    ``feats_b``/``labels_b`` the class spectra (subset A when omitted);
+    ``num_train`` is the size of the whole training split. Uses exactly the
+    samples given. Returns "S", "I", "E", "sqrtIE", "Q" and the intermediate
+    statistics (class means of intraAvg, intraMin, interAvg, nu, minInter;
+    d_c and H_c per class; Hbar, M, W, G, K, L).
+    """
+    _check_variant(variant)
+    if (feats_b is None) != (labels_b is None):
+        raise ValueError("give both feats_b and labels_b, or neither")
+    if feats_b is None:
+        feats_b, labels_b = feats_a, labels_a
+    sample = sample_statistics(
+        feats_a, labels_a, variant=variant, memory_budget=memory_budget, dtype=dtype, device=device
+    )
+    spectra = class_spectra(feats_b, labels_b, dtype=dtype, device=device, memory_budget=memory_budget)
+    return quality_parts(sample, spectrum_entropy(spectra, variant=variant),
+                         num_train=num_train, variant=variant)
+
+
+# ------------------------------------------------------------ the report
+
+
+@dataclass
+class LayerQuality:
+    """One layer's row: GL index, module name, per-sample shape, D, the parts and intermediates."""
+
+    index: int
+    name: str
+    shape: list[int]
+    D: int
+    S: float
+    I: float  # noqa: E741  (the spec's name)
+    E: float
+    sqrtIE: float
+    Q: float
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class QualityReport:
+    """Quality of every measured layer, in depth order."""
+
+    layers: list[LayerQuality]
+    variant: str = "paper"
+    model: str | None = None
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> LayerQuality:
+        """The row of GL ``index``."""
+        for row in self.layers:
+            if row.index == index:
+                return row
+        raise KeyError(f"layer {index} was not measured; measured: {[r.index for r in self.layers]}")
+
+    def values(self, by: str = "Q") -> list[float]:
+        """One value per row (S, I, E, sqrtIE or Q), in depth order."""
+        if by not in SELECT_BY:
+            raise ValueError(f"unknown criterion {by!r}; valid: {', '.join(SELECT_BY)}")
+        return [getattr(row, by) for row in self.layers]
+
+    def select(self, k: int = 4, by: str = "Q") -> list[int]:
+        """GL indices of the k layers with the highest ``by``, in depth order; ties go deeper."""
+        values = self.values(by)
+        if not 1 <= k <= len(self.layers):
+            raise ValueError(f"k must be between 1 and {len(self.layers)} (layers measured), got {k}")
+        ranked = sorted(
+            zip(values, (row.index for row in self.layers)),
+            key=lambda pair: (-math.inf if math.isnan(pair[0]) else pair[0], pair[1]),
+            reverse=True,
+        )
+        return sorted(index for _, index in ranked[:k])
+
+    def to_dict(self, k: int = 4) -> dict:
+        """Plain data; ``selected`` holds the best min(k, layers) layers by every criterion."""
+        k = min(k, len(self.layers))
+        return {
+            "variant": self.variant,
+            "model": self.model,
+            "settings": self.settings,
+            "selected": {by: self.select(k, by) for by in SELECT_BY} if k else {},
+            "layers": [asdict(row) for row in self.layers],
+        }
+
+    def to_json(self, path: str | Path | None = None, k: int = 4) -> str:
+        """JSON text of the report (see :meth:`to_dict`); also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(k), indent=2, allow_nan=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> QualityReport:
+        """A report from JSON text or from a file holding it."""
+        text = str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        data = json.loads(text)
+        rows = [LayerQuality(**row) for row in data["layers"]]
+        return cls(rows, variant=data["variant"], model=data.get("model"),
+                   settings=data.get("settings", {}))
+
+    def table(self, k: int = 4, by: str = "Q") -> str:
+        """The per-layer table as text; ``*`` marks the selected layers."""
+        selected = set(self.select(min(k, len(self.layers)), by)) if self.layers else set()
+        header = f"{'GL':>3}  {'module':<16} {'shape':<14} {'D':>8} " + " ".join(
+            f"{name:>8}" for name in SELECT_BY[1:] + ("Q",)
+        )
+        lines = [header]
+        for row in self.layers:
+            shape = "x".join(str(s) for s in row.shape)
+            values = " ".join(f"{getattr(row, name):8.4f}" for name in SELECT_BY[1:] + ("Q",))
+            mark = " *" if row.index in selected else ""
+            lines.append(f"{row.index:>3}  {row.name:<16} {shape:<14} {row.D:>8} {values}{mark}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path, k: int = 4, by: str = "Q") -> None:
+        """PNG of S, I, E and Q against GL index; the k layers selected by ``by`` are marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        index = [row.index for row in self.layers]
+        selected = self.select(min(k, len(self.layers)), by)
+        fig, axes = plt.subplots(4, 1, figsize=(7, 8), sharex=True)
+        for ax, name in zip(axes, ("S", "I", "E", "Q")):
+            values = self.values(name)
+            ax.plot(index, values, marker="o", color="tab:blue")
+            chosen = [v for i, v in zip(index, values) if i in selected]
+            ax.scatter(selected, chosen, s=90, facecolors="none", edgecolors="tab:red",
+                       linewidths=2, zorder=3, label=f"top {len(selected)} by {by}")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[0].legend(loc="best", fontsize=8)
+        axes[0].set_title(f"knowledge quality ({self.variant}) of {self.model or 'model'}")
+        axes[-1].set_xlabel("generalized layer")
+        axes[-1].set_xticks(index)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# ------------------------------------------------------------ measure
+
+
+def _dataset_labels(dataset) -> Tensor:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:  # any map-style dataset yielding (image, label, ...)
+        labels = [int(dataset[i][1]) for i in range(len(dataset))]
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def _load_images(dataset, indices: Tensor) -> Tensor:
+    if hasattr(dataset, "batch"):
+        return dataset.batch(indices)[0]
+    return torch.stack([dataset[int(i)][0] for i in indices])
+
+
+def _draw_subsets(labels: Tensor, subset_size: int, per_class_b: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Class-balanced subsets A and B from one seeded generator (A drawn first)."""
+    from featkd.data import class_balanced_subset
+
+    _, counts = torch.unique(labels, return_counts=True)
+    num_classes, smallest = len(counts), int(counts.min())
+    per_a = min(subset_size // num_classes, smallest)
+    per_b = min(per_class_b, len(labels) // num_classes, smallest)
+    if per_a < subset_size // num_classes or per_b < min(per_class_b, len(labels) // num_classes):
+        logger.info("smallest class has %d samples: subsets capped at %d (A) and %d (B) per class",
+                    smallest, per_a, per_b)
+    if min(per_a, per_b) < 2:
+        raise ValueError(
+            f"every class needs at least 2 samples in subsets A and B; got {per_a} (A) and "
+            f"{per_b} (B) per class from subset_size={subset_size} and {num_classes} classes"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    subset_a = class_balanced_subset(labels, per_a, generator)
+    subset_b = class_balanced_subset(labels, per_b, generator)
+    return subset_a, subset_b
+
+
+def _group_layers(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive layer groups whose stored features fit ``budget`` bytes (a layer alone may not)."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if groups and used + size <= budget:
+            groups[-1].append(i)
+            used += size
+            continue
+        if size > budget:
+            logger.warning("layer %d alone needs %s bytes of stored features, more than half the "
+                           "memory budget; it is processed on its own", i, f"{size:,}")
+        groups.append([i])
+        used = size
+    return groups
+
+
+def _features(model: nn.Module, dataset, indices: Tensor, names: list[str], device: torch.device,
+              batch_size: int, bar) -> list[Tensor]:
+    """Flattened float32 host features (len(indices), D) of every layer in ``names``."""
+    from featkd.layers import extract
+
+    out: list[Tensor] = []
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        feats = extract(model, _load_images(dataset, idx).to(device), names)
+        for slot, feat in enumerate(feats):
+            flat = flatten_features(feat)
+            if start == 0:
+                out.append(torch.empty(len(indices), flat.shape[1], dtype=torch.float32))
+            out[slot][start : start + len(idx)] = flat.float().cpu()
+        bar.update(len(idx))
+    return out
+
+
+def measure(
+    model: nn.Module,
+    dataset,
+    layers: str | Sequence[int | str] = "all",
+    *,
+    variant: str = "paper",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    subset_size: int = 5000,
+    per_class_b: int = 500,
+    dtype: torch.dtype = torch.float64,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> QualityReport:
+    """Knowledge quality of ``layers`` (GL indices or names, or "all") of ``model`` on ``dataset``.
+
+    ``dataset`` is the training split (``.labels``; ``.batch(indices)`` when
+    present; augmentation is switched off). Subset A holds floor(subset_size / C)
+    samples per class, subset B min(per_class_b, N / C), both capped at the
+    smallest class, drawn from one generator seeded with ``seed`` (A first). The
+    model runs in eval mode without gradients on ``device`` (it is moved there).
+    Layers are taken in groups whose stored features (float32, host memory) fit
+    half of ``memory_budget`` bytes, the forward pass stopped after the group's
+    deepest layer; subset B runs class by class. The other half bounds each
+    layer's computation.
+    """
+    from tqdm.auto import tqdm
+
+    from featkd.layers import extract, generalized_layers, resolve_layers
+
+    _check_variant(variant)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    all_layers = generalized_layers(model)
+    names = all_layers if layers == "all" else resolve_layers(model, layers)
+    not_gl = [name for name in names if name not in all_layers]
+    if not_gl:
+        raise ValueError(f"{not_gl} are not generalized layers; valid: {', '.join(all_layers)}")
+    indices = sorted({all_layers.index(name) for name in names})
+    names = [all_layers[i] for i in indices]
+    if hasattr(dataset, "with_augment"):
+        dataset = dataset.with_augment(False)
+
+    labels = _dataset_labels(dataset)
+    subset_a, subset_b = _draw_subsets(labels, subset_size, per_class_b, seed)
+    labels_a = labels[subset_a]
+    members_b = [subset_b[labels[subset_b] == c] for c in torch.unique(labels[subset_b])]
+    width = max(len(m) for m in members_b)
+    half_budget = memory_budget // 2
+
+    was_training = model.training
+    model.to(device).eval()
+    rows = []
+    try:
+        with torch.no_grad():
+            probe = extract(model, _load_images(dataset, subset_a[:2]).to(device), names)
+            shapes = [list(f.shape[1:]) for f in probe]
+            dims = [flatten_features(f).shape[1] for f in probe]
+            del probe
+            groups = _group_layers([4 * (len(subset_a) + width) * d for d in dims], half_budget)
+            with tqdm(total=len(groups) * (len(subset_a) + len(subset_b)), unit="img",
+                      desc="quality", disable=not progress) as bar:
+                for group in groups:
+                    group_names = [names[i] for i in group]
+                    spectra: list[list[Tensor]] = [[] for _ in group]
+                    for members in members_b:
+                        class_feats = _features(model, dataset, members, group_names, device,
+                                                batch_size, bar)
+                        for slot, feats in enumerate(class_feats):
+                            spectra[slot].append(class_spectrum(
+                                feats, dtype=dtype, device=device, memory_budget=half_budget))
+                        del class_feats
+                    feats_a = _features(model, dataset, subset_a, group_names, device, batch_size, bar)
+                    for slot, i in enumerate(group):
+                        bar.set_postfix_str(f"layer {indices[i]}")
+                        sample = sample_statistics(feats_a[slot], labels_a, variant=variant,
+                                                   memory_budget=half_budget, dtype=dtype, device=device)
+                        feats_a[slot] = None  # free as we go
+                        entropy = spectrum_entropy(pad_spectra(spectra[slot], width), variant=variant)
+                        parts = quality_parts(sample, entropy, num_train=len(labels), variant=variant)
+                        rows.append(_row(indices[i], names[i], shapes[i], parts))
+                        logger.debug("layer %d (%s): S %.4f I %.4f E %.4f Q %.4f", indices[i],
+                                     names[i], parts["S"], parts["I"], parts["E"], parts["Q"])
+    finally:
+        model.train(was_training)
+    settings = {
+        "seed": seed,
+        "num_train": len(labels),
+        "n_a": len(subset_a),
+        "n_b": len(subset_b),
+        "num_classes": len(members_b),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return QualityReport(rows, variant=variant, model=model_name or type(model).__name__,
+                         settings=settings)
+
+
+def _row(index: int, name: str, shape: list[int], parts: dict) -> LayerQuality:
+    stats = {key: value for key, value in parts.items() if key not in SELECT_BY}
+    return LayerQuality(index=index, name=name, shape=shape, D=parts["D"], S=parts["S"],
+                        I=parts["I"], E=parts["E"], sqrtIE=parts["sqrtIE"], Q=parts["Q"], stats=stats)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from featkd.cli import main
+from featkd.quality import QualityReport
+
+BASE = ["quality", "--model", "resnet9", "--width", "0.0625", "--data", "synthetic", "--device", "cpu"]
+
+
+def test_quality_command_prints_table_and_writes_files(tmp_path, capsys):
+    out = tmp_path / "q"
+    status = main(BASE + ["--k", "2", "--out", str(out), "--variant", "corrected"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert "sqrtIE" in lines[0]
+    assert len([line for line in lines[1:7] if line.rstrip().endswith("*")]) == 2
+    report = QualityReport.from_json(out / "quality.json")
+    selected = report.select(2)
+    assert f"selected by Q (k=2): {selected[0]},{selected[1]}" in printed
+    assert [row.index for row in report.layers] == list(range(6))  # resnet9: 6 GLs
+    data = json.loads((out / "quality.json").read_text())
+    assert data["variant"] == "corrected" and data["model"] == "resnet9"
+    assert data["selected"]["Q"] == selected and data["settings"]["dataset"] == "synthetic"
+    assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layer_subset_and_selection_criterion(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(BASE + ["--layers", "4,1,2", "--by", "E", "--out", str(out)]) == 0
+    report = QualityReport.from_json(out / "quality.json")
+    assert [row.index for row in report.layers] == [1, 2, 4]
+    printed = capsys.readouterr().out
+    assert "selected by E (k=3): 1,2,4" in printed  # k capped at the layers measured
+
+
+def test_bad_layer_index_exits_2_with_valid_range(tmp_path, capsys):
+    status = main(BASE + ["--layers", "1,9", "--out", str(tmp_path)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "valid indices 0..5" in err and "Traceback" not in err
+    assert not (tmp_path / "quality.json").exists()
+    assert main(BASE + ["--layers", "auto", "--out", str(tmp_path)]) == 2
+    assert "'all' or GL indices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--checkpoint", "no/such/model.pt"], ["--data", "fashion_mnist", "--data-root", "no/such/dir"]],
+)
+def test_missing_files_give_one_line_error(tmp_path, capsys, extra):
+    status = main(BASE + extra + ["--out", str(tmp_path)])
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("featkd quality: error:") and len(err.splitlines()) == 1
+    assert "Traceback" not in err
