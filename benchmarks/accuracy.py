@@ -1,0 +1,515 @@
+"""The paper's comparison: every method on the four teacher -> student pairs, in two data regimes.
+
+For each pair and regime it trains the student with ce, kd, kd_std, fitnet,
+fitnet_fc, sp, simkd, semckd, featkd, featkd_ce, featkd_ce_kd and featkd_std
+(``--seeds`` runs each) and writes ``accuracy_<pair>_<regime>.json`` with every
+run's numbers, the mean ± std of final- and best-epoch test accuracy, the gain
+over ce and the paper's ARI. The featkd methods use the teacher layers chosen by
+knowledge quality Q on the regime's training split (next to the paper's choice).
+
+Steps (each resumes; finished work is kept and skipped when started again):
+
+1. teachers: ``featkd train-teacher`` (the real command) on the teacher regime's
+   training set, into ``<work>/teachers/<name>``; reused by every regime;
+2. knowledge quality of every teacher layer, per teacher and regime;
+3. students: one job per (pair, regime); run directories
+   ``<work>/runs/<pair>/<regime>/<method>``; the results file is rewritten after
+   every finished method (``complete: false`` and ``missing`` until all are done).
+
+    python benchmarks/accuracy.py --probe                 # time one step of everything; estimate the suite
+    python benchmarks/accuracy.py                         # the default suite (Fashion-MNIST, ~3 h on 2 cores)
+    python benchmarks/accuracy.py --pairs resnet34-resnet9 --regimes low --methods ce,featkd --seeds 1
+    python benchmarks/accuracy.py --quick                 # seconds, synthetic data
+    python benchmarks/accuracy.py --scale paper --data cifar100 --data-root DIR   # the paper's settings (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import common
+from common import METHODS, PAIRS, Job, Scale
+
+log = logging.getLogger("benchmarks.accuracy")
+
+CACHE_BUDGET_BYTES = 6 * 2**30
+
+
+# --------------------------------------------------------------------------- method order and layers
+def method_order(methods: list[str]) -> list[str]:
+    """``methods`` grouped by the teacher outputs they need (logits, standard layers, Q layers).
+
+    Consecutive methods then share one teacher cache; ce comes first.
+    """
+    from featkd.distillation import METHOD_INFO
+
+    def group(name: str) -> int:
+        info = METHOD_INFO[name]
+        if not info.teacher_features:
+            return 0
+        return 2 if info.teacher_layers == "q" else 1
+
+    return sorted(methods, key=lambda name: (group(name), METHODS.index(name)))
+
+
+def paper_q_layers(teacher: str) -> dict[str, list[int]]:
+    """The Q-selected layers of the authors' released configs for ``teacher`` (by dataset)."""
+    from featkd.models import PAPER_Q_LAYERS
+
+    return dict(PAPER_Q_LAYERS.get(teacher, {}))
+
+
+def layer_lists(scale: Scale, pair: common.Pair, regime: str, work: Path) -> dict[str, Any]:
+    """Student layers, standard teacher layers, our Q selection and the paper's."""
+    from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS
+
+    student_layers = PAPER_STUDENT_LAYERS[pair.student]
+    report, seconds = common.quality_report(scale, pair.teacher, regime, work)
+    return {
+        "student": list(student_layers),
+        "standard": list(STANDARD_TEACHER_LAYERS[pair.teacher]),
+        "q_selected": report.select(len(student_layers)),
+        "q_variant": report.variant,
+        "q_values": {str(row.index): row.Q for row in report.layers},
+        "q_seconds": seconds,
+        "paper_q": paper_q_layers(pair.teacher),
+    }
+
+
+# --------------------------------------------------------------------------- derived numbers
+def derived(methods: dict[str, Any]) -> dict[str, Any]:
+    """Gains over ce (final and best epoch, points) and the ARI of featkd, from per-method summaries."""
+    out: dict[str, Any] = {"gain_final": {}, "gain_best": {}}
+    ce = methods.get("ce")
+    for name, entry in methods.items():
+        if ce is None or "final_test_acc" not in entry or "final_test_acc" not in ce:
+            continue
+        out["gain_final"][name] = common.gain_over(entry["final_test_acc"], ce["final_test_acc"])
+        out["gain_best"][name] = common.gain_over(entry["best_test_acc"], ce["best_test_acc"])
+    for which in ("final", "best"):
+        gains = {name: g["mean"] for name, g in out[f"gain_{which}"].items()}
+        out[f"ari_{which}"] = common.ari(gains)
+    return out
+
+
+def pair_results_path(results: Path, pair: str, regime: str) -> Path:
+    return results / f"accuracy_{pair}_{regime}.json"
+
+
+def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]) -> dict[str, Any]:
+    """Write one pair/regime results file; ``complete`` when every method has all its seeds."""
+    seeds = head["settings"]["seeds"]
+    done = [m for m in METHODS if _finished(methods.get(m), seeds)]
+    missing = [m for m in METHODS if m not in done]
+    data = {**head, "complete": not missing, "missing": missing, "updated": common.now(),
+            "finished": common.now() if not missing else None,
+            "methods": {m: methods[m] for m in METHODS if m in methods}, **derived(methods)}
+    common.write_json(path, data)
+    return data
+
+
+def _previous(path: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Method entries (failures left out) and cache builds of an earlier results file with the same settings."""
+    if not path.is_file():
+        return {}, []
+    old = common.read_json(path)
+    if old.get("settings") != settings:
+        log.warning("%s was written with other settings: its methods are not kept", path)
+        return {}, []
+    methods = {m: e for m, e in old.get("methods", {}).items() if "error" not in e}
+    return methods, list(old.get("teacher_cache_builds", []))
+
+
+def _finished(entry: dict[str, Any] | None, seeds: int) -> bool:
+    return bool(entry) and "error" not in entry and sum(r["finished"] for r in entry["runs"]) >= seeds
+
+
+# --------------------------------------------------------------------------- one (pair, regime)
+def settings_of(scale: Scale, pair: common.Pair, regime: str) -> dict[str, Any]:
+    """The settings that decide a pair/regime's numbers."""
+    return {
+        "scale": scale.name, "data": scale.data, "data_options": scale.data_options,
+        "regime": regime, "train_images": scale.regimes[regime], "teacher_regime": scale.teacher_regime,
+        "teacher": pair.teacher, "teacher_width": scale.teacher_widths[pair.teacher],
+        "teacher_epochs": scale.teacher_epochs, "teacher_lr": scale.teacher_lrs.get(pair.teacher, "recipe"),
+        "student": pair.student, "student_width": scale.student_widths[pair.student],
+        "epochs": scale.epochs[regime], "seeds": scale.seeds, "batch_size": scale.batch_size,
+        "optimizer": "adamw one-cycle (pct_start 0.3), per-family peak lr", "augment": False,
+        "teacher_outputs": "cached once per layer list (un-augmented training set)",
+        "quality_subset": scale.quality_subset, "quality_variant": scale.quality_variant,
+    }
+
+
+def distill_config(scale: Scale, pair: common.Pair, regime: str, method: str, work: Path,
+                   teacher_layers: list[int] | None) -> Any:
+    """The DistillConfig of one method's runs (``featkd distill`` would take the same options)."""
+    from featkd.config import DistillConfig
+
+    return DistillConfig(
+        data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime],
+        data_options=dict(scale.data_options), epochs=scale.epochs[regime], batch_size=scale.batch_size,
+        runs=scale.seeds, seed=0, device=scale.device, progress=False,
+        out=str(work / "runs" / pair.name / regime / method),
+        teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
+        teacher_checkpoint=str(common.teacher_dir(work, pair.teacher)),
+        student=pair.student, student_width=scale.student_widths[pair.student], method=method,
+        teacher_layers=teacher_layers, student_layers="paper", teacher_mode="cache",
+        quality_subset=scale.quality_subset, quality_variant=scale.quality_variant,
+    )
+
+
+def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work: Path, results: Path,
+             record: dict[str, Any]) -> dict[str, Any]:
+    """Train every method of one pair and regime; returns the results file's data."""
+    from featkd.distillation import METHOD_INFO
+
+    pair = PAIRS[pair_name]
+    train, test = common.load_regime(scale, regime)
+    teacher = common.load_teacher(scale, pair.teacher, work, train)
+    layers = layer_lists(scale, pair, regime, work)
+    settings = settings_of(scale, pair, regime)
+    head = {"benchmark": "accuracy", "pair": pair.name, "regime": regime, "settings": settings,
+            **record, "job_started": common.now(),
+            "teacher": common.teacher_summary(scale, pair.teacher, work), "layers": layers,
+            "train_images": len(train), "test_images": len(test)}
+    path = pair_results_path(results, pair.name, regime)
+    done, builds = _previous(path, settings)
+    device = common.resolve_device(scale.device)
+    feed = common.SharedTeacherFeed(teacher, train, device, memory_budget_bytes=CACHE_BUDGET_BYTES,
+                                    cache_dir=work / "cache")
+    feed.build_seconds[:0] = builds
+    head["teacher_cache_builds"] = feed.build_seconds
+    data = write_pair_results(path, head, done)
+
+    def student() -> torch.nn.Module:
+        return common.create(pair.student, scale.student_widths[pair.student], train)
+
+    try:
+        for method in method_order(methods):
+            if _finished(done.get(method), scale.seeds):
+                log.info("%s %s %s: finished earlier, kept", pair.name, regime, method)
+                continue
+            q_method = METHOD_INFO[method].teacher_layers == "q"
+            config = distill_config(scale, pair, regime, method, work, layers["q_selected"] if q_method else None)
+            start = time.perf_counter()
+            try:
+                result = common.distill_with_feed(teacher, student, train, test, config, feed,
+                                                  layers["q_selected"] if q_method else None)
+            except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
+                log.exception("%s %s %s failed", pair.name, regime, method)
+                done[method] = {"error": f"{type(err).__name__}: {err}"}
+            else:
+                done[method] = {**common.run_summary(result), "wall_s": time.perf_counter() - start,
+                                "teacher_layers": result.extra.get("teacher_layers"),
+                                "student_layers": result.extra.get("student_layers"),
+                                "config": config.to_dict()}
+                log.info("%s %s %-12s final %s", pair.name, regime, method,
+                         _format(done[method]["final_test_acc"]))
+            data = write_pair_results(path, head, done)
+    finally:
+        feed.close()
+    return data
+
+
+def _format(stats: dict[str, Any]) -> str:
+    if stats.get("mean") is None:
+        return "n/a"
+    std = f" ± {100 * stats['std']:.2f}" if stats.get("std") is not None else ""
+    return f"{100 * stats['mean']:.2f}{std}"
+
+
+# --------------------------------------------------------------------------- the suite
+def job_costs(scale: Scale, methods: list[str], probe_path: Path) -> dict[tuple[str, str], float]:
+    """Relative cost of each (pair, regime) job: from the probe's CPU times when there is a probe file,
+    else training images x epochs (the ViT pair counted double)."""
+    probe = common.read_json(probe_path)["pairs"] if probe_path.is_file() else {}
+    costs = {}
+    for pair in PAIRS:
+        for regime, images in scale.regimes.items():
+            volume = (images or 50000) * scale.epochs[regime]
+            timings = probe.get(pair)
+            if timings and all(m in timings for m in methods):
+                costs[(pair, regime)] = volume * sum(timings[m]["cpu"] for m in methods)
+            else:
+                costs[(pair, regime)] = volume * (2.0 if PAIRS[pair].teacher == "vit_b" else 1.0)
+    return costs
+
+
+def teacher_job(scale: Scale, teacher: str, work: Path, threads: int) -> dict[str, Any]:
+    return common.train_teacher_cli(scale, teacher, work, threads)
+
+
+def quality_job(scale: Scale, teacher: str, regime: str, work: Path, results: Path) -> dict[str, Any]:
+    report, seconds = common.quality_report(scale, teacher, regime, work, results=results)
+    return {"selected": report.select(4), "seconds": seconds}
+
+
+def run_suite(scale: Scale, pairs: list[str], regimes: list[str], methods: list[str], work: Path,
+              results: Path, workers: int, threads: int, argv: list[str]) -> int:
+    """Teachers, then quality, then every (pair, regime); returns 0 when everything finished."""
+    record = common.run_record(argv, threads, workers)
+    teachers = sorted({PAIRS[p].teacher for p in pairs})
+    failed: dict[str, Any] = {}
+
+    outcome = common.run_jobs([Job(f"teacher {t}", teacher_job, (scale, t, work, threads)) for t in teachers],
+                              workers, threads)
+    failed.update({k: v for k, v in outcome.items() if isinstance(v, Exception)})
+    ready = [t for t in teachers if not isinstance(outcome[f"teacher {t}"], Exception)]
+
+    quality = [Job(f"quality {t} {r}", quality_job, (scale, t, r, work, results)) for t in ready for r in regimes]
+    outcome = common.run_jobs(quality, workers, threads)
+    failed.update({k: v for k, v in outcome.items() if isinstance(v, Exception)})
+    for name, value in outcome.items():
+        if isinstance(value, dict):
+            teacher = name.split()[1]
+            paper = ", ".join(f"{data} {layers}" for data, layers in paper_q_layers(teacher).items())
+            print(f"{name}: top 4 by Q {value['selected']}; the paper's choice: {paper or 'none'}")
+
+    cells = [(p, r) for r in regimes for p in pairs if PAIRS[p].teacher in ready
+             and not isinstance(outcome.get(f"quality {PAIRS[p].teacher} {r}"), Exception)]
+    cost = job_costs(scale, methods, results / "probe.json")
+    cells.sort(key=lambda cell: -cost.get(cell, 0.0))  # longest first: the workers finish together
+    students = [Job(f"{p} {r}", run_pair, (scale, p, r, methods, work, results, record)) for p, r in cells]
+    outcome = common.run_jobs(students, workers, threads)
+    failed.update({k: v for k, v in outcome.items() if isinstance(v, Exception)})
+
+    incomplete = [n for n, v in outcome.items() if isinstance(v, dict) and not v.get("complete")]
+    for name, err in failed.items():
+        print(f"FAILED {name}: {err}", file=sys.stderr)
+    print(f"results in {results}" + (f"; incomplete: {', '.join(incomplete)}" if incomplete else ""))
+    print("render them with: python benchmarks/report.py" + (f" --results {results}" if results != common.RESULTS_DIR else ""))
+    return 1 if failed or incomplete else 0
+
+
+# --------------------------------------------------------------------------- probe
+STATISTICS = ("median", "min", "cpu")
+
+
+def _time_steps(step: Any, steps: int) -> dict[str, float]:
+    """Seconds per call of ``step()`` over ``steps`` calls after one warm-up.
+
+    "median" and "min" are wall-clock; "cpu" is the median process CPU time, which
+    on a shared machine approximates the wall time the step would take on an idle
+    core (exact for one thread, whose CPU time is the work done).
+    """
+    step()
+    walls, cpus = [], []
+    for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+    return {"median": statistics.median(walls), "min": min(walls), "cpu": statistics.median(cpus)}
+
+
+def _per_image(timing: dict[str, float], batch: int) -> dict[str, float]:
+    return {k: v / batch for k, v in timing.items()}
+
+
+def probe_pair(scale: Scale, pair: common.Pair, methods: list[str], train: Any, steps: int) -> dict[str, Any]:
+    """Seconds per training image of the teacher and of the student under every method.
+
+    Untrained weights (the cost does not depend on them); teacher outputs are
+    computed once for the batch, as the suite reads them from a cache.
+    """
+    from featkd.distillation import METHOD_INFO, DistillModel, OnlineTeacher, build_method
+    from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS
+    from featkd.train import ClassifierModel, default_lr
+
+    batch = scale.batch_size
+    x, y, _ = train.batch(torch.arange(batch))
+    teacher = common.create(pair.teacher, scale.teacher_widths[pair.teacher], train)
+    timings: dict[str, Any] = {"teacher_train": _train_step_time(ClassifierModel(teacher), x, y, None, steps,
+                                                                 default_lr(pair.teacher, "adamw"))}
+    teacher.eval().requires_grad_(False)
+    full = OnlineTeacher(teacher, [], True)
+    timings["teacher_forward"] = _per_image(_time_steps(lambda: full(x), steps), batch)
+    q_layers = paper_q_layers(pair.teacher).get("cifar100", STANDARD_TEACHER_LAYERS[pair.teacher])
+    for method in methods:
+        student = common.create(pair.student, scale.student_widths[pair.student], train)
+        t_layers = q_layers if METHOD_INFO[method].teacher_layers == "q" else STANDARD_TEACHER_LAYERS[pair.teacher]
+        built = build_method(method, teacher, student, teacher_layers=t_layers,
+                             student_layers=PAPER_STUDENT_LAYERS[pair.student], num_classes=train.num_classes,
+                             sample_input=x[:2], batch_size=batch)
+        features = list(built.teacher_layers) if built.needs_teacher_features else []
+        outputs = OnlineTeacher(teacher, features, True)(x) if (features or built.needs_teacher_logits) else None
+        timings[method] = _train_step_time(DistillModel(student, built), x, y, outputs, steps,
+                                           default_lr(pair.student, "adamw"))
+    student = common.create(pair.student, scale.student_widths[pair.student], train).eval()
+    with torch.no_grad():
+        timings["student_eval"] = _per_image(_time_steps(lambda: student(x), steps), batch)
+    return timings
+
+
+def _train_step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, teacher_out: Any, steps: int,
+                     lr: float) -> dict[str, float]:
+    from featkd.config import RunConfig
+    from featkd.train import build_optimizer
+
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], RunConfig(), lr)
+    model.train()
+
+    def step() -> None:
+        _, losses = model(x, y, teacher_out)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return _per_image(_time_steps(step, steps), x.shape[0])
+
+
+def probe_quality(scale: Scale, teacher: str, train: Any) -> dict[str, float]:
+    """Wall and CPU seconds of one knowledge-quality measurement (all layers) of an untrained ``teacher``."""
+    from featkd.quality import measure
+
+    model = common.create(teacher, scale.teacher_widths[teacher], train)
+    wall, cpu = time.perf_counter(), time.process_time()
+    measure(model, train, "all", subset_size=scale.quality_subset, progress=False)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"median": wall, "min": wall, "cpu": cpu}
+
+
+def _phase_wall(jobs: list[float], workers: int) -> float:
+    """Wall seconds of a phase of independent jobs on ``workers`` processes (longest job or even share)."""
+    return max(sum(jobs) / max(1, workers), max(jobs, default=0.0))
+
+
+def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], test_images: int,
+                   methods: list[str], workers: int, statistic: str = "median") -> dict[str, float]:
+    """Seconds of each phase of the default suite from the probe's per-image times.
+
+    ``<phase>_cpu_s`` sums the phase's jobs (one core each); ``wall_s`` adds up the
+    phases, each taking max(total / workers, its longest job). Throughput runs last,
+    in one process. Setup costs (process start, data loading) are left out.
+    """
+    pairs = probe["pairs"]
+    quality = {t: q[statistic] for t, q in probe["quality_s"].items()}
+    jobs: dict[str, list[float]] = {"teachers": [], "quality": [], "students": []}
+    for teacher in sorted({PAIRS[p].teacher for p in pairs}):
+        t = pairs[next(p for p in pairs if PAIRS[p].teacher == teacher)]
+        jobs["teachers"].append(scale.teacher_epochs * (sizes[scale.teacher_regime] * t["teacher_train"][statistic]
+                                                        + test_images * t["teacher_forward"][statistic]))
+        jobs["quality"] += [quality.get(teacher, 0.0)] * len(sizes)
+    for p, t in pairs.items():
+        for regime, images in sizes.items():
+            caches = 3 * images * t["teacher_forward"][statistic]
+            runs = sum(scale.seeds * scale.epochs[regime] * (images * t[m][statistic]
+                                                             + test_images * t["student_eval"][statistic])
+                       for m in methods)
+            jobs["students"].append(caches + runs)
+    lv = pairs.get(scale.lv_pair)
+    if lv is not None and all(k in lv for k in ("ce", "kd", "fitnet", "featkd")):
+        images, forward = sizes[scale.lv_regime], lv["teacher_forward"][statistic]
+        per_layer = (scale.lv_seeds * scale.lv_epochs * (images * lv["featkd"][statistic]
+                                                         + test_images * lv["student_eval"][statistic])
+                     + images * forward)
+        layers = probe.get("lv_layers", 0)
+        jobs["layer_validity"] = [quality.get(PAIRS[scale.lv_pair].teacher, 0.0)] + [per_layer] * layers
+        tp = sizes[scale.tp_regime]
+        jobs["throughput"] = [tp * (lv["ce"][statistic] + lv["kd"][statistic] + lv["fitnet"][statistic]
+                                    + 2 * lv["featkd"][statistic] + 4 * forward)
+                              + 5 * test_images * lv["student_eval"][statistic]]
+    out: dict[str, float] = {f"{phase}_cpu_s": sum(times) for phase, times in jobs.items()}
+    walls = {phase: (_phase_wall(times, workers) if phase != "throughput" else sum(times))
+             for phase, times in jobs.items()}
+    out.update({f"{phase}_wall_s": w for phase, w in walls.items()})
+    return {**out, "cpu_s": sum(sum(t) for t in jobs.values()), "workers": workers, "wall_s": sum(walls.values())}
+
+
+def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, workers: int, threads: int,
+              results: Path, argv: list[str], quality: bool) -> int:
+    """Time everything the suite does, write probe.json and print the suite estimate."""
+    torch.set_num_threads(threads)
+    record = common.run_record(argv, threads, workers)
+    train, test = common.load_regime(scale, scale.teacher_regime)
+    probe: dict[str, Any] = {"benchmark": "probe", **record, "scale": scale.to_dict(), "steps": steps,
+                             "batch_size": scale.batch_size, "pairs": {}, "quality_s": {}}
+    for name in pairs:
+        log.info("probing %s", name)
+        probe["pairs"][name] = probe_pair(scale, PAIRS[name], methods, train, steps)
+    if quality:
+        for teacher in sorted({PAIRS[p].teacher for p in pairs}):
+            log.info("probing knowledge quality of %s on %d images", teacher, scale.quality_subset)
+            probe["quality_s"][teacher] = probe_quality(scale, teacher, train)
+    from layer_validity import candidate_layers
+
+    lv_teacher = PAIRS[scale.lv_pair].teacher
+    probe["lv_layers"] = len(candidate_layers(common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)))
+    sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
+    probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, len(test), methods, workers, stat)
+                         for stat in STATISTICS}
+    probe["finished"] = common.now()
+    probe["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    common.write_json(results / "probe.json", probe)
+    print(format_probe(probe))
+    return 0
+
+
+def format_probe(probe: dict[str, Any]) -> str:
+    """The probe's per-image timings (ms: wall median / wall min / CPU) and the estimates as text."""
+    lines = [f"ms per training image (wall median / wall min / CPU median over {probe['steps']} steps of "
+             f"{probe['batch_size']}), {probe['machine']['torch_threads']} thread(s); load average "
+             f"{probe['machine']['load_average']}"]
+    for pair, timings in probe["pairs"].items():
+        cells = ", ".join(f"{k} {1e3 * v['median']:.2f}/{1e3 * v['min']:.2f}/{1e3 * v['cpu']:.2f}"
+                          for k, v in timings.items())
+        lines.append(f"{pair}: {cells}")
+    for teacher, seconds in probe["quality_s"].items():
+        lines.append(f"quality {teacher}: {seconds['median']:.0f} s wall, {seconds['cpu']:.0f} s CPU")
+    for stat, est in probe["estimate"].items():
+        parts = ", ".join(f"{k[:-7]} {v / 60:.0f} min" for k, v in est.items() if k.endswith("_wall_s"))
+        lines.append(f"suite estimate from {stat} times: {est['wall_s'] / 3600:.2f} h on {est['workers']} "
+                     f"worker(s) ({parts}); {est['cpu_s'] / 3600:.2f} h of one core")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_arguments(parser)
+    parser.add_argument("--pairs", help=f"comma-separated pairs or all ({', '.join(PAIRS)})")
+    parser.add_argument("--regimes", help="comma-separated regimes or all (default scale: large, low)")
+    parser.add_argument("--methods", help=f"comma-separated methods or all ({', '.join(METHODS)})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel processes (default: 2 on CPU with >= 2 cores, 1 on CUDA or quick)")
+    parser.add_argument("--probe", action="store_true", help="time the steps and estimate the suite; trains nothing")
+    parser.add_argument("--probe-steps", type=int, default=5, help="timed steps per measurement in --probe")
+    parser.add_argument("--no-probe-quality", action="store_true", help="--probe: skip timing the quality measurement")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    common.setup_logging()
+    try:
+        scale = common.scale_from_args(args)
+        pairs = common.parse_choice(args.pairs, scale.pairs, "pair")
+        regimes = common.parse_choice(args.regimes, list(scale.regimes), "regime")
+        methods = common.parse_choice(args.methods, METHODS, "method")
+    except ValueError as err:
+        print(f"accuracy.py: error: {err}", file=sys.stderr)
+        return 2
+    workers = args.workers or common.default_workers(scale)
+    threads = args.threads or scale.threads or common.default_threads(workers)
+    work = common.work_dir(scale, args.work)
+    results = common.results_dir(scale, work, args.results)
+    script_argv = [str(Path(__file__))] + argv
+    if args.probe:
+        return run_probe(scale, pairs, methods, args.probe_steps, workers, threads, results, script_argv,
+                         not args.no_probe_quality)
+    return run_suite(scale, pairs, regimes, methods, work, results, workers, threads, script_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,741 @@
+"""Shared settings and helpers of the benchmark scripts (accuracy, layer_validity, throughput).
+
+Scales (``--scale``): ``default`` (Fashion-MNIST, reduced widths, sized for about
+3 hours on 2 CPU cores; see :data:`SCALES` and benchmarks/README.md for how the
+numbers were chosen), ``quick`` (tiny synthetic data, seconds: tests and smoke
+runs) and ``paper`` (widths 1, 50 epochs, 3 runs; for a GPU and CIFAR-100).
+
+Layout: ``benchmarks/work/<scale>-<data>/`` holds teachers (trained with the
+real ``featkd train-teacher`` command), knowledge-quality reports, student run
+directories and logs (git-ignored). Results JSON go to ``benchmarks/results/``
+for the default scale (committed), to ``<work>/results/`` otherwise.
+
+The teacher outputs of one (pair, regime) are shared by all of its methods:
+:class:`SharedTeacherFeed` keeps one ``featkd.distillation.TeacherCache`` per
+teacher-layer list and :func:`distill_with_feed` is ``featkd.api.distill`` with
+that feed passed in (the API builds a new cache for every call).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from featkd.config import DistillConfig, TrainConfig
+
+log = logging.getLogger("benchmarks")
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+WORK_ROOT = BENCH_DIR / "work"
+RESULTS_DIR = BENCH_DIR / "results"
+
+#: every method of the comparison, in the spec's table order
+METHODS = ("ce", "kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd",
+           "featkd", "featkd_ce", "featkd_ce_kd", "featkd_std")
+#: the logit-based baselines the ARI compares featkd with
+BASELINES = ("kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd")
+ARI_MIN_GAIN = 0.5  # percentage points over ce a baseline needs to enter the ARI
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Pair:
+    """A teacher -> student pair of the paper (zoo model names)."""
+
+    teacher: str
+    student: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}-{self.student}"
+
+
+PAIRS: dict[str, Pair] = {p.name: p for p in (
+    Pair("vgg19_bn", "vgg11_bn"),
+    Pair("resnet34", "resnet9"),
+    Pair("resnet34", "mobilenetv2"),
+    Pair("vit_b", "vit_et"),
+)}
+
+
+@dataclass
+class Scale:
+    """Every setting a benchmark run depends on (written into each results file)."""
+
+    name: str
+    data: str
+    regimes: dict[str, int | None]  # regime -> training images (None: the whole split)
+    teacher_regime: str  # teachers train once on this regime's training set
+    teacher_widths: dict[str, float]
+    student_widths: dict[str, float]
+    teacher_epochs: int
+    epochs: dict[str, int]  # student epochs per regime
+    seeds: int
+    # Teachers train from scratch here, so ViT-B gets the from-scratch ViT peak lr (the
+    # recipe's 1e-4 is for fine-tuning ImageNet weights); others use the recipe's lr.
+    teacher_lrs: dict[str, float] = field(default_factory=lambda: {"vit_b": 1e-3})
+    batch_size: int = 128
+    data_root: str | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)
+    quality_subset: int = 5000
+    quality_variant: str = "paper"
+    device: str = "auto"
+    threads: int | None = None  # torch threads per process (None: cores / workers)
+    pairs: tuple[str, ...] = tuple(PAIRS)
+    # layer_validity.py
+    lv_pair: str = "resnet34-resnet9"
+    lv_regime: str = "low"
+    lv_epochs: int = 4
+    lv_seeds: int = 2
+    # throughput.py
+    tp_regime: str = "large"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SCALES: dict[str, Scale] = {
+    # Chosen from the probe (python benchmarks/accuracy.py --probe; benchmarks/results/probe.json):
+    # students at width 1/16 leave a gap to their teachers; both regimes get the same number of
+    # optimizer steps (2 x 20,000 = 8 x 5,000 images), which fits ~3 h on 2 cores.
+    "default": Scale(
+        name="default",
+        data="fashion_mnist",
+        regimes={"large": 20000, "low": 5000},
+        teacher_regime="large",
+        teacher_widths={"resnet34": 1 / 8, "vgg19_bn": 1 / 8, "vit_b": 1 / 16},
+        student_widths={"resnet9": 1 / 16, "vgg11_bn": 1 / 16, "mobilenetv2": 1 / 16, "vit_et": 1 / 16},
+        teacher_epochs=15,
+        epochs={"large": 2, "low": 8},
+        seeds=3,
+        quality_subset=5000,
+        lv_epochs=8,
+    ),
+    "quick": Scale(
+        name="quick",
+        data="synthetic",
+        regimes={"large": None, "low": 24},
+        teacher_regime="large",
+        teacher_widths={"resnet34": 1 / 16, "vgg19_bn": 1 / 16, "vit_b": 1 / 32},
+        student_widths={"resnet9": 1 / 16, "vgg11_bn": 1 / 16, "mobilenetv2": 1 / 16, "vit_et": 1 / 32},
+        teacher_epochs=1,
+        epochs={"large": 1, "low": 1},
+        seeds=1,
+        batch_size=8,
+        data_options={"num_classes": 4, "samples_per_class": 12, "test_per_class": 4, "in_channels": 1},
+        quality_subset=32,
+        threads=1,
+        lv_epochs=1,
+        lv_seeds=1,
+    ),
+    "paper": Scale(
+        name="paper",
+        data="cifar100",
+        regimes={"full": None},
+        teacher_regime="full",
+        teacher_widths={"resnet34": 1.0, "vgg19_bn": 1.0, "vit_b": 1.0},
+        student_widths={"resnet9": 1.0, "vgg11_bn": 1.0, "mobilenetv2": 1.0, "vit_et": 1.0},
+        teacher_epochs=50,
+        epochs={"full": 50},
+        seeds=3,
+        lv_regime="full",
+        lv_epochs=10,
+        tp_regime="full",
+    ),
+}
+
+
+def build_scale(name: str, *, data: str | None = None, data_root: str | None = None,
+                epochs: int | None = None, teacher_epochs: int | None = None,
+                seeds: int | None = None, device: str | None = None) -> Scale:
+    """The settings of scale ``name`` with command-line overrides applied."""
+    if name not in SCALES:
+        raise ValueError(f"unknown scale {name!r}; valid: {', '.join(SCALES)}")
+    scale = copy.deepcopy(SCALES[name])
+    if data is not None and data != scale.data:
+        scale.data = data
+        if name == "quick":
+            scale.data_options = {}
+    if data_root is not None:
+        scale.data_root = data_root
+    if epochs is not None:
+        _check_positive("epochs", epochs)
+        scale.epochs = {regime: epochs for regime in scale.epochs}
+        scale.lv_epochs = epochs
+    if teacher_epochs is not None:
+        _check_positive("teacher_epochs", teacher_epochs)
+        scale.teacher_epochs = teacher_epochs
+    if seeds is not None:
+        _check_positive("seeds", seeds)
+        scale.seeds = seeds
+    if device is not None:
+        scale.device = device
+    return scale
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def parse_choice(text: str | None, valid: Sequence[str], what: str) -> list[str]:
+    """Comma-separated names (or "all"/None for every valid one), checked against ``valid``."""
+    if text is None or text.strip() == "all":
+        return list(valid)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {unknown or text!r}; valid: {', '.join(valid)}")
+    return names
+
+
+def work_dir(scale: Scale, root: str | Path | None = None) -> Path:
+    """Where a scale keeps teachers, quality reports, run directories and logs."""
+    return Path(root) if root is not None else WORK_ROOT / f"{scale.name}-{scale.data}"
+
+
+def results_dir(scale: Scale, work: Path, override: str | Path | None = None) -> Path:
+    """benchmarks/results for the default scale (committed), else <work>/results."""
+    if override is not None:
+        return Path(override)
+    return RESULTS_DIR if scale.name == "default" else work / "results"
+
+
+def add_common_arguments(parser: Any) -> None:
+    """The options every benchmark script takes."""
+    parser.add_argument("--scale", choices=list(SCALES), default="default", help="settings preset")
+    parser.add_argument("--quick", action="store_true", help="same as --scale quick")
+    parser.add_argument("--data", help="dataset name (default: the scale's)")
+    parser.add_argument("--data-root", help="folder holding the dataset files")
+    parser.add_argument("--epochs", type=int, help="student epochs in every regime")
+    parser.add_argument("--seeds", type=int, help="runs (seeds 0..N-1) per configuration")
+    parser.add_argument("--teacher-epochs", type=int, help="teacher training epochs")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--work", help="work directory (default benchmarks/work/<scale>-<data>)")
+    parser.add_argument("--results", help="results directory (default: see benchmarks/README.md)")
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: cores / workers)")
+
+
+def scale_from_args(args: Any) -> Scale:
+    """The scale named by ``args`` (``--quick`` wins) with its overrides."""
+    return build_scale("quick" if args.quick else args.scale, data=args.data, data_root=args.data_root,
+                       epochs=args.epochs, teacher_epochs=args.teacher_epochs, seeds=args.seeds,
+                       device=args.device)
+
+
+# --------------------------------------------------------------------------- run records
+def machine_info(threads: int | None = None, workers: int = 1) -> dict[str, Any]:
+    """CPU, memory, torch version and the thread/process layout of this run."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gb": _memory_gb(),
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "workers": workers,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        info["load_average"] = None
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_gb() -> float | None:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return round(pages * size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository, with "-dirty" when the working tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def now() -> str:
+    """The local time as ISO-8601 text with its UTC offset."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran this script, as a shell line."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0])
+    try:
+        argv[0] = str(script.resolve().relative_to(REPO_DIR))
+    except ValueError:
+        pass
+    return "python " + shlex.join(argv)
+
+
+def run_record(argv: Sequence[str] | None, threads: int | None, workers: int = 1) -> dict[str, Any]:
+    """Machine, command, git commit and start time: the head of every results file."""
+    return {"machine": machine_info(threads, workers), "command": command_line(argv),
+            "git_commit": git_commit(), "started": now()}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- statistics
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std (ddof 1, None for one value) and n of ``values`` (NaNs dropped)."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(kept)
+    mean = sum(kept) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in kept) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def gain_over(method: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Difference of two means in percentage points, with the combined std sqrt(s1^2 + s2^2)."""
+    if method.get("mean") is None or reference.get("mean") is None:
+        return {"mean": None, "std": None}
+    diff = 100.0 * (method["mean"] - reference["mean"])
+    stds = [s for s in (method.get("std"), reference.get("std")) if s is not None]
+    std = 100.0 * math.sqrt(sum(s * s for s in stds)) if len(stds) == 2 else None
+    return {"mean": diff, "std": std}
+
+
+def ari(gains: dict[str, float | None], method: str = "featkd",
+        baselines: Sequence[str] = BASELINES, min_gain: float = ARI_MIN_GAIN) -> dict[str, Any]:
+    """The paper's ARI: mean over baselines b with gain_b >= ``min_gain`` points of gain_method / gain_b.
+
+    ``gains`` are mean gains over ce in percentage points. ``value`` is None (n/a) when no
+    baseline qualifies or the method's gain is missing.
+    """
+    own = gains.get(method)
+    qualifying = [b for b in baselines if gains.get(b) is not None and gains[b] >= min_gain]
+    ratios = {b: own / gains[b] for b in qualifying} if own is not None else {}
+    value = sum(ratios.values()) / len(ratios) if ratios else None
+    return {"value": value, "baselines": qualifying, "ratios": ratios, "min_gain": min_gain}
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
+            stop += 1
+        for position in range(start, stop + 1):
+            ranks[order[position]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (ties averaged); None when undefined (n < 3 or a constant input)."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
+    pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < 3:
+        return None
+    rx, ry = _ranks([a for a, _ in pairs]), _ranks([b for _, b in pairs])
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var > 0 else None
+
+
+# --------------------------------------------------------------------------- data and teachers
+def regime_config(scale: Scale, regime: str, seed: int = 0) -> TrainConfig:
+    """A TrainConfig naming the data of ``regime`` (what ``featkd.api.load_data`` reads)."""
+    if regime not in scale.regimes:
+        raise ValueError(f"unknown regime {regime!r}; valid: {', '.join(scale.regimes)}")
+    return TrainConfig(data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime],
+                       data_options=dict(scale.data_options), seed=seed, batch_size=scale.batch_size,
+                       device=scale.device, progress=False)
+
+
+def load_regime(scale: Scale, regime: str) -> tuple[Any, Any]:
+    """(train, test) datasets of ``regime``; the training subset is drawn with seed 0."""
+    from featkd.api import load_data
+
+    return load_data(regime_config(scale, regime))
+
+
+def teacher_dir(work: Path, teacher: str) -> Path:
+    return work / "teachers" / teacher
+
+
+def teacher_command(scale: Scale, teacher: str, out: Path) -> list[str]:
+    """The ``featkd train-teacher`` command line that trains (or resumes) ``teacher``."""
+    train_limit = scale.regimes[scale.teacher_regime]
+    command = [sys.executable, "-m", "featkd", "train-teacher", "--model", teacher,
+               "--width", repr(scale.teacher_widths[teacher]), "--data", scale.data,
+               "--epochs", str(scale.teacher_epochs), "--batch-size", str(scale.batch_size),
+               "--seed", "0", "--device", scale.device, "--out", str(out), "--no-progress"]
+    if train_limit is not None:
+        command += ["--train-limit", str(train_limit)]
+    if teacher in scale.teacher_lrs:
+        command += ["--lr", repr(scale.teacher_lrs[teacher])]
+    if scale.data_root is not None:
+        command += ["--data-root", scale.data_root]
+    if scale.data_options:
+        command += ["--data-options", ",".join(f"{k}:{v}" for k, v in scale.data_options.items())]
+    return command
+
+
+def train_teacher_cli(scale: Scale, teacher: str, work: Path, threads: int | None = None) -> dict[str, Any]:
+    """Train ``teacher`` with the real ``featkd train-teacher`` command (resumes; skips when done).
+
+    The command's output goes to ``<run dir>/train-teacher.log``, its wall time to
+    ``benchmark-wall.json``. Returns :func:`teacher_summary`.
+    """
+    out = teacher_dir(work, teacher)
+    if not ((out / "results.json").is_file() and (out / "model.pt").is_file()):
+        command = teacher_command(scale, teacher, out)
+        out.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_DIR / "src"), env.get("PYTHONPATH")]))
+        log.info("training teacher %s: %s", teacher, shlex.join(command))
+        start = time.perf_counter()
+        with open(out / "train-teacher.log", "a") as logfile:
+            done = subprocess.run(command, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            tail = (out / "train-teacher.log").read_text()[-2000:]
+            raise RuntimeError(f"featkd train-teacher failed for {teacher} (exit {done.returncode}):\n{tail}")
+        write_json(out / "benchmark-wall.json", {"wall_s": time.perf_counter() - start})
+    return teacher_summary(scale, teacher, work)
+
+
+def teacher_summary(scale: Scale, teacher: str, work: Path) -> dict[str, Any]:
+    """The trained teacher's command, accuracy and training time (from its run directory)."""
+    out = teacher_dir(work, teacher)
+    summary = read_json(out / "results.json")
+    wall = out / "benchmark-wall.json"
+    command = teacher_command(scale, teacher, out)
+    return {"name": teacher, "width": scale.teacher_widths[teacher], "epochs": scale.teacher_epochs,
+            "command": "featkd " + shlex.join(command[3:]), "run_dir": str(out),
+            "wall_s": read_json(wall)["wall_s"] if wall.is_file() else None,
+            "final_test_acc": summary["final_test_acc"], "best_test_acc": summary["best_test_acc"],
+            "train_time_s": summary.get("train_time_s")}
+
+
+def create(name: str, width: float, dataset: Any) -> nn.Module:
+    """Zoo model ``name`` at ``width`` shaped for ``dataset`` (classes, channels, image size)."""
+    from featkd.models import create_model
+
+    channels, size, _ = dataset.image_shape
+    return create_model(name, dataset.num_classes, in_channels=channels, image_size=size, width=width)
+
+
+def load_teacher(scale: Scale, teacher: str, work: Path, dataset: Any) -> nn.Module:
+    """The trained teacher of ``work`` (eval mode, frozen)."""
+    from featkd.checkpoint import load_model_weights
+
+    model = create(teacher, scale.teacher_widths[teacher], dataset)
+    load_model_weights(model, teacher_dir(work, teacher))
+    return model.eval().requires_grad_(False)
+
+
+def quality_path(work: Path, teacher: str, regime: str, variant: str) -> Path:
+    return work / "quality" / f"quality_{teacher}_{regime}_{variant}.json"
+
+
+def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant: str | None = None,
+                   results: Path | None = None) -> tuple[Any, float]:
+    """Knowledge quality of every GL of the trained ``teacher`` on ``regime``'s training split.
+
+    Cached in ``work/quality``; a copy of the JSON and the Q plot (top 4 marked) go to
+    ``results``. Returns (report, seconds the measurement took).
+    """
+    from featkd.quality import QualityReport, measure
+
+    variant = variant or scale.quality_variant
+    path = quality_path(work, teacher, regime, variant)
+    timing = path.with_suffix(".time.json")
+    if path.is_file():
+        report = QualityReport.from_json(path)
+        seconds = read_json(timing)["seconds"] if timing.is_file() else 0.0
+    else:
+        train, _ = load_regime(scale, regime)
+        model = load_teacher(scale, teacher, work, train)
+        device = resolve_device(scale.device)
+        start = time.perf_counter()
+        report = measure(model, train, "all", variant=variant, seed=0, device=device,
+                         subset_size=scale.quality_subset, model_name=teacher, progress=False)
+        seconds = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(path)
+        write_json(timing, {"seconds": seconds})
+        log.info("quality of %s on %s (%s): %.0f s, top 4 by Q %s", teacher, regime, variant, seconds,
+                 report.select(4))
+    if results is not None:
+        results.mkdir(parents=True, exist_ok=True)
+        report.to_json(results / path.name)
+        plot = results / path.with_suffix(".png").name
+        if not plot.is_file():
+            try:
+                report.plot(plot, 4)
+            except ImportError as err:
+                log.warning("quality plot skipped: %s", err)
+    return report, seconds
+
+
+def resolve_device(spec: str) -> torch.device:
+    from featkd.train import resolve_device as resolve
+
+    return resolve(spec)
+
+
+# --------------------------------------------------------------------------- shared teacher outputs
+class SharedTeacherFeed:
+    """The trainer's teacher feed for many methods on one training set, with shared caches.
+
+    Call :meth:`use` with each method before training it. Methods asking for the same
+    teacher layers share one ``TeacherCache`` (those features plus the logits,
+    computed once by one pass over the un-augmented training set); one cache is held
+    at a time, so run the methods grouped by their layer list. ``build_seconds``
+    records every cache build.
+    """
+
+    def __init__(self, teacher: nn.Module, train_set: Any, device: torch.device, *,
+                 batch_size: int = 512, memory_budget_bytes: int = 4 * 2**30,
+                 cache_dir: Path | None = None) -> None:
+        if getattr(train_set, "augment", False):
+            raise ValueError("SharedTeacherFeed caches outputs of un-augmented images; got an augmented set")
+        self.teacher, self.train_set, self.device = teacher, train_set, device
+        self.batch_size, self.memory_budget_bytes, self.cache_dir = batch_size, memory_budget_bytes, cache_dir
+        self.build_seconds: list[dict[str, Any]] = []
+        self._want: tuple[str, ...] | None = None
+        self._need_logits = False
+        self._key: tuple[str, ...] | None = None
+        self._cache: Any = None
+
+    def use(self, method: Any) -> None:
+        """Serve ``method`` from now on (its teacher layers and whether it needs logits)."""
+        self._need_logits = bool(method.needs_teacher_logits)
+        layers = tuple(method.teacher_layers) if method.needs_teacher_features else ()
+        self._want = layers if (layers or self._need_logits) else None
+
+    def prepare(self) -> None:
+        """Build the cache for the current method's layers unless it is the one held."""
+        if self._want is None or self._key == self._want:
+            return
+        from featkd.distillation import TeacherCache
+
+        self.close()
+        start = time.perf_counter()
+        self._cache = TeacherCache.build(self.teacher, self.train_set, list(self._want), True,
+                                         self.batch_size, self.device, self.memory_budget_bytes,
+                                         self.cache_dir, progress=False)
+        seconds = time.perf_counter() - start
+        self._key = self._want
+        self.build_seconds.append({"layers": list(self._want), "seconds": seconds,
+                                   "images": len(self.train_set), "bytes": self._cache.nbytes})
+        log.info("teacher cache for %s: %.1f s, %.0f MB", list(self._want) or "logits", seconds,
+                 self._cache.nbytes / 1e6)
+
+    def __call__(self, x: Tensor, idx: Tensor) -> Any:
+        if self._want is None:
+            return None
+        self.prepare()
+        out = self._cache.lookup(idx, self.device)
+        if not self._need_logits:
+            out.logits = None
+        return out
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        self._cache, self._key = None, None
+
+
+def distill_with_feed(teacher: nn.Module, student: Callable[[], nn.Module], train_set: Any, test_set: Any,
+                      config: DistillConfig, feed: SharedTeacherFeed,
+                      teacher_layers: Sequence[int | str] | None) -> Any:
+    """``featkd.api.distill`` for a zoo pair, with the teacher outputs taken from ``feed``.
+
+    ``config`` names teacher, student, method, recipe and ``out``; ``teacher_layers``
+    None means the method's default list, which must then be "standard" (Q-selected
+    layers are measured once per teacher and regime and passed in). Builds the same
+    models, methods and runs as ``featkd.api.distill`` (same seeds: same results).
+    Returns the ``featkd.train.TrainResult``.
+    """
+    from featkd.api import (
+        default_teacher_layers, method_uses_layers, resolve_student_layers, resolve_teacher_layers,
+    )
+    from featkd.distillation import DistillModel, build_method
+    from featkd.train import default_lr, init_distributed, train_runs
+
+    config.validate()
+    context = init_distributed(config.device)
+    device = context.device
+    lr = config.lr or default_lr(config.student, config.optimizer)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    s_layers: list[int | str] = []
+    t_layers: list[int | str] = []
+    if method_uses_layers(config.method):
+        torch.manual_seed(config.seed)
+        s_layers = resolve_student_layers(config.student_layers, student(), config.student)
+        spec = list(teacher_layers) if teacher_layers is not None else default_teacher_layers(config.method)
+        if spec == "auto":
+            raise ValueError(f"method {config.method}: pass the Q-selected teacher layers explicitly")
+        t_layers = resolve_teacher_layers(spec, teacher, config.teacher, len(s_layers), train_set,
+                                          device=device, progress=False)
+    sample = train_set.with_augment(False).batch(torch.arange(min(2, len(train_set))))[0].to(device)
+
+    def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(seed)
+        net = student().to(device)
+        method = build_method(config.method, teacher, net, teacher_layers=t_layers, student_layers=s_layers,
+                              num_classes=train_set.num_classes, sample_input=sample,
+                              batch_size=config.batch_size // context.world_size)
+        feed.use(method)
+        return DistillModel(net, method), net
+
+    extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
+    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, teacher=feed,
+                      extra=extra)
+
+
+def run_summary(result: Any) -> dict[str, Any]:
+    """Every run's numbers (with its per-epoch test accuracy) and the mean ± std over runs."""
+    runs = []
+    for run in result.runs:
+        info = run.to_dict()
+        info["test_acc_per_epoch"] = [r["test_acc"] for r in run.history]
+        runs.append(info)
+    finished = [r for r in runs if r["finished"]]
+    return {
+        "final_test_acc": mean_std([r["final_test_acc"] for r in finished]),
+        "best_test_acc": mean_std([r["best_test_acc"] for r in finished]),
+        "train_time_s": mean_std([r["train_time_s"] for r in finished]),
+        "images_per_s": mean_std([r["images_per_s"] for r in finished]),
+        "runs": runs,
+    }
+
+
+# --------------------------------------------------------------------------- processes
+def default_threads(workers: int) -> int:
+    """Cores per worker process (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def default_workers(scale: Scale) -> int:
+    """Two one-thread processes on a CPU with >= 2 cores (tiny models use one core well), else 1."""
+    if scale.name == "quick" or resolve_device(scale.device).type == "cuda":
+        return 1
+    return 2 if default_threads(1) >= 2 else 1
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def _init_worker(threads: int) -> None:
+    setup_logging()
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Job:
+    """One unit of work for :func:`run_jobs`: ``function(*args)`` (picklable)."""
+
+    name: str
+    function: Callable[..., Any]
+    args: tuple = ()
+
+
+def run_jobs(jobs: Sequence[Job], workers: int, threads: int,
+             on_done: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+    """Run ``jobs`` in this process (workers=1) or in ``workers`` spawned processes.
+
+    Each worker uses ``threads`` torch threads. ``on_done(name, outcome)`` is called in
+    this process as each job ends. Returns {job name: its return value, or the exception
+    it raised} (a failed job does not stop the others).
+    """
+    outcomes: dict[str, Any] = {}
+
+    def finish(name: str, outcome: Any) -> None:
+        outcomes[name] = outcome
+        if on_done is not None:
+            on_done(name, outcome)
+
+    if workers <= 1:
+        torch.set_num_threads(threads)
+        for job in jobs:
+            try:
+                outcome = job.function(*job.args)
+            except Exception as err:  # keep going: the suite resumes the failed job next time
+                log.exception("job %s failed", job.name)
+                outcome = err
+            finish(job.name, outcome)
+        return outcomes
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(job.function, *job.args): job.name for job in jobs}
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                outcome = future.result()
+                log.info("job %s done", name)
+            except Exception as err:
+                log.error("job %s failed: %s", name, err)
+                outcome = err
+            finish(name, outcome)
+    return outcomes

@@ -1,0 +1,287 @@
+"""The benchmark scripts: their statistics, the shared teacher feed, and each script end to end in --quick mode."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import accuracy  # noqa: E402
+import common  # noqa: E402
+import layer_validity  # noqa: E402
+import report  # noqa: E402
+import throughput  # noqa: E402
+
+PAIR = "resnet34-resnet9"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; the scripts set torch's thread count, restore it after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- statistics
+def test_ari_averages_ratios_over_qualifying_baselines():
+    gains = {"featkd": 2.0, "kd": 1.0, "fitnet": 4.0, "sp": 0.4, "simkd": -1.0}
+    out = common.ari(gains)
+    assert out["baselines"] == ["kd", "fitnet"]
+    assert out["value"] == pytest.approx((2.0 / 1.0 + 2.0 / 4.0) / 2)
+
+
+def test_ari_is_undefined_without_a_qualifying_baseline():
+    assert common.ari({"featkd": 3.0, "kd": 0.49, "sp": -2.0})["value"] is None
+    assert common.ari({"kd": 1.0})["value"] is None  # featkd missing
+
+
+def test_spearman_matches_known_values_and_handles_ties():
+    assert common.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [1.5, 1.5, 3, 4], y ranks [1, 2, 3, 4]
+    assert common.spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    assert common.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert common.spearman([1, 2], [2, 1]) is None
+    with pytest.raises(ValueError):
+        common.spearman([1, 2, 3], [1, 2])
+
+
+def test_mean_std_and_gain():
+    stats = common.mean_std([0.80, 0.82, 0.84])
+    assert stats["mean"] == pytest.approx(0.82) and stats["std"] == pytest.approx(0.02) and stats["n"] == 3
+    assert common.mean_std([0.5])["std"] is None
+    gain = common.gain_over({"mean": 0.85, "std": 0.03}, {"mean": 0.80, "std": 0.04})
+    assert gain["mean"] == pytest.approx(5.0) and gain["std"] == pytest.approx(5.0)
+    assert common.gain_over({"mean": 0.85, "std": None}, {"mean": 0.80, "std": 0.04})["std"] is None
+
+
+def test_scales_overrides_and_choices():
+    scale = common.build_scale("default", epochs=2, seeds=5, data="cifar10")
+    assert scale.epochs == {"large": 2, "low": 2} and scale.seeds == 5 and scale.data == "cifar10"
+    assert common.SCALES["default"].epochs != scale.epochs  # the preset is not mutated
+    assert set(common.SCALES["paper"].teacher_widths.values()) == {1.0}
+    with pytest.raises(ValueError, match="valid: default"):
+        common.build_scale("huge")
+    with pytest.raises(ValueError, match="epochs"):
+        common.build_scale("quick", epochs=0)
+    assert common.parse_choice("kd,ce", common.METHODS, "method") == ["kd", "ce"]
+    assert common.parse_choice("all", common.METHODS, "method") == list(common.METHODS)
+    with pytest.raises(ValueError, match="valid: ce"):
+        common.parse_choice("kd,nope", common.METHODS, "method")
+
+
+def test_method_order_groups_methods_by_teacher_outputs():
+    order = accuracy.method_order(list(reversed(common.METHODS)))
+    assert order[0] == "ce"
+    assert set(order[:4]) == {"ce", "kd", "kd_std", "simkd"}
+    assert set(order[4:9]) == {"fitnet", "fitnet_fc", "sp", "semckd", "featkd_std"}
+    assert set(order[9:]) == {"featkd", "featkd_ce", "featkd_ce_kd"}
+
+
+def test_job_costs_put_the_longest_jobs_first(tmp_path):
+    scale = common.build_scale("default")
+    costs = accuracy.job_costs(scale, ["ce"], tmp_path / "no-probe.json")
+    assert costs[("vit_b-vit_et", "large")] == 2 * costs[("resnet34-resnet9", "large")]
+    probe = {"pairs": {p: {"ce": {"cpu": 1e-3 * (i + 1)}} for i, p in enumerate(common.PAIRS)}}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    costs = accuracy.job_costs(scale, ["ce"], tmp_path / "probe.json")
+    assert costs[("vit_b-vit_et", "low")] == pytest.approx(4 * costs[("vgg19_bn-vgg11_bn", "low")])
+
+
+def test_top_layer_check_and_report_verdicts():
+    acc = [{"mean": 0.80, "std": 0.01}, {"mean": 0.85, "std": 0.01}, {"mean": 0.84, "std": 0.01}]
+    check = layer_validity.top_layer_check([3, 7, 9], [0.1, 0.2, 0.3], acc)
+    assert check["top_layer"] == 9 and check["best_layer"] == 7
+    assert check["gap_points"] == pytest.approx(1.0) and check["within_noise"] is True
+    assert check["top_layer_accuracy_rank"] == 2
+    far = layer_validity.top_layer_check([3, 7], [0.9, 0.1], acc[:2])
+    assert far["within_noise"] is False
+    assert report.compare({"mean": 0.85, "std": 0.01}, {"mean": 0.80, "std": 0.01})["verdict"] == "better"
+    assert report.compare({"mean": 0.80, "std": 0.02}, {"mean": 0.81, "std": 0.02})["verdict"] == "within the noise"
+    assert report.compare({"mean": 0.70, "std": 0.01}, {"mean": 0.80, "std": 0.01})["verdict"] == "worse"
+    assert report.compare({"mean": 0.70, "std": None}, {"mean": 0.80, "std": 0.01})["verdict"].startswith("no noise")
+    assert report.fraction(0.0625) == "1/16" and report.fraction(1.0) == "1"
+
+
+# --------------------------------------------------------------------------- shared teacher outputs
+def _tiny_setup():
+    from featkd.data import get_datasets
+    from featkd.models import create_model
+
+    train, test = get_datasets("synthetic", num_classes=3, samples_per_class=8, test_per_class=3, in_channels=1)
+    torch.manual_seed(0)
+    teacher = create_model("resnet34", 3, in_channels=1, width=1 / 16).eval()
+    return train, test, teacher
+
+
+def _student():
+    from featkd.models import create_model
+
+    return create_model("resnet9", 3, in_channels=1, width=1 / 16)
+
+
+def test_distill_with_feed_reproduces_featkd_api_distill():
+    from featkd.api import distill
+    from featkd.config import DistillConfig
+
+    train, test, teacher = _tiny_setup()
+    options = dict(epochs=2, runs=1, seed=0, batch_size=8, device="cpu", progress=False)
+    expected = distill(teacher, _student, train, test, method="fitnet", teacher_name="resnet34",
+                       student_name="resnet9", **options)
+    config = DistillConfig(data="synthetic", method="fitnet", teacher="resnet34", student="resnet9", **options)
+    feed = common.SharedTeacherFeed(teacher, train, torch.device("cpu"))
+    got = common.distill_with_feed(teacher, _student, train, test, config, feed, None)
+    feed.close()
+    assert got.extra["teacher_layers"] == expected.extra["teacher_layers"] == [3, 7, 13, 16]
+    for key in ("test_acc", "loss"):
+        assert [r[key] for r in got.runs[0].history] == pytest.approx([r[key] for r in expected.runs[0].history])
+
+
+def test_shared_feed_builds_one_cache_per_layer_list():
+    from featkd.distillation import build_method
+
+    train, _, teacher = _tiny_setup()
+    feed = common.SharedTeacherFeed(teacher, train, torch.device("cpu"))
+    x = train.batch(torch.arange(2))[0]
+    idx = torch.tensor([0, 5])
+
+    def method(name, layers):
+        return build_method(name, teacher, _student(), teacher_layers=layers, student_layers=[1, 2, 3, 4],
+                            num_classes=3, sample_input=x)
+
+    feed.use(method("ce", None))
+    assert feed(x, idx) is None
+    feed.use(method("kd", None))
+    assert feed(x, idx).logits.shape == (2, 3) and feed(x, idx).features == []
+    feed.use(method("fitnet", [3, 7, 13, 16]))
+    first = feed(x, idx)
+    feed.use(method("featkd_std", [3, 7, 13, 16]))  # same layers: no new cache, and no logits handed out
+    second = feed(x, idx)
+    assert len(feed.build_seconds) == 2
+    assert second.logits is None and all(torch.equal(a, b) for a, b in zip(first.features, second.features))
+    with torch.no_grad():
+        from featkd.layers import extract
+
+        direct = extract(teacher, train.batch(idx)[0], [3, 7, 13, 16])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(second.features, direct))
+    feed.close()
+
+
+# --------------------------------------------------------------------------- scripts end to end (--quick)
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick work dir shared by the scripts (the teacher is trained once, by the CLI)."""
+    root = tmp_path_factory.mktemp("bench")
+    return {"work": root / "work", "results": root / "results"}
+
+
+def _args(quick, *extra):
+    return ["--quick", "--work", str(quick["work"]), "--results", str(quick["results"]), *extra]
+
+
+def test_accuracy_quick_writes_results_and_resumes(quick):
+    methods = "ce,kd,featkd,featkd_std"
+    argv = _args(quick, "--pairs", PAIR, "--regimes", "low", "--methods", methods, "--seeds", "2")
+    assert accuracy.main(argv) == 1  # a partial cell (8 of 12 methods) is reported as incomplete
+    path = quick["results"] / f"accuracy_{PAIR}_low.json"
+    data = json.loads(path.read_text())
+    assert data["complete"] is False and set(data["missing"]) == set(common.METHODS) - set(methods.split(","))
+    assert data["machine"]["cpu_count"] and data["command"].startswith("python benchmarks/accuracy.py")
+    assert data["teacher"]["command"].startswith("featkd train-teacher --model resnet34")
+    assert (quick["work"] / "teachers" / "resnet34" / "model.pt").is_file()
+    assert len(data["layers"]["q_selected"]) == 4 and data["layers"]["paper_q"]["cifar100"] == [12, 13, 14, 15]
+    assert data["methods"]["featkd"]["teacher_layers"] == data["layers"]["q_selected"]
+    assert data["methods"]["featkd_std"]["teacher_layers"] == [3, 7, 13, 16]
+    for name in methods.split(","):
+        entry = data["methods"][name]
+        assert [r["seed"] for r in entry["runs"]] == [0, 1]
+        finals = [r["final_test_acc"] for r in entry["runs"]]
+        assert entry["final_test_acc"]["mean"] == pytest.approx(sum(finals) / 2)
+    gain = data["gain_final"]["featkd"]["mean"]
+    assert gain == pytest.approx(100 * (data["methods"]["featkd"]["final_test_acc"]["mean"]
+                                        - data["methods"]["ce"]["final_test_acc"]["mean"]))
+    assert data["ari_final"] == common.ari({m: g["mean"] for m, g in data["gain_final"].items()})
+    assert (quick["results"] / "quality_resnet34_low_paper.png").is_file()
+    # started again: every run is found finished and kept, the numbers do not change
+    assert accuracy.main(argv) == 1
+    again = json.loads(path.read_text())
+    assert again["methods"]["featkd"]["runs"] == data["methods"]["featkd"]["runs"]
+
+
+def test_accuracy_rejects_unknown_names(quick, capsys):
+    assert accuracy.main(_args(quick, "--methods", "featkd,magic")) == 2
+    assert "valid: ce" in capsys.readouterr().err
+
+
+def test_layer_validity_quick(quick):
+    assert layer_validity.main(_args(quick, "--layers", "1,8,16")) == 0
+    data = json.loads((quick["results"] / "layer_validity.json").read_text())
+    assert data["complete"] and data["candidate_layers"] == [1, 8, 16]
+    assert set(data["quality"]) == {"paper", "corrected"}
+    assert set(data["spearman_final"]["paper"]) == {"Q", "S", "I", "E", "sqrtIE"}
+    accs = [data["layers"][str(t)]["final_test_acc"]["mean"] for t in (1, 8, 16)]
+    q = [data["quality"]["paper"][str(t)]["Q"] for t in (1, 8, 16)]
+    assert data["spearman_final"]["paper"]["Q"] == common.spearman(q, accs)
+    assert data["top_layer"]["paper"]["Q"]["top_layer"] in (1, 8, 16)
+    assert all(data["layers"][str(t)]["student_layer"] == 4 for t in (1, 8, 16))
+    # a partial file names the missing layers and leaves out the statistics that need three layers
+    from featkd.quality import QualityReport
+
+    reports = {v: QualityReport.from_json(quick["results"] / f"quality_resnet34_low_{v}.json")
+               for v in ("paper", "corrected")}
+    entries = {int(t): e for t, e in data["layers"].items() if t != "16"}
+    partial = layer_validity.assemble({}, reports, entries, [1, 8, 16])
+    assert partial["complete"] is False and partial["missing_layers"] == [16] and "spearman_final" not in partial
+
+
+def test_throughput_quick(quick):
+    assert throughput.main(_args(quick)) == 0
+    data = json.loads((quick["results"] / "throughput.json").read_text())
+    assert data["complete"] and [c["teacher_mode"] for c in data["cases"].values()][-2:] == ["cache", "online"]
+    assert data["cases"]["ce"]["speed_vs_ce"] == pytest.approx(1.0)
+    for case in data["cases"].values():
+        assert case["images_per_s"] > 0 and case["peak_memory_mb"] > 0 and not math.isnan(case["epoch_time_s"])
+
+
+def test_report_renders_results_and_marks_missing_cells(quick, tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(quick["results"]), "--out", str(out)]) == 0
+    text = out.read_text()
+    data = json.loads((quick["results"] / f"accuracy_{PAIR}_low.json").read_text())
+    featkd = data["methods"]["featkd"]["final_test_acc"]
+    assert report.pct(featkd) in text
+    assert "| semckd | missing |" in text and "**partial**" in text
+    assert "Not run yet:" in text and "vit_b-vit_et low" in text
+    assert "## Does Q pick the layers that distil best?" in text and "Spearman" in text
+    assert "- Layer validity (paper Q, 3 layers)" in text
+    assert "featkd (online teacher)" in text
+    assert "quality_resnet34_low_paper.png" in text
+    assert "generated by `python benchmarks/report.py`" in text.splitlines()[0]
+
+
+def test_report_without_results(tmp_path):
+    (tmp_path / "empty").mkdir()
+    text = report.render(tmp_path / "empty", tmp_path / "B.md")
+    assert "No accuracy results yet" in text and "No results yet: run `python benchmarks/layer_validity.py`" in text
+    assert report.main(["--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "B.md")]) == 2
+
+
+def test_probe_quick_estimates_the_suite(quick):
+    argv = _args(quick, "--probe", "--pairs", PAIR, "--methods", "ce,kd,fitnet,featkd", "--probe-steps", "1",
+                 "--no-probe-quality")
+    assert accuracy.main(argv) == 0
+    probe = json.loads((quick["results"] / "probe.json").read_text())
+    timings = probe["pairs"][PAIR]
+    assert {"teacher_train", "teacher_forward", "ce", "featkd", "student_eval"} <= set(timings)
+    assert all(t["min"] <= t["median"] for t in timings.values())
+    estimate = probe["estimate"]["median"]
+    assert estimate["students_cpu_s"] > 0 and estimate["wall_s"] == pytest.approx(estimate["cpu_s"] / estimate["workers"])
