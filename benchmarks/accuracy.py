@@ -170,6 +170,7 @@ def distill_config(scale: Scale, pair: common.Pair, regime: str, method: str, wo
 def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work: Path, results: Path,
              record: dict[str, Any]) -> dict[str, Any]:
     """Train every method of one pair and regime; returns the results file's data."""
+    from featkd.api import distill
     from featkd.distillation import METHOD_INFO
 
     pair = PAIRS[pair_name]
@@ -202,8 +203,9 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             config = distill_config(scale, pair, regime, method, work, layers["q_selected"] if q_method else None)
             start = time.perf_counter()
             try:
-                result = common.distill_with_feed(teacher, student, train, test, config, feed,
-                                                  layers["q_selected"] if q_method else None)
+                result = distill(teacher, student, train, test, config=config, method=method,
+                                 teacher_layers=config.teacher_layers, student_layers=config.student_layers,
+                                 teacher_name=pair.teacher, student_name=pair.student, teacher_feed=feed)
             except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
                 log.exception("%s %s %s failed", pair.name, regime, method)
                 done[method] = {"error": f"{type(err).__name__}: {err}"}

@@ -12,8 +12,8 @@ for the default scale (committed), to ``<work>/results/`` otherwise.
 
 The teacher outputs of one (pair, regime) are shared by all of its methods:
 :class:`SharedTeacherFeed` keeps one ``featkd.distillation.TeacherCache`` per
-teacher-layer list and :func:`distill_with_feed` is ``featkd.api.distill`` with
-that feed passed in (the API builds a new cache for every call).
+teacher-layer list and is passed to ``featkd.api.distill(..., teacher_feed=feed)``
+(which otherwise builds a new cache for every call).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from featkd.config import DistillConfig, TrainConfig
+from featkd.config import TrainConfig
 
 log = logging.getLogger("benchmarks")
 
@@ -540,7 +540,9 @@ def resolve_device(spec: str) -> torch.device:
 class SharedTeacherFeed:
     """The trainer's teacher feed for many methods on one training set, with shared caches.
 
-    Call :meth:`use` with each method before training it. Methods asking for the same
+    A ``teacher_feed`` for ``featkd.api.distill`` (the interface of ``featkd.api.TeacherFeed``),
+    which calls :meth:`configure` with each method before training it; the caller
+    closes it after the last method. Methods asking for the same
     teacher layers share one ``TeacherCache`` (those features plus the logits,
     computed once by one pass over the un-augmented training set); one cache is held
     at a time, so run the methods grouped by their layer list. ``build_seconds``
@@ -560,7 +562,7 @@ class SharedTeacherFeed:
         self._key: tuple[str, ...] | None = None
         self._cache: Any = None
 
-    def use(self, method: Any) -> None:
+    def configure(self, method: Any) -> None:
         """Serve ``method`` from now on (its teacher layers and whether it needs logits)."""
         self._need_logits = bool(method.needs_teacher_logits)
         layers = tuple(method.teacher_layers) if method.needs_teacher_features else ()
@@ -594,57 +596,10 @@ class SharedTeacherFeed:
         return out
 
     def close(self) -> None:
+        """Free the cache held (and delete its memory-mapped files)."""
         if self._cache is not None:
             self._cache.close()
         self._cache, self._key = None, None
-
-
-def distill_with_feed(teacher: nn.Module, student: Callable[[], nn.Module], train_set: Any, test_set: Any,
-                      config: DistillConfig, feed: SharedTeacherFeed,
-                      teacher_layers: Sequence[int | str] | None) -> Any:
-    """``featkd.api.distill`` for a zoo pair, with the teacher outputs taken from ``feed``.
-
-    ``config`` names teacher, student, method, recipe and ``out``; ``teacher_layers``
-    None means the method's default list, which must then be "standard" (Q-selected
-    layers are measured once per teacher and regime and passed in). Builds the same
-    models, methods and runs as ``featkd.api.distill`` (same seeds: same results).
-    Returns the ``featkd.train.TrainResult``.
-    """
-    from featkd.api import (
-        default_teacher_layers, method_uses_layers, resolve_student_layers, resolve_teacher_layers,
-    )
-    from featkd.distillation import DistillModel, build_method
-    from featkd.train import default_lr, init_distributed, train_runs
-
-    config.validate()
-    context = init_distributed(config.device)
-    device = context.device
-    lr = config.lr or default_lr(config.student, config.optimizer)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    s_layers: list[int | str] = []
-    t_layers: list[int | str] = []
-    if method_uses_layers(config.method):
-        torch.manual_seed(config.seed)
-        s_layers = resolve_student_layers(config.student_layers, student(), config.student)
-        spec = list(teacher_layers) if teacher_layers is not None else default_teacher_layers(config.method)
-        if spec == "auto":
-            raise ValueError(f"method {config.method}: pass the Q-selected teacher layers explicitly")
-        t_layers = resolve_teacher_layers(spec, teacher, config.teacher, len(s_layers), train_set,
-                                          device=device, progress=False)
-    sample = train_set.with_augment(False).batch(torch.arange(min(2, len(train_set))))[0].to(device)
-
-    def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
-        torch.manual_seed(seed)
-        net = student().to(device)
-        method = build_method(config.method, teacher, net, teacher_layers=t_layers, student_layers=s_layers,
-                              num_classes=train_set.num_classes, sample_input=sample,
-                              batch_size=config.batch_size // context.world_size)
-        feed.use(method)
-        return DistillModel(net, method), net
-
-    extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
-    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, teacher=feed,
-                      extra=extra)
 
 
 def run_summary(result: Any) -> dict[str, Any]:

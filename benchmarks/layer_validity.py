@@ -54,6 +54,7 @@ def student_layer(student_name: str) -> int:
 
 def layer_job(scale: Scale, layer: int, work: Path) -> dict[str, Any]:
     """Distil the student from teacher GL ``layer`` alone; returns that layer's runs and summary."""
+    from featkd.api import distill
     from featkd.config import DistillConfig
 
     pair = PAIRS[scale.lv_pair]
@@ -73,9 +74,11 @@ def layer_job(scale: Scale, layer: int, work: Path) -> dict[str, Any]:
     )
     start = time.perf_counter()
     try:
-        result = common.distill_with_feed(
+        result = distill(
             teacher, lambda: common.create(pair.student, scale.student_widths[pair.student], train),
-            train, test, config, feed, [layer])
+            train, test, config=config, method=config.method, teacher_layers=config.teacher_layers,
+            student_layers=config.student_layers, teacher_name=pair.teacher, student_name=pair.student,
+            teacher_feed=feed)
     finally:
         feed.close()
     return {"layer": layer, "student_layer": s_layer, **common.run_summary(result),

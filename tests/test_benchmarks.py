@@ -129,7 +129,8 @@ def _student():
     return create_model("resnet9", 3, in_channels=1, width=1 / 16)
 
 
-def test_distill_with_feed_reproduces_featkd_api_distill():
+def test_shared_feed_gives_the_same_runs_as_the_default_feed(tmp_path):
+    """What accuracy.py does (its DistillConfig + a SharedTeacherFeed) matches a plain featkd.api.distill."""
     from featkd.api import distill
     from featkd.config import DistillConfig
 
@@ -137,10 +138,18 @@ def test_distill_with_feed_reproduces_featkd_api_distill():
     options = dict(epochs=2, runs=1, seed=0, batch_size=8, device="cpu", progress=False)
     expected = distill(teacher, _student, train, test, method="fitnet", teacher_name="resnet34",
                        student_name="resnet9", **options)
-    config = DistillConfig(data="synthetic", method="fitnet", teacher="resnet34", student="resnet9", **options)
+    config = DistillConfig(data="synthetic", method="fitnet", teacher="resnet34", student="resnet9",
+                           teacher_mode="cache", out=str(tmp_path), **options)
     feed = common.SharedTeacherFeed(teacher, train, torch.device("cpu"))
-    got = common.distill_with_feed(teacher, _student, train, test, config, feed, None)
+    got = distill(teacher, _student, train, test, config=config, method=config.method,
+                  teacher_layers=config.teacher_layers, student_layers=config.student_layers,
+                  teacher_name=config.teacher, student_name=config.student, teacher_feed=feed)
+    assert len(feed.build_seconds) == 1
+    idx = torch.tensor([0, 1])
+    assert len(feed(train.batch(idx)[0], idx).features) == 4
+    assert len(feed.build_seconds) == 1  # the cache was left open for the next method
     feed.close()
+    assert DistillConfig.from_yaml(tmp_path / "config.yaml").to_dict() == config.to_dict()  # resumable
     assert got.extra["teacher_layers"] == expected.extra["teacher_layers"] == [3, 7, 13, 16]
     for key in ("test_acc", "loss"):
         assert [r[key] for r in got.runs[0].history] == pytest.approx([r[key] for r in expected.runs[0].history])
@@ -158,13 +167,13 @@ def test_shared_feed_builds_one_cache_per_layer_list():
         return build_method(name, teacher, _student(), teacher_layers=layers, student_layers=[1, 2, 3, 4],
                             num_classes=3, sample_input=x)
 
-    feed.use(method("ce", None))
+    feed.configure(method("ce", None))
     assert feed(x, idx) is None
-    feed.use(method("kd", None))
+    feed.configure(method("kd", None))
     assert feed(x, idx).logits.shape == (2, 3) and feed(x, idx).features == []
-    feed.use(method("fitnet", [3, 7, 13, 16]))
+    feed.configure(method("fitnet", [3, 7, 13, 16]))
     first = feed(x, idx)
-    feed.use(method("featkd_std", [3, 7, 13, 16]))  # same layers: no new cache, and no logits handed out
+    feed.configure(method("featkd_std", [3, 7, 13, 16]))  # same layers: no new cache, and no logits handed out
     second = feed(x, idx)
     assert len(feed.build_seconds) == 2
     assert second.logits is None and all(torch.equal(a, b) for a, b in zip(first.features, second.features))

@@ -158,6 +158,43 @@ def test_teacher_feed_modes(data, teacher):
     assert ce_feed(xb, idx) is None
 
 
+class RecordingFeed(api.TeacherFeed):
+    """A TeacherFeed that counts the calls the trainer and ``distill`` make."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = collections.Counter()
+
+    def configure(self, method) -> None:
+        self.calls["configure"] += 1
+        super().configure(method)
+
+    def __call__(self, x, idx):
+        self.calls["call"] += 1
+        return super().__call__(x, idx)
+
+    def close(self) -> None:
+        self.calls["close"] += 1
+        super().close()
+
+
+def test_distill_uses_a_given_teacher_feed_and_leaves_it_open(data, teacher):
+    train, test = data
+    options = dict(method="fitnet", teacher_name="resnet34", student_name="resnet9", epochs=1, runs=2, **FAST)
+    expected = api.distill(teacher, student, train, test, **options)
+    feed = RecordingFeed(teacher, train, "cache", torch.device("cpu"))
+    got = api.distill(teacher, student, train, test, teacher_feed=feed, **options)
+    assert feed.calls["configure"] == 2 and feed.calls["call"] > 0 and feed.calls["close"] == 0
+    idx = torch.tensor([1, 4])
+    assert [f.shape[0] for f in feed(train.batch(idx)[0], idx).features] == [2, 2, 2, 2]  # cache still open
+    feed.close()
+    for a, b in zip(got.runs, expected.runs, strict=True):
+        for key in ("loss", "train_acc", "test_acc"):
+            assert [r[key] for r in a.history] == pytest.approx([r[key] for r in b.history]), key
+    with pytest.raises(TypeError, match="configure"):
+        api.distill(teacher, student, train, test, teacher_feed=object(), **options)
+
+
 # ----------------------------------------------------------------------------- failures
 class NaNAfter(nn.Module):
     """Logits become NaN from the ``after``-th training forward on."""

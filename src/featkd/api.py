@@ -314,6 +314,7 @@ def distill(
     student_name: str | None = None,
     callbacks: Sequence[Callback] = (),
     context: DistContext | None = None,
+    teacher_feed: Any | None = None,
     **options: Any,
 ) -> TrainResult:
     """Distil ``student`` from the trained ``teacher``; returns every run's history and the summary.
@@ -323,8 +324,19 @@ def distill(
     ``student_layers``: "paper" or GL indices / module names. ``teacher_name`` /
     ``student_name`` are zoo names for the layer tables and the default lr.
     ``options`` are :class:`DistillConfig` fields (epochs, runs, out, teacher_mode, ...).
+
+    ``teacher_feed``: the teacher outputs to train from, instead of a new
+    :class:`TeacherFeed` (whose cache lives for this call only), e.g. one cache
+    shared by many calls on the same training set. It needs TeacherFeed's
+    interface: ``configure(method)`` (called with every run's method),
+    ``prepare()`` (before the first epoch) and ``feed(x, idx) -> TeacherOutputs | None``.
+    ``teacher_mode`` and ``cache_memory_mb`` are then not used, and the caller
+    owns the feed: ``distill`` does not close it.
     """
     from featkd.distillation import DistillModel, build_method
+
+    if teacher_feed is not None:
+        _check_feed(teacher_feed)
 
     config = _config(DistillConfig, config, {
         **options, "method": method, "teacher": teacher_name, "student": student_name,
@@ -351,9 +363,11 @@ def distill(
             subset_size=config.quality_subset, seed=config.seed, progress=config.progress,
         )
     sample = _sample_input(train_set).to(device)
-    feed = TeacherFeed(teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
-                       memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
-                       progress=config.progress and context.is_main)
+    feed = teacher_feed if teacher_feed is not None else TeacherFeed(
+        teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
+        memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
+        progress=config.progress and context.is_main,
+    )
 
     def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
         net = _instantiate(student, seed).to(device)
@@ -370,7 +384,15 @@ def distill(
         return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
                           teacher=feed, callbacks=callbacks, extra=extra)
     finally:
-        feed.close()
+        if teacher_feed is None:  # a feed passed in belongs to the caller
+            feed.close()
+
+
+def _check_feed(feed: Any) -> None:
+    missing = [name for name in ("configure", "prepare", "__call__") if not callable(getattr(feed, name, None))]
+    if missing:
+        raise TypeError(f"teacher_feed must offer configure(method), prepare() and __call__(x, idx) "
+                        f"like featkd.api.TeacherFeed; {type(feed).__name__} lacks {', '.join(missing)}")
 
 
 def default_teacher_layers(method: str) -> str:
