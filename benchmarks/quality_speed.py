@@ -370,8 +370,9 @@ def markdown(result: dict) -> str:
                      f"**{t['naive_over_ours']:.1f}** ({t['naive_over_ours_cpu']:.1f}) (goal >= 5). "
                      f"{result['naive_note']}.")
     p = result["peak_memory_mb"]
-    lines.append(f"Peak memory growth (max over layers): ours {p['ours_peak_mb']} MB, floor "
-                 f"{p['floor_peak_mb']} MB, naive {p['naive_peak_mb']} MB.")
+    lines.append(f"Peak memory growth (max over layers; growth of the process's peak resident set "
+                 f"during the call, BLAS and allocator buffers included): ours {p['ours_peak_mb']} MB, "
+                 f"floor {p['floor_peak_mb']} MB, naive {p['naive_peak_mb']} MB.")
     if "measure_all_layers" in result:
         m = result["measure_all_layers"]
         lines.append(f"`measure()` end to end, all {m['layers']} layers (feature extraction included): "
