@@ -465,6 +465,7 @@ def test_json_round_trip_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_speed_benchmark_quick_run(tmp_path):
     import importlib.util
     from pathlib import Path
