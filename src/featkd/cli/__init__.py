@@ -28,12 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"featkd.cli.{name}")
-        except ModuleNotFoundError as err:  # a command still under construction
-            if err.name != f"featkd.cli.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"featkd.cli.{name}")
         register = getattr(module, "add_parsers", None) or module.add_parser
         register(subparsers)
     return parser
