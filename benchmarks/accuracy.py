@@ -502,10 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"accuracy.py: error: {err}", file=sys.stderr)
         return 2
-    workers = args.workers or common.default_workers(scale)
-    threads = args.threads or scale.threads or common.default_threads(workers)
-    work = common.work_dir(scale, args.work)
-    results = common.results_dir(scale, work, args.results)
+    workers, threads, work, results = common.placement(scale, args)
     script_argv = [str(Path(__file__))] + argv
     if args.probe:
         return run_probe(scale, pairs, methods, args.probe_steps, workers, threads, results, script_argv,

@@ -636,6 +636,14 @@ def default_workers(scale: Scale) -> int:
     return 2 if default_threads(1) >= 2 else 1
 
 
+def placement(scale: Scale, args: Any, workers: int | None = None) -> tuple[int, int, Path, Path]:
+    """Worker processes, threads per process, work and results directories from the common options."""
+    workers = workers or getattr(args, "workers", None) or default_workers(scale)
+    threads = args.threads or scale.threads or default_threads(workers)
+    work = work_dir(scale, args.work)
+    return workers, threads, work, results_dir(scale, work, args.results)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)

@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.seeds is not None:
         scale.lv_seeds = args.seeds
-    workers = args.workers or common.default_workers(scale)
-    threads = args.threads or scale.threads or common.default_threads(workers)
-    work = common.work_dir(scale, args.work)
-    results = common.results_dir(scale, work, args.results)
+    workers, threads, work, results = common.placement(scale, args)
     return run(scale, layers, work, results, workers, threads, [str(Path(__file__))] + argv)
 
 

@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"throughput.py: error: {err}", file=sys.stderr)
         return 2
-    threads = args.threads or scale.threads or common.default_threads(1)
-    work = common.work_dir(scale, args.work)
-    results = common.results_dir(scale, work, args.results)
+    _, threads, work, results = common.placement(scale, args, workers=1)
     return run(scale, work, results, threads, [str(Path(__file__))] + argv)
 
 
