@@ -257,34 +257,28 @@ def quality_job(scale: Scale, teacher: str, regime: str, work: Path, results: Pa
 
 def run_suite(scale: Scale, pairs: list[str], regimes: list[str], methods: list[str], work: Path,
               results: Path, workers: int, threads: int, argv: list[str]) -> int:
-    """Teachers, then quality, then every (pair, regime); returns 0 when everything finished."""
+    """Every (pair, regime), each started as soon as its teacher and its Q report are ready;
+    returns 0 when everything finished."""
     record = common.run_record(argv, threads, workers)
-    teachers = sorted({PAIRS[p].teacher for p in pairs})
-    failed: dict[str, Any] = {}
+    cost = job_costs(scale, methods, results / "probe.json")
+    cells = sorted(((p, r) for r in regimes for p in pairs), key=lambda cell: -cost.get(cell, 0.0))
+    teachers = list(dict.fromkeys(PAIRS[p].teacher for p, _ in cells))  # the one gating the most work first
+    jobs = [Job(f"teacher {t}", teacher_job, (scale, t, work, threads)) for t in teachers]
+    jobs += [Job(f"quality {t} {r}", quality_job, (scale, t, r, work, results), after=(f"teacher {t}",))
+             for t in teachers for r in regimes]
+    jobs += [Job(f"{p} {r}", run_pair, (scale, p, r, methods, work, results, record),
+                 after=(f"quality {PAIRS[p].teacher} {r}",)) for p, r in cells]  # longest first
 
-    outcome = common.run_jobs([Job(f"teacher {t}", teacher_job, (scale, t, work, threads)) for t in teachers],
-                              workers, threads)
-    failed.update({k: v for k, v in outcome.items() if isinstance(v, Exception)})
-    ready = [t for t in teachers if not isinstance(outcome[f"teacher {t}"], Exception)]
-
-    quality = [Job(f"quality {t} {r}", quality_job, (scale, t, r, work, results)) for t in ready for r in regimes]
-    outcome = common.run_jobs(quality, workers, threads)
-    failed.update({k: v for k, v in outcome.items() if isinstance(v, Exception)})
-    for name, value in outcome.items():
-        if isinstance(value, dict):
+    def on_done(name: str, value: Any) -> None:
+        if name.startswith("quality ") and isinstance(value, dict):
             teacher = name.split()[1]
             paper = ", ".join(f"{data} {layers}" for data, layers in paper_q_layers(teacher).items())
             print(f"{name}: top 4 by Q {value['selected']}; the paper's choice: {paper or 'none'}")
 
-    cells = [(p, r) for r in regimes for p in pairs if PAIRS[p].teacher in ready
-             and not isinstance(outcome.get(f"quality {PAIRS[p].teacher} {r}"), Exception)]
-    cost = job_costs(scale, methods, results / "probe.json")
-    cells.sort(key=lambda cell: -cost.get(cell, 0.0))  # longest first: the workers finish together
-    students = [Job(f"{p} {r}", run_pair, (scale, p, r, methods, work, results, record)) for p, r in cells]
-    outcome = common.run_jobs(students, workers, threads)
-    failed.update({k: v for k, v in outcome.items() if isinstance(v, Exception)})
-
-    incomplete = [n for n, v in outcome.items() if isinstance(v, dict) and not v.get("complete")]
+    outcome = common.run_jobs(jobs, workers, threads, on_done)
+    failed = {k: v for k, v in outcome.items() if isinstance(v, Exception)}
+    incomplete = [f"{p} {r}" for p, r in cells if isinstance(outcome[f"{p} {r}"], dict)
+                  and not outcome[f"{p} {r}"].get("complete")]
     for name, err in failed.items():
         print(f"FAILED {name}: {err}", file=sys.stderr)
     print(f"results in {results}" + (f"; incomplete: {', '.join(incomplete)}" if incomplete else ""))

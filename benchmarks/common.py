@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -656,49 +656,88 @@ def _init_worker(threads: int) -> None:
 
 @dataclass
 class Job:
-    """One unit of work for :func:`run_jobs`: ``function(*args)`` (picklable)."""
+    """One unit of work for :func:`run_jobs`: ``function(*args)`` (picklable), started only
+    once every job named in ``after`` has succeeded."""
 
     name: str
     function: Callable[..., Any]
     args: tuple = ()
+    after: tuple[str, ...] = ()
+
+
+class DependencyFailed(RuntimeError):
+    """A job was skipped because a job it waits for failed."""
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, threads: int,
              on_done: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
     """Run ``jobs`` in this process (workers=1) or in ``workers`` spawned processes.
 
-    Each worker uses ``threads`` torch threads. ``on_done(name, outcome)`` is called in
-    this process as each job ends. Returns {job name: its return value, or the exception
-    it raised} (a failed job does not stop the others).
+    A job starts as soon as the jobs it waits for have succeeded, in list order among the
+    ready ones, so a worker never idles while any job could run. Each worker uses ``threads``
+    torch threads. ``on_done(name, outcome)`` is called in this process as each job ends.
+    Returns {job name: its return value, or the exception it raised} (a failed job does not
+    stop the others; the jobs waiting for it end with :class:`DependencyFailed`).
     """
+    names = {job.name for job in jobs}
+    for job in jobs:
+        unknown = set(job.after) - names
+        if unknown:
+            raise ValueError(f"job {job.name} waits for unknown jobs: {sorted(unknown)}")
     outcomes: dict[str, Any] = {}
+    waiting = list(jobs)
+    position = {job.name: i for i, job in enumerate(jobs)}
 
     def finish(name: str, outcome: Any) -> None:
         outcomes[name] = outcome
         if on_done is not None:
             on_done(name, outcome)
 
+    def ready() -> list[Job]:
+        """Pop the jobs whose dependencies all ended; fail those whose dependency failed."""
+        started: list[Job] = []
+        for job in list(waiting):
+            if not all(name in outcomes for name in job.after):
+                continue
+            waiting.remove(job)
+            failed = [name for name in job.after if isinstance(outcomes[name], Exception)]
+            if failed:
+                finish(job.name, DependencyFailed(f"{job.name} skipped: {', '.join(failed)} failed"))
+            else:
+                started.append(job)
+        return started
+
     if workers <= 1:
         torch.set_num_threads(threads)
-        for job in jobs:
-            try:
-                outcome = job.function(*job.args)
-            except Exception as err:  # keep going: the suite resumes the failed job next time
-                log.exception("job %s failed", job.name)
-                outcome = err
-            finish(job.name, outcome)
+        while batch := ready():
+            for job in batch:
+                try:
+                    outcome = job.function(*job.args)
+                except Exception as err:  # keep going: the suite resumes the failed job next time
+                    log.exception("job %s failed", job.name)
+                    outcome = err
+                finish(job.name, outcome)
         return outcomes
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(job.function, *job.args): job.name for job in jobs}
-        for future in as_completed(futures):
-            name = futures[future]
-            try:
-                outcome = future.result()
-                log.info("job %s done", name)
-            except Exception as err:
-                log.error("job %s failed: %s", name, err)
-                outcome = err
-            finish(name, outcome)
+        running: dict[Future, str] = {}
+        queue: list[Job] = []
+        while True:
+            queue = sorted(queue + ready(), key=lambda job: position[job.name])
+            while queue and len(running) < workers:  # submit only what can start now: order holds
+                job = queue.pop(0)
+                running[pool.submit(job.function, *job.args)] = job.name
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
+                try:
+                    outcome = future.result()
+                    log.info("job %s done", name)
+                except Exception as err:
+                    log.error("job %s failed: %s", name, err)
+                    outcome = err
+                finish(name, outcome)
     return outcomes

@@ -97,6 +97,29 @@ def test_job_costs_put_the_longest_jobs_first(tmp_path):
     assert costs[("vit_b-vit_et", "low")] == pytest.approx(4 * costs[("vgg19_bn-vgg11_bn", "low")])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_jobs_waits_for_dependencies_and_skips_after_a_failure(tmp_path, workers):
+    note = tmp_path / "note.txt"
+    jobs = [  # listed before the job they wait for: the order must come from `after`
+        common.Job("read", note.read_text, after=("write",)),
+        common.Job("skipped", len, ("abc",), after=("boom",)),
+        common.Job("boom", int, ("not a number",)),
+        common.Job("write", note.write_text, ("teacher ready",)),
+    ]
+    ended: list[str] = []
+    outcomes = common.run_jobs(jobs, workers, 1, lambda name, _: ended.append(name))
+    assert outcomes["write"] == len("teacher ready") and outcomes["read"] == "teacher ready"
+    assert ended.index("write") < ended.index("read")
+    assert isinstance(outcomes["boom"], ValueError)
+    assert isinstance(outcomes["skipped"], common.DependencyFailed) and "boom" in str(outcomes["skipped"])
+    assert sorted(ended) == sorted(job.name for job in jobs)
+
+
+def test_run_jobs_rejects_an_unknown_dependency():
+    with pytest.raises(ValueError, match="unknown jobs"):
+        common.run_jobs([common.Job("a", len, ("x",), after=("teacher",))], 1, 1)
+
+
 def test_top_layer_check_and_report_verdicts():
     acc = [{"mean": 0.80, "std": 0.01}, {"mean": 0.85, "std": 0.01}, {"mean": 0.84, "std": 0.01}]
     check = layer_validity.top_layer_check([3, 7, 9], [0.1, 0.2, 0.3], acc)
