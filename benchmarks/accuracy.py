@@ -262,7 +262,7 @@ def run_suite(scale: Scale, pairs: list[str], regimes: list[str], methods: list[
     record = common.run_record(argv, threads, workers)
     cost = job_costs(scale, methods, results / "probe.json")
     cells = sorted(((p, r) for r in regimes for p in pairs), key=lambda cell: -cost.get(cell, 0.0))
-    teachers = list(dict.fromkeys(PAIRS[p].teacher for p, _ in cells))  # the one gating the most work first
+    teachers = list(dict.fromkeys(PAIRS[p].teacher for p, _ in cells))  # the longest cell's teacher first
     jobs = [Job(f"teacher {t}", teacher_job, (scale, t, work, threads)) for t in teachers]
     jobs += [Job(f"quality {t} {r}", quality_job, (scale, t, r, work, results), after=(f"teacher {t}",))
              for t in teachers for r in regimes]
