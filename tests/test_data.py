@@ -417,3 +417,27 @@ def test_derive_generator_streams():
     assert torch.equal(a, torch.rand(3, generator=derive_generator(1, 2, 3)))
     assert not torch.equal(a, torch.rand(3, generator=derive_generator(1, 2, 4)))
     assert not torch.equal(a, torch.rand(3, generator=derive_generator(1, 3, 2)))
+
+
+def test_validation_split_is_held_out_first_stratified_and_fixed():
+    from featkd.data import load_splits
+
+    full = load_splits("synthetic", num_classes=3, samples_per_class=20, test_per_class=4)
+    split = load_splits("synthetic", num_classes=3, samples_per_class=20, test_per_class=4, val_size=9)
+    assert full.val is None and len(split.val) == 9 and len(split.train) == 51
+    assert torch.bincount(split.val.labels).tolist() == [3, 3, 3]
+    train_rows = {tuple(x.flatten().tolist()) for x in split.train.images}
+    val_rows = {tuple(x.flatten().tolist()) for x in split.val.images}
+    assert not train_rows & val_rows                      # disjoint
+    assert train_rows | val_rows == {tuple(x.flatten().tolist()) for x in full.train.images}
+    # the split does not move with the training subset's seed, and train_limit subsets the rest
+    digits = load_splits("digits", image_size=8, val_size=100)
+    other = load_splits("digits", image_size=8, val_size=100, train_limit=300, seed=5)
+    assert torch.equal(other.val.images, digits.val.images) and len(other.train) == 300
+    digit_rows = {tuple(x.flatten().tolist()) for x in digits.val.images}
+    assert not {tuple(x.flatten().tolist()) for x in other.train.images} & digit_rows
+    # every split is normalised with the kept training images' statistics
+    assert torch.equal(split.val.mean, split.train.mean) and torch.equal(split.test.std, split.train.std)
+    assert not split.val.augment
+    with pytest.raises(ValueError, match="val_size"):
+        load_splits("synthetic", num_classes=3, samples_per_class=20, val_size=60)

@@ -406,3 +406,61 @@ def test_report_from_run_directories(tmp_path, data):
     assert markdown_table([{"x": "1", "y": "2"}]) == "| x | y |\n|---|---|\n| 1 | 2 |"
     with pytest.raises(FileNotFoundError):
         find_runs(tmp_path / "a" / "missing")
+
+
+def test_validation_split_picks_the_best_epoch_and_never_the_test_split(tmp_path):
+    from featkd.data import load_splits
+
+    train, val, test = load_splits("synthetic", num_classes=3, samples_per_class=12, test_per_class=4,
+                                   image_size=8, val_size=9)
+    result = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test, val_set=val,
+                               model_name="resnet9", epochs=3, out=str(tmp_path / "run"), **FAST)
+    run = result.runs[0]
+    records = read_metrics(tmp_path / "run")
+    assert all("val_acc" in r and "test_acc" in r for r in records)
+    vals = [r["val_acc"] for r in records]
+    assert run.best_val_epoch == vals.index(max(vals)) + 1
+    assert run.test_acc_at_best_val == records[run.best_val_epoch - 1]["test_acc"]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["test_acc_at_best_val"]["mean"] == pytest.approx(run.test_acc_at_best_val)
+    assert saved["final_val_acc"]["mean"] == pytest.approx(vals[-1])
+    # without a validation split there is no best epoch (the test split never picks one)
+    plain = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test,
+                              model_name="resnet9", epochs=2, **FAST)
+    assert plain.runs[0].best_val_epoch is None and plain.summary()["test_acc_at_best_val"]["n"] == 0
+
+
+def test_channels_last_is_the_default_for_conv_models_and_does_not_change_results(data):
+    from featkd.train import channels_last_format
+
+    train, test = data
+    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 16)) is torch.channels_last
+    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 16), False) is torch.contiguous_format
+    assert channels_last_format(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is torch.contiguous_format
+    runs = {}
+    for flag in (True, False):
+        result = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test,
+                                   model_name="resnet9", epochs=2, channels_last=flag, **FAST)
+        runs[flag] = result.runs[0]
+    conv = runs[True].model.get_submodule("stem.conv").weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for a, b in zip(runs[True].history, runs[False].history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_compile_option_trains_through_torch_compile(data, monkeypatch):
+    # Dynamo traces for real; the "eager" backend skips inductor's C++ code generation (minutes here).
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    train, test = data
+    result = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test,
+                               model_name="resnet9", epochs=1, compile=True, **FAST)
+    assert result.finished and 0.0 <= result.runs[0].final_test_acc <= 1.0
+    assert len(compiled) == 1 and isinstance(compiled[0], ClassifierModel)
+    assert TrainConfig(compile=True).differences(TrainConfig()) == []   # a runtime option: resumable

@@ -33,6 +33,7 @@ from featkd.train import (
     ClassifierModel,
     DistContext,
     TrainResult,
+    channels_last_format,
     default_lr,
     init_distributed,
     prepare_output,
@@ -59,16 +60,17 @@ ModelSpec = nn.Module | Callable[[], nn.Module]
 
 
 # --------------------------------------------------------------------------- data and models
-def load_data(config: RunConfig) -> tuple[Any, Any]:
-    """(train, test) datasets named by ``config`` (augmentation on the training split only)."""
-    from featkd.data import get_datasets
+def load_data(config: RunConfig) -> Any:
+    """``DataSplits(train, val, test)`` named by ``config`` (augmentation on the training split only;
+    ``val`` is None unless ``config.val_size`` is set)."""
+    from featkd.data import load_splits
 
     options = dict(root=config.data_root, image_size=config.image_size, augment=config.augment,
-                   train_limit=config.train_limit, seed=config.seed)
+                   train_limit=config.train_limit, seed=config.seed, val_size=config.val_size)
     clash = sorted(set(options) & set(config.data_options))
     if clash:
         raise ValueError(f"data_options {clash}: set them as options of their own ({', '.join(clash)}=...)")
-    return get_datasets(config.data, **options, **config.data_options)
+    return load_splits(config.data, **options, **config.data_options)
 
 
 def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:
@@ -280,12 +282,14 @@ def train_teacher(
     model_name: str | None = None,
     callbacks: Sequence[Callback] = (),
     context: DistContext | None = None,
+    val_set: Any = None,
     **options: Any,
 ) -> TrainResult:
     """Train ``model`` with cross-entropy; ``options`` are :class:`TrainConfig` fields (epochs, lr, out, ...).
 
     ``model`` is a module (copied for every run) or a factory called under each run's seed.
     ``lr`` defaults to the recipe's value for zoo model ``model_name`` (or ``config.model``).
+    ``val_set`` (a validation split held out of the training data) picks the best epoch.
     """
     config = _config(TrainConfig, config, options, train_set)
     if model_name is not None:
@@ -297,7 +301,8 @@ def train_teacher(
         net = _instantiate(model, seed)
         return ClassifierModel(net), net
 
-    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, callbacks=callbacks)
+    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, callbacks=callbacks,
+                      val_set=val_set)
 
 
 def distill(
@@ -315,6 +320,7 @@ def distill(
     callbacks: Sequence[Callback] = (),
     context: DistContext | None = None,
     teacher_feed: Any | None = None,
+    val_set: Any = None,
     **options: Any,
 ) -> TrainResult:
     """Distil ``student`` from the trained ``teacher``; returns every run's history and the summary.
@@ -324,6 +330,7 @@ def distill(
     ``student_layers``: "paper" or GL indices / module names. ``teacher_name`` /
     ``student_name`` are zoo names for the layer tables and the default lr.
     ``options`` are :class:`DistillConfig` fields (epochs, runs, out, teacher_mode, ...).
+    ``val_set`` (a validation split held out of the training data) picks the best epoch.
 
     ``teacher_feed``: the teacher outputs to train from, instead of a new
     :class:`TeacherFeed` (whose cache lives for this call only), e.g. one cache
@@ -347,7 +354,7 @@ def distill(
     out = Path(config.out) if config.out else None
     lr = config.lr or default_lr(config.student, config.optimizer)
 
-    teacher = teacher.to(device).eval()
+    teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last)).eval()
     teacher.requires_grad_(False)
     if out is not None:
         prepare_output(out, config, context)  # refuse a different run's directory before writing to it
@@ -382,7 +389,7 @@ def distill(
     extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
     try:
         return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
-                          teacher=feed, callbacks=callbacks, extra=extra)
+                          teacher=feed, callbacks=callbacks, extra=extra, val_set=val_set)
     finally:
         if teacher_feed is None:  # a feed passed in belongs to the caller
             feed.close()
@@ -472,7 +479,7 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
         raise ValueError("no model: give --model NAME")
     config.validate()
     context = init_distributed(config.device)
-    train_set, test_set = load_data(config)
+    train_set, val_set, test_set = load_data(config)
     num_classes, channels, size = _data_shape(train_set)
 
     def factory() -> nn.Module:
@@ -481,7 +488,8 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
             load_model_weights(net, config.init_checkpoint)
         return net
 
-    return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context)
+    return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context,
+                         val_set=val_set)
 
 
 def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -491,7 +499,7 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
 
     config = complete_distill_config(config)
     context = init_distributed(config.device)
-    train_set, test_set = load_data(config)
+    train_set, val_set, test_set = load_data(config)
     num_classes, channels, size = _data_shape(train_set)
     teacher = create_model(config.teacher, num_classes, in_channels=channels, image_size=size,
                            width=config.teacher_width)
@@ -505,4 +513,4 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
     return distill(teacher, student, train_set, test_set, config=config, method=config.method,
                    teacher_layers=config.teacher_layers, student_layers=config.student_layers,
                    teacher_name=config.teacher, student_name=config.student, callbacks=callbacks,
-                   context=context)
+                   context=context, val_set=val_set)

@@ -30,7 +30,8 @@ __all__ = [
 
 # Fields that change how a run executes but not what it computes: ignored when
 # deciding whether an output directory may be resumed.
-RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memory_mb", "eval_batch_size"})
+RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memory_mb", "eval_batch_size",
+                            "channels_last", "compile"})
 
 C = TypeVar("C", bound="RunConfig")
 
@@ -52,6 +53,8 @@ class RunConfig:
     image_size: int | None = _opt(None, "image size in pixels (default: the dataset's)")
     augment: bool = _opt(False, "random crop (pad 4) + horizontal flip on the training set")
     train_limit: int | None = _opt(None, "keep a stratified subset of this many training images")
+    val_size: int | None = _opt(None, "hold out a stratified validation split of this many training images "
+                                "(fixed seed 0, before train_limit); it picks the best epoch")
     data_options: dict[str, Any] = _opt({}, "extra dataset options, e.g. samples_per_class:8,num_classes:4")
     epochs: int = _opt(50, "training epochs")
     batch_size: int = _opt(128, "global batch size (split across DDP processes)")
@@ -67,6 +70,9 @@ class RunConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt("auto", "mixed precision: auto (bf16 on CUDA), bf16 or none", ("auto", "bf16", "none"))
     eval_batch_size: int = _opt(512, "batch size for evaluation")
+    channels_last: bool = _opt(True, "run models with convolutions in the channels-last memory format "
+                               "(faster on CPUs and GPUs)")
+    compile: bool = _opt(False, "compile the training forward with torch.compile")
     progress: bool = _opt(True, "show tqdm progress bars (only on a terminal)")
     stop_after_epochs: int | None = _opt(None, "stop after this many epochs in this call (resume later)")
     out: str | None = _opt(None, "run directory (rerun the same command to resume)")
@@ -130,7 +136,7 @@ class RunConfig:
                     raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         for name in ("epochs", "batch_size", "runs", "eval_batch_size"):
             _check_positive(name, getattr(self, name))
-        for name in ("image_size", "train_limit", "stop_after_epochs"):
+        for name in ("image_size", "train_limit", "val_size", "stop_after_epochs"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         if self.lr is not None and not self.lr > 0:

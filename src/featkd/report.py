@@ -76,7 +76,9 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def format_mean_std(stats: dict[str, Any], digits: int = 4) -> str:
-    """``0.9123 ± 0.0040`` (sample std over runs), or just the mean for one run."""
+    """``0.9123 ± 0.0040`` (sample std over runs), the mean alone for one run, "n/a" for none."""
+    if stats.get("mean") is None:
+        return "n/a"
     if stats.get("std") is None:
         return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
@@ -118,11 +120,12 @@ def find_runs(root: str | Path) -> list[RunRecord]:
 
 # --------------------------------------------------------------------------- table
 def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
-    """One row per run: model, method, layers, epochs, final/best accuracy, time, throughput."""
+    """One row per run: model, method, layers, epochs, final accuracy, accuracy at the best
+    validation epoch, time, throughput."""
     rows = []
     for run in runs:
         res = run.results or {}
-        final, best = res.get("final_test_acc"), res.get("best_test_acc")
+        final, best = res.get("final_test_acc"), res.get("test_acc_at_best_val")
         per_run = res.get("runs", [])
         rows.append({
             "run": run.name,
@@ -133,7 +136,7 @@ def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
             "epochs": str(run.config.get("epochs", "")),
             "runs": str(len(per_run) or len(run.histories)),
             "final acc": format_mean_std(final) if final else "unfinished",
-            "best acc": format_mean_std(best) if best else "",
+            "acc at best val epoch": format_mean_std(best) if best and best.get("n") else "",
             "time (s)": f"{_mean([r['train_time_s'] for r in per_run]):.1f}" if per_run else "",
             "img/s": f"{_mean([r['images_per_s'] for r in per_run]):.0f}" if per_run else "",
         })
@@ -233,7 +236,8 @@ def write_report(
     lines += [
         "## Results",
         "",
-        "Final-epoch and best-epoch test accuracy; with several runs, mean ± sample standard "
+        "Final-epoch test accuracy, and the test accuracy at the epoch with the best validation "
+        "accuracy (runs with a validation split); with several runs, mean ± sample standard "
         "deviation (ddof=1) over runs. Time: training seconds per run (evaluation included).",
         "",
         markdown_table(rows if rows is not None else comparison_rows(runs)),

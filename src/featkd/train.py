@@ -44,6 +44,7 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
+    "channels_last_format",
     "default_lr",
     "evaluate",
     "finish_distributed",
@@ -326,7 +327,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- results
 @dataclass
 class RunResult:
-    """One training run (one seed)."""
+    """One training run (one seed).
+
+    The headline is the final epoch's test accuracy. With a validation split, the best epoch is
+    the one with the highest validation accuracy (the earliest on ties) and
+    ``test_acc_at_best_val`` its test accuracy; the test split never picks anything.
+    """
 
     seed: int
     history: list[dict[str, Any]]
@@ -339,13 +345,26 @@ class RunResult:
         return self.history[-1]["test_acc"] if self.history else float("nan")
 
     @property
-    def best_test_acc(self) -> float:
-        return max((r["test_acc"] for r in self.history), default=float("nan"))
+    def final_val_acc(self) -> float | None:
+        return self.history[-1].get("val_acc") if self.history else None
 
     @property
-    def best_epoch(self) -> int:
-        accs = [r["test_acc"] for r in self.history]
-        return accs.index(max(accs)) + 1 if accs else 0
+    def best_val_epoch(self) -> int | None:
+        """1-based epoch of the highest validation accuracy; None without a validation split."""
+        accs = [r.get("val_acc") for r in self.history]
+        if not accs or None in accs:
+            return None
+        return accs.index(max(accs)) + 1
+
+    @property
+    def best_val_acc(self) -> float | None:
+        epoch = self.best_val_epoch
+        return None if epoch is None else self.history[epoch - 1]["val_acc"]
+
+    @property
+    def test_acc_at_best_val(self) -> float | None:
+        epoch = self.best_val_epoch
+        return None if epoch is None else self.history[epoch - 1]["test_acc"]
 
     def to_dict(self) -> dict[str, Any]:
         """Summary numbers (no history, no model)."""
@@ -355,8 +374,10 @@ class RunResult:
             "epochs": len(self.history),
             "finished": self.finished,
             "final_test_acc": self.final_test_acc,
-            "best_test_acc": self.best_test_acc,
-            "best_epoch": self.best_epoch,
+            "final_val_acc": self.final_val_acc,
+            "best_val_epoch": self.best_val_epoch,
+            "best_val_acc": self.best_val_acc,
+            "test_acc_at_best_val": self.test_acc_at_best_val,
             "train_time_s": sum(times),
             "images_per_s": _mean([r["images_per_s"] for r in self.history]),
         }
@@ -380,10 +401,13 @@ class TrainResult:
         return self.runs[0].model if self.runs else None
 
     def summary(self) -> dict[str, Any]:
-        """``final_test_acc``/``best_test_acc``: mean, std (sample std, ddof=1; None for one run), n."""
+        """Mean, std (sample std, ddof=1; None for one value) and n over runs of the final test and
+        validation accuracy, the test accuracy at the best-validation epoch and the training time
+        (runs without a value, e.g. without a validation split, are left out)."""
         return {
             "final_test_acc": summarize([r.final_test_acc for r in self.runs]),
-            "best_test_acc": summarize([r.best_test_acc for r in self.runs]),
+            "final_val_acc": summarize([r.final_val_acc for r in self.runs]),
+            "test_acc_at_best_val": summarize([r.test_acc_at_best_val for r in self.runs]),
             "train_time_s": summarize([r.to_dict()["train_time_s"] for r in self.runs]),
         }
 
@@ -391,9 +415,13 @@ class TrainResult:
         return {**self.summary(), **self.extra, "runs": [r.to_dict() for r in self.runs]}
 
 
-def summarize(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof=1; None when there is one value)."""
+def summarize(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; None when there is one value) of the values
+    that are not None (mean None when there are none)."""
+    values = [v for v in values if v is not None]
     n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "std_ddof": None, "n": 0}
     mean = _mean(values)
     std = None if n < 2 else math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return {"mean": mean, "std": std, "std_ddof": 1 if n > 1 else None, "n": n}
@@ -404,8 +432,16 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- the loop
+def channels_last_format(model: nn.Module, enabled: bool = True) -> torch.memory_format:
+    """``torch.channels_last`` when ``enabled`` and ``model`` has a 2-d convolution, else contiguous."""
+    if enabled and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "auto") -> float:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str = "auto",
+             memory_format: torch.memory_format = torch.contiguous_format) -> float:
     """Top-1 accuracy of ``model(x) -> (logits, _)`` over ``loader`` (eval mode, restored after)."""
     was_training = model.training
     model.eval()
@@ -413,7 +449,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     total = 0
     try:
         for x, y, _ in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
             with autocast_context(device, amp):
                 logits, _ = model(x)
             correct += (logits.argmax(1) == y).sum()
@@ -453,6 +490,10 @@ class Trainer:
     def device(self) -> torch.device:
         return self.context.device
 
+    def memory_format(self, model: nn.Module) -> torch.memory_format:
+        """channels_last for models with 2-d convolutions when the config asks for it."""
+        return channels_last_format(model, self.config.channels_last)
+
     def fit(
         self,
         model: nn.Module,
@@ -463,18 +504,22 @@ class Trainer:
         run_dir: str | Path | None = None,
         export: nn.Module | None = None,
         teacher: TeacherFeed | None = None,
+        val_set: Any = None,
     ) -> RunResult:
         """Train ``model`` (forward(x, labels, teacher) -> (logits, losses)) and return the run.
 
         ``export`` is the module whose weights go to ``model.pt`` (default ``model``);
-        ``teacher(x, idx)`` gives the teacher outputs passed to ``model``.
+        ``teacher(x, idx)`` gives the teacher outputs passed to ``model``; ``val_set``, when
+        given, is evaluated every epoch (``val_acc``) and picks the best epoch.
         """
         cfg, ctx = self.config, self.context
         run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(seed)
-        model.to(self.device)
+        model.to(self.device, memory_format=self.memory_format(model))
         loader = self._train_loader(train_set, seed, _requires_full_batches(model))
-        test_loader = _loader(test_set, cfg.eval_batch_size, shuffle=False)
+        eval_loaders = {"test": _loader(test_set, cfg.eval_batch_size, shuffle=False)}
+        if val_set is not None:
+            eval_loaders["val"] = _loader(val_set, cfg.eval_batch_size, shuffle=False)
         optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), cfg, self.lr)
         scheduler = build_scheduler(optimizer, cfg, self.lr, len(loader))
         history = self._restore(run_dir, model, optimizer, scheduler, seed)
@@ -486,7 +531,7 @@ class Trainer:
             train_model = self._wrap(model, loader, teacher)
         last = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, len(history) + cfg.stop_after_epochs)
         for epoch in range(len(history), last):
-            record = self._epoch(train_model, model, loader, test_loader, optimizer, scheduler, teacher, epoch, seed)
+            record = self._epoch(train_model, model, loader, eval_loaders, optimizer, scheduler, teacher, epoch, seed)
             history.append(record)
             if ctx.is_main and run_dir is not None:
                 save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, history, seed, self.device)
@@ -536,6 +581,8 @@ class Trainer:
         return loader
 
     def _wrap(self, model: nn.Module, loader: Any, teacher: TeacherFeed | None) -> nn.Module:
+        if self.config.compile:
+            model = torch.compile(model)
         if not self.context.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -551,7 +598,7 @@ class Trainer:
         train_model: nn.Module,
         model: nn.Module,
         loader: Any,
-        test_loader: Any,
+        eval_loaders: dict[str, Any],
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         teacher: TeacherFeed | None,
@@ -567,8 +614,10 @@ class Trainer:
         start = time.perf_counter()
         batches = _progress(loader, _show_progress(cfg.progress) and ctx.is_main,
                             f"seed {seed} epoch {epoch + 1}/{cfg.epochs}")
+        memory_format = self.memory_format(model)
         for step, (x, y, idx) in enumerate(batches, start=epoch * len(loader) + 1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
             with autocast_context(device, cfg.amp):
                 with torch.no_grad():
                     targets = teacher(x, idx) if teacher is not None else None
@@ -588,20 +637,22 @@ class Trainer:
         if ctx.distributed:
             dist.all_reduce(stats)
         count = float(stats[-1])
-        test_acc = evaluate(model, test_loader, device, cfg.amp)
+        accuracy = {f"{split}_acc": evaluate(model, split_loader, device, cfg.amp, memory_format)
+                    for split, split_loader in eval_loaders.items()}
         record: dict[str, Any] = {"seed": seed, "epoch": epoch + 1}
         record.update({f"loss_{n}": float(stats[i]) / count for i, n in enumerate(names)})
         record["loss"] = sum(float(stats[i]) for i in range(len(names))) / count
         record.update(
             train_acc=float(stats[-2]) / count,
-            test_acc=test_acc,
+            **accuracy,
             lr=optimizer.param_groups[0]["lr"],
             images_per_s=count / train_time,
             epoch_time_s=time.perf_counter() - start,
         )
+        val = f" val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
         (log.info if ctx.is_main else log.debug)(
-            "seed %d epoch %d/%d: loss %.4f train acc %.4f test acc %.4f lr %.2e (%.0f img/s, %.1f s)",
-            seed, epoch + 1, cfg.epochs, record["loss"], record["train_acc"], test_acc,
+            "seed %d epoch %d/%d: loss %.4f train acc %.4f%s test acc %.4f lr %.2e (%.0f img/s, %.1f s)",
+            seed, epoch + 1, cfg.epochs, record["loss"], record["train_acc"], val, record["test_acc"],
             record["lr"], record["images_per_s"], record["epoch_time_s"],
         )
         return record
@@ -717,6 +768,7 @@ def train_runs(
     teacher: TeacherFeed | None = None,
     callbacks: Sequence[Callback] = (),
     extra: dict[str, Any] | None = None,
+    val_set: Any = None,
 ) -> TrainResult:
     """Train one model per seed of ``config`` and write the run directories under ``config.out``.
 
@@ -735,7 +787,8 @@ def train_runs(
             run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         model, export = build_run(seed)
-        result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export, teacher=teacher)
+        result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export, teacher=teacher,
+                             val_set=val_set)
         results.append(result)
         if run_dir is not None and context.is_main and result.finished and config.runs > 1:
             write_json(run_dir / RESULTS_FILE, result.to_dict())

@@ -34,6 +34,7 @@ class DemoPlan:
     data: str = "digits"
     image_size: int = 16
     train_limit: int | None = None
+    val_size: int | None = 200
     teacher: str = "resnet34"
     teacher_width: float = 0.125
     teacher_epochs: int = 8
@@ -46,7 +47,7 @@ class DemoPlan:
     seed: int = 0
 
 
-QUICK = dict(image_size=8, train_limit=100, teacher_width=0.0625, teacher_epochs=2,
+QUICK = dict(image_size=8, train_limit=100, val_size=20, teacher_width=0.0625, teacher_epochs=2,
              student_width=0.0625, epochs=2, batch_size=25, methods=["featkd", "ce", "kd"],
              quality_subset=100)
 
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _common(plan: DemoPlan, progress: bool) -> dict[str, Any]:
     return dict(data=plan.data, image_size=plan.image_size, train_limit=plan.train_limit,
-                batch_size=plan.batch_size, seed=plan.seed, progress=progress, device="auto")
+                val_size=plan.val_size, batch_size=plan.batch_size, seed=plan.seed, progress=progress, device="auto")
 
 
 def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
@@ -149,12 +150,12 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
         f"Data: {plan.data} at {plan.image_size}×{plan.image_size} px; teacher {plan.teacher} "
         f"×{plan.teacher_width:g} ({plan.teacher_epochs} epochs), student {plan.student} "
         f"×{plan.student_width:g} ({plan.epochs} epochs), batch {plan.batch_size}, seed {plan.seed}, "
-        "AdamW + one-cycle, no augmentation.",
+        f"AdamW + one-cycle, no augmentation; {plan.val_size or 0} training images held out for validation.",
         "",
         f"Wall time of the whole demo: {total:.0f} s (this call; resumed steps are not re-run).",
     ]
     report = write_report(out, runs, title="featkd demo", notes=notes, rows=rows)
-    columns = ["run", "model", "method", "teacher layers", "final acc", "best acc", "wall (s)"]
+    columns = ["run", "model", "method", "teacher layers", "final acc", "acc at best val epoch", "wall (s)"]
     print()
     print(markdown_table([{c: row[c] for c in columns} for row in rows]))
     print(f"\nreport: {report}  (total {total:.0f} s)")

@@ -137,15 +137,17 @@ def print_result(result: Any) -> None:
 
     for run in result.runs:
         info = run.to_dict()
-        print(f"seed {info['seed']}: final test acc {info['final_test_acc']:.4f}, best "
-              f"{info['best_test_acc']:.4f} (epoch {info['best_epoch']}), {info['epochs']} epochs, "
+        best = (f", test acc {info['test_acc_at_best_val']:.4f} at the best validation epoch "
+                f"{info['best_val_epoch']}" if info["best_val_epoch"] is not None else "")
+        print(f"seed {info['seed']}: final test acc {info['final_test_acc']:.4f}{best}, {info['epochs']} epochs, "
               f"{info['train_time_s']:.1f} s")
     if not result.finished:
         print("stopped before the last epoch; rerun the same command to resume")
         return
     summary = result.summary()
-    print(f"final test acc {format_mean_std(summary['final_test_acc'])}, "
-          f"best {format_mean_std(summary['best_test_acc'])}"
+    best = summary["test_acc_at_best_val"]
+    print(f"final test acc {format_mean_std(summary['final_test_acc'])}"
+          + (f", at the best validation epoch {format_mean_std(best)}" if best["n"] else "")
           + (f" (mean ± sample std over {summary['final_test_acc']['n']} runs)" if len(result.runs) > 1 else ""))
     if result.out is not None:
         print(f"results in {result.out}")

@@ -7,6 +7,10 @@ a random crop with zero padding 4 and a horizontal flip are drawn per sample, wi
 Python loop over samples. Zero padding is applied to raw pixels before normalising, as
 torchvision does on PIL images.
 
+A validation split (``load_splits(name, val_size=N)``) is held out of the training data with a
+fixed seed, before ``train_limit`` subsets the rest; it serves every choice (best epoch,
+learning rate, layers), the test split none.
+
 Datasets (``get_datasets(name, ...)``; ``root`` defaults to ``$FEATKD_DATA`` or
 ``~/.cache/featkd/data``):
 
@@ -25,7 +29,7 @@ archive helper) where a network exists; without files a FileNotFoundError says w
 """
 
 from .dataset import BatchLoader, ImageDataset
-from .sources import default_root, get_datasets, list_datasets
+from .sources import DataSplits, default_root, get_datasets, list_datasets, load_splits
 from .tensors import (
     CROP_PADDING,
     channel_stats,
@@ -39,7 +43,7 @@ from .tensors import (
 )
 
 __all__ = [
-    "CROP_PADDING", "BatchLoader", "ImageDataset", "channel_stats", "class_balanced_subset",
-    "convert_channels", "default_root", "derive_generator", "get_datasets", "list_datasets",
+    "CROP_PADDING", "BatchLoader", "DataSplits", "ImageDataset", "channel_stats", "class_balanced_subset",
+    "convert_channels", "default_root", "derive_generator", "get_datasets", "list_datasets", "load_splits",
     "normalize", "random_crop_flip", "resize_images", "stratified_subset",
 ]

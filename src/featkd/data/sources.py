@@ -11,7 +11,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -312,16 +312,37 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
+class DataSplits(NamedTuple):
+    """Training, validation (None when not held out) and test splits of one dataset."""
+
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset
+
+
 def get_datasets(name: str, root: str | Path | None = None, download: bool = False,
                  image_size: int | None = None, augment: bool = False, *, in_channels: int | None = None,
                  train_limit: int | None = None, seed: int = 0,
                  **kw: Any) -> tuple[ImageDataset, ImageDataset]:
-    """(train, test) ImageDatasets of a registered dataset; see the module docstring.
+    """(train, test) ImageDatasets of a registered dataset; :func:`load_splits` without a validation split."""
+    splits = load_splits(name, root, download, image_size, augment, in_channels=in_channels,
+                         train_limit=train_limit, seed=seed, **kw)
+    return splits.train, splits.test
 
-    ``image_size`` resizes (bilinear); ``in_channels`` repeats grey channels (or takes luminance);
-    ``train_limit`` keeps a seeded stratified subset (class-balanced on balanced data) of the
-    training split, and the normalisation statistics are those of the kept training images.
-    ``augment`` applies to the training split only. Other keywords go to the dataset's loader.
+
+def load_splits(name: str, root: str | Path | None = None, download: bool = False,
+                image_size: int | None = None, augment: bool = False, *, in_channels: int | None = None,
+                train_limit: int | None = None, seed: int = 0, val_size: int | None = None,
+                val_seed: int = 0, **kw: Any) -> DataSplits:
+    """Train, validation and test ImageDatasets of a registered dataset; see the module docstring.
+
+    ``val_size`` holds out a stratified validation split of the training split, drawn with
+    ``val_seed`` (fixed, so teachers and students of one benchmark share it) before anything
+    else; ``train_limit`` then keeps a seeded stratified subset (class-balanced on balanced data)
+    of the remaining training images. ``image_size`` resizes (bilinear); ``in_channels`` repeats
+    grey channels (or takes luminance). The normalisation statistics are those of the kept
+    training images, for every split. ``augment`` applies to the training split only. Other
+    keywords go to the dataset's loader.
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _DATASETS:
@@ -330,7 +351,7 @@ def get_datasets(name: str, root: str | Path | None = None, download: bool = Fal
     options = [p for p in inspect.signature(spec.loader).parameters if p not in ("root", "download")]
     unknown = sorted(set(kw) - set(options))
     if unknown:
-        valid = sorted({*options, "image_size", "in_channels", "train_limit", "seed", "augment"})
+        valid = sorted({*options, "image_size", "in_channels", "train_limit", "seed", "augment", "val_size"})
         raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; valid: {valid}")
     for option, value in (("image_size", image_size), ("in_channels", in_channels), ("seed", seed)):
         if option in options and value is not None:
@@ -343,12 +364,23 @@ def get_datasets(name: str, root: str | Path | None = None, download: bool = Fal
     if in_channels is not None and "in_channels" not in options:
         train_x, test_x = convert_channels(train_x, in_channels), convert_channels(test_x, in_channels)
     train_y = splits.train_labels
+    val_x = val_y = None
+    if val_size is not None:
+        if not 1 <= val_size < train_y.numel():
+            raise ValueError(f"val_size must be in [1, {train_y.numel() - 1}] for {key}'s "
+                             f"{train_y.numel()} training images, got {val_size}")
+        held = torch.zeros(train_y.numel(), dtype=torch.bool)
+        held[stratified_subset(train_y, val_size, val_seed)] = True
+        val_x, val_y = train_x[held], train_y[held]
+        train_x, train_y = train_x[~held], train_y[~held]
     if train_limit is not None:
         keep = stratified_subset(train_y, train_limit, seed)
         train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)
     train = ImageDataset(train_x, train_y, splits.classes, mean, std, augment, name=f"{key}/train")
+    val = (ImageDataset(val_x, val_y, splits.classes, mean, std, False, name=f"{key}/val")
+           if val_x is not None else None)
     test = ImageDataset(test_x, splits.test_labels, splits.classes, mean, std, False, name=f"{key}/test")
-    log.info("loaded %s: %d train, %d test, shape %s, %d classes", key, len(train), len(test),
-             train.image_shape, train.num_classes)
-    return train, test
+    log.info("loaded %s: %d train, %d validation, %d test, shape %s, %d classes", key, len(train),
+             len(val) if val is not None else 0, len(test), train.image_shape, train.num_classes)
+    return DataSplits(train, val, test)

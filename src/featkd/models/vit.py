@@ -96,23 +96,24 @@ def patch_size(image_size: int) -> int:
 
 
 def init_vit(model: nn.Module) -> nn.Module:
-    """Truncated-normal (std 0.02) Linear weights and embeddings, zero biases, unit LayerNorms."""
+    """A width-aware initialisation: std proportional to 1/sqrt(fan_in) everywhere.
+
+    Linear layers, the attention projections and the patch convolution get PyTorch's own
+    initialisation (Kaiming-uniform with a = sqrt(5): std = 1/sqrt(3 fan_in); attention
+    in-projection Xavier-uniform), re-drawn here so the result does not depend on construction
+    order; the positional embedding is normal with std 0.02, the CLS token zero, LayerNorms unit.
+    (A fixed std of 0.02 on every Linear, as ViT-B uses at d = 768, leaves narrow blocks almost
+    silent: at d = 12 a block's update is ~100x smaller than its input, and a 1/16-width ViT-ET
+    learned to 28 % instead of 66 % on 20k Fashion-MNIST images in two epochs.)
+    """
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            m.reset_parameters()
         elif isinstance(m, nn.MultiheadAttention):
-            nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
-            nn.init.zeros_(m.in_proj_bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            m._reset_parameters()
         elif isinstance(m, PatchEmbedding):
-            fan_in = m.proj.in_channels * m.proj.kernel_size[0] * m.proj.kernel_size[1]
-            nn.init.trunc_normal_(m.proj.weight, std=fan_in ** -0.5)
-            nn.init.zeros_(m.proj.bias)
-            nn.init.trunc_normal_(m.pos_embedding, std=0.02)
+            nn.init.normal_(m.pos_embedding, std=0.02)
+            nn.init.zeros_(m.cls_token)
     return model
 
 
