@@ -1,12 +1,13 @@
 """Write BENCHMARKS.md from the results files in benchmarks/results (never typed by hand).
 
-Reads accuracy_<pair>_<regime>.json, layer_validity.json, throughput.json,
-quality_speed.json, probe.json and the quality_*.json/png files the benchmark
-scripts wrote; renders the tables and computes every verdict from the numbers.
+Reads accuracy_<pair>_<regime>.json, convergence_<pair>_<regime>.json,
+layer_validity.json, throughput.json, quality_speed.json, probe.json and the
+quality_*.json/png files the benchmark scripts wrote; renders the tables and
+computes every verdict from the per-seed numbers (benchmarks/stats.py).
 Missing or partial results are shown as such, never filled in.
 
     python benchmarks/report.py                               # -> BENCHMARKS.md
-    python benchmarks/report.py --results DIR --out FILE.md
+    python benchmarks/report.py --results DIR --out FILE.md [--test bootstrap]
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import common
+import stats
 from common import BASELINES, METHODS
+
+CONVERGENCE_TOLERANCE = 0.3  # validation points a longer ce run may still gain for the budget to count as enough
+SMALL_GAP = 2.0  # points: a teacher closer than this to ce leaves little to distil
 
 
 def header(source: str) -> str:
@@ -38,12 +44,13 @@ def display_path(path: Path) -> str:
 
 # --------------------------------------------------------------------------- loading
 def load_results(results: Path) -> dict[str, Any]:
-    """Every results file of ``results``: accuracy by (pair, regime), and the single-file benchmarks."""
-    found: dict[str, Any] = {"accuracy": {}, "quality": {}}
-    for path in sorted(results.glob("accuracy_*.json")):
-        data = _read(path)
-        if data is not None:
-            found["accuracy"][(data["pair"], data["regime"])] = data
+    """Every results file of ``results``: accuracy and convergence by (pair, regime), the single-file benchmarks."""
+    found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "quality": {}}
+    for kind in ("accuracy", "convergence"):
+        for path in sorted(results.glob(f"{kind}_*.json")):
+            data = _read(path)
+            if data is not None:
+                found[kind][(data["pair"], data["regime"])] = data
     for name in ("layer_validity", "throughput", "quality_speed", "probe"):
         found[name] = _read(results / f"{name}.json")
     for path in sorted(results.glob("quality_*_*_*.json")):
@@ -72,14 +79,6 @@ def pct(stats: dict[str, Any] | None) -> str:
     return f"{100 * stats['mean']:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * stats['mean']:.2f}"
 
 
-def points(gain: dict[str, Any] | None) -> str:
-    """A gain in percentage points, "+x ± y"."""
-    if not gain or gain.get("mean") is None:
-        return "—"
-    std = gain.get("std")
-    return f"{gain['mean']:+.2f} ± {std:.2f}" if std is not None else f"{gain['mean']:+.2f}"
-
-
 def number(value: float | None, fmt: str = ".2f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -96,85 +95,126 @@ def relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-# --------------------------------------------------------------------------- verdicts
-def compare(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Difference a - b of two accuracy summaries in points and whether it exceeds the noise.
-
-    Noise is the combined sample std over seeds, sqrt(s_a^2 + s_b^2); with fewer than
-    two seeds on either side there is no noise estimate and the verdict says so.
-    """
-    if not a or not b or a.get("mean") is None or b.get("mean") is None:
-        return None
-    gain = common.gain_over(a, b)
-    noise = gain["std"]
-    if noise is None:
-        verdict = "no noise estimate (one seed)"
-    elif abs(gain["mean"]) <= noise:
-        verdict = "within the noise"
-    else:
-        verdict = "better" if gain["mean"] > 0 else "worse"
-    return {"diff": gain["mean"], "noise": noise, "verdict": verdict}
+# --------------------------------------------------------------------------- statistics of a cell
+BASELINE_NAMES = {"kd": "Hinton KD", "kd_std": "logit-standardised KD", "fitnet": "FitNets",
+                  "fitnet_fc": "all-to-all FitNets", "sp": "similarity-preserving KD", "simkd": "SimKD",
+                  "semckd": "SemCKD"}
+#: the fixed comparisons of every cell, decided before any result: (method, reference, what it asks)
+COMPARISONS = (("featkd", "ce", "does featkd beat the student trained alone?"),
+               *(("featkd", b, f"featkd vs {BASELINE_NAMES.get(b, b)}") for b in BASELINES),
+               ("featkd", "featkd_std", "ablation: Q-selected vs standard teacher layers"),
+               ("featkd", "featkd_ce", "ablation: CE kept off the backbone vs CE on it"),
+               ("featkd", "featkd_ce_kd", "ablation: no logit losses vs CE + KD on the backbone"),
+               ("featkd_default", "featkd", "the default selection rule vs the paper's Q (only when run)"))
+VERDICTS = ("better", "no significant difference", "worse", "n/a")
 
 
-def best_baseline(methods: dict[str, Any], which: str = "final_test_acc") -> str | None:
-    """The baseline with the highest mean accuracy among those present."""
-    present = [b for b in BASELINES if b in methods and methods[b].get(which, {}).get("mean") is not None]
-    return max(present, key=lambda b: methods[b][which]["mean"]) if present else None
+@dataclass
+class CellStats:
+    """Every test of one (pair, regime), on per-seed final-epoch test accuracies in percent."""
+
+    values: dict[str, list[float]]  # method -> per-seed accuracies of its finished runs
+    vs_ce: dict[str, stats.Comparison | None]  # every other method minus ce
+    comparisons: dict[tuple[str, str], stats.Comparison | None]  # COMPARISONS; None when a side is missing
+    holm: dict[tuple[str, str], float | None]  # Holm-adjusted p within the cell's comparisons
+    sensitive: list[str]  # the baselines that beat ce significantly
+
+    @property
+    def tests(self) -> int:
+        """How many tests this cell makes (its comparisons and the baselines vs ce)."""
+        return (sum(c is not None and c.p is not None for c in self.comparisons.values())
+                + sum(self.vs_ce.get(b) is not None and self.vs_ce[b].p is not None for b in BASELINES))
 
 
-def cell_verdicts(data: dict[str, Any], which: str = "final_test_acc") -> dict[str, Any]:
-    """featkd against the best baseline, ce, featkd_std (Q vs standard layers) and featkd_ce (CE on the backbone)."""
+def seed_points(entry: dict[str, Any] | None, key: str = "final_test_acc") -> list[float]:
+    """Per-seed accuracies (%) of a method's finished runs; empty when the method is missing or failed."""
+    if not entry or "error" in entry:
+        return []
+    return [100 * r[key] for r in entry.get("runs", []) if r.get("finished", True) and r.get(key) is not None]
+
+
+def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
+    """Run the cell's fixed comparisons and the sensitivity tests with ``test`` (a name of stats.TESTS)."""
     methods = data.get("methods", {})
-    featkd = methods.get("featkd", {}).get(which)
-    best = best_baseline(methods, which)
-    out: dict[str, Any] = {"best_baseline": best}
-    out["vs_best"] = compare(featkd, methods[best][which]) if best else None
-    for other in ("ce", "featkd_std", "featkd_ce", "featkd_ce_kd"):
-        out[f"vs_{other}"] = compare(featkd, methods.get(other, {}).get(which))
-    return out
+    values = {m: seed_points(entry) for m, entry in methods.items()}
+
+    def compare(a: str, b: str) -> stats.Comparison | None:
+        return stats.TESTS[test](values[a], values[b]) if values.get(a) and values.get(b) else None
+
+    vs_ce = {m: compare(m, "ce") for m in values if m != "ce"}
+    comparisons = {(a, b): compare(a, b) for a, b, _ in COMPARISONS if a != "featkd_default" or a in methods}
+    adjusted = stats.holm([c.p if c else None for c in comparisons.values()])
+    sensitive = [b for b in BASELINES if vs_ce.get(b) is not None and vs_ce[b].verdict == "better"]
+    return CellStats(values, vs_ce, comparisons, dict(zip(comparisons, adjusted)), sensitive)
 
 
-def describe(result: dict[str, Any] | None) -> str:
-    if result is None:
+def p_text(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def interval(c: stats.Comparison | None) -> str:
+    return f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c is not None and c.ci is not None else "n/a"
+
+
+def verdict_text(c: stats.Comparison) -> str:
+    return f"**{c.verdict}**" if c.significant else c.verdict
+
+
+def describe(c: stats.Comparison | None) -> str:
+    """"+1.23 [+0.41, +2.05], p 0.012: **better**" (points); "—" when a side was not run."""
+    if c is None:
         return "—"
-    noise = f" ± {result['noise']:.2f}" if result["noise"] is not None else ""
-    return f"{result['diff']:+.2f}{noise}: {result['verdict']}"
+    if c.p is None:
+        return f"{c.diff:+.2f} (n/a: {c.note})"
+    return f"{c.diff:+.2f} {interval(c)}, p {p_text(c.p)}: {verdict_text(c)}"
+
+
+def mean_std_points(values: list[float]) -> str:
+    if not values:
+        return "—"
+    s = common.mean_std(values)
+    return f"{s['mean']:.2f} ± {s['std']:.2f}" if s["std"] is not None else f"{s['mean']:.2f}"
+
+
+def scalar(value: Any) -> float | None:
+    """A number stored either bare or as a {mean, std, n} summary."""
+    return value.get("mean") if isinstance(value, dict) else value
+
+
+def sorted_cells(cells: dict[tuple[str, str], Any]) -> list[tuple[tuple[str, str], Any]]:
+    return sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0]))
 
 
 # --------------------------------------------------------------------------- sections
-COMPARISONS = (("vs_best", "featkd vs the best logit-based baseline"),
-               ("vs_ce", "featkd vs ce (the student trained alone)"),
-               ("vs_featkd_std", "featkd vs featkd_std (Q-selected vs standard teacher layers)"),
-               ("vs_featkd_ce", "featkd vs featkd_ce (CE kept off the backbone vs CE on it)"),
-               ("vs_featkd_ce_kd", "featkd vs featkd_ce_kd (no logit losses vs CE + KD on the backbone)"))
-VERDICTS = ("better", "within the noise", "worse", "no noise estimate (one seed)")
+TEST_NAMES = {"welch": "Welch's t-test (t distribution with Welch–Satterthwaite degrees of freedom)",
+              "bootstrap": f"a percentile bootstrap ({stats.BOOTSTRAP_RESAMPLES:,} resamples, seed 0; p is twice "
+                           "the smaller share of resampled differences on either side of 0)"}
 
 
-def section_summary(found: dict[str, Any]) -> list[str]:
+def method_of_test(test: str) -> str:
+    return (f"Every difference is featkd (or the named method) minus the reference, in percentage points of "
+            f"final-epoch test accuracy, mean over seeds, with its 95 % confidence interval and two-sided p "
+            f"from {TEST_NAMES[test]} on the per-seed accuracies. *Better* or *worse* needs p < "
+            f"{stats.ALPHA} (the interval excludes 0); otherwise *no significant difference*. With one seed, "
+            "or with both samples constant, there is no variance estimate and no test (*n/a*). The "
+            "comparisons are fixed in advance (featkd vs ce, vs each baseline by name, vs each ablation; "
+            "featkd_default vs featkd where it was run), never against the best of several on the test set.")
+
+
+def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellStats], test: str) -> list[str]:
     cells = found["accuracy"]
     lines = ["## Summary", ""]
     if not cells:
         return lines + ["No accuracy results yet: run `python benchmarks/accuracy.py` (see benchmarks/README.md).", ""]
-    lines += ["Differences are in percentage points of final-epoch test accuracy (mean over seeds); "
-              "the ± is the combined sample std over seeds, sqrt(s1² + s2²), and a difference no larger "
-              "than it is called *within the noise*.", ""]
-    rows = []
-    tally = {key: dict.fromkeys(VERDICTS, 0) for key, _ in COMPARISONS}
-    for (pair, regime), data in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        v = cell_verdicts(data)
-        for key, _ in COMPARISONS:
-            if v[key] is not None:
-                tally[key][v[key]["verdict"]] += 1
-        partial = "" if data.get("complete") else " (partial)"
-        rows.append([f"{pair}{partial}", regime, v["best_baseline"] or "—", describe(v["vs_best"]),
-                     describe(v["vs_ce"]), describe(v["vs_featkd_std"]), describe(v["vs_featkd_ce"]),
-                     number(data.get("ari_final", {}).get("value"))])
-    lines += table(["pair", "regime", "best baseline", "featkd − best baseline", "featkd − ce",
-                    "featkd − featkd_std", "featkd − featkd_ce", "ARI"], rows)
-    lines += ["", "Over the cells above, featkd is:", ""]
-    lines += table(["comparison"] + list(VERDICTS),
-                   [[label] + [str(tally[key][v]) for v in VERDICTS] for key, label in COMPARISONS])
-    lines.append("")
+    lines += [method_of_test(test), ""]
+    lines += sensitivity_lines(analysed)
+    lines += overview_table(cells, analysed)
+    lines += tally_lines(analysed)
+    lines += multiplicity_lines(analysed)
+    lines += convergence_summary(found.get("convergence", {}))
+    lines += gap_summary(cells)
     lines += layer_validity_summary(found.get("layer_validity"))
     missing = [f"{p} {r}" for p, r in expected_cells(cells) if (p, r) not in cells]
     partial = [f"{p} {r} ({', '.join(d['missing'])})" for (p, r), d in cells.items() if not d.get("complete")]
@@ -183,6 +223,110 @@ def section_summary(found: dict[str, Any]) -> list[str]:
     if partial:
         lines.append(f"Partial (methods missing): {'; '.join(partial)}.")
     return lines + [""]
+
+
+def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+    sensitive = [(key, s.sensitive) for key, s in sorted_cells(analysed) if s.sensitive]
+    chance = 1 - (1 - stats.ALPHA / 2) ** len(BASELINES)
+    lines = [f"A cell is *sensitive* when at least one baseline ({', '.join(BASELINES)}) beats ce significantly: "
+             f"only there can the benchmark tell methods apart. (With {len(BASELINES)} baselines and none truly "
+             f"better than ce, about {100 * chance:.0f} % of cells would be flagged by chance.)", ""]
+    if not sensitive:
+        return lines + [f"**No cell is sensitive**: in none of the {len(analysed)} cells does any baseline beat ce "
+                        "significantly, so no verdict below can rank the methods.", ""]
+    return lines + [f"**Sensitive cells ({len(sensitive)} of {len(analysed)})**: " + "; ".join(
+        f"{pair} {regime} ({', '.join(baselines)} beat ce)" for (pair, regime), baselines in sensitive) + ".", ""]
+
+
+OVERVIEW = (("featkd", "ce"), ("featkd", "kd"), ("featkd", "featkd_std"), ("featkd_default", "featkd"))
+
+
+def overview_table(cells: dict[tuple[str, str], Any], analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+    shown = [k for k in OVERVIEW if any(k in s.comparisons for s in analysed.values())]
+    rows = []
+    for (pair, regime), s in sorted_cells(analysed):
+        partial = "" if cells[(pair, regime)].get("complete") else " (partial)"
+        rows.append([f"{pair}{partial}", regime, ", ".join(s.sensitive) or "no"]
+                    + [describe(s.comparisons.get(k)) for k in shown])
+    return table(["pair", "regime", "sensitive (baselines beating ce)"] + [f"{a} − {b}" for a, b in shown],
+                 rows) + [""]
+
+
+def tally_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+    """Counts of each verdict per comparison, over all cells and over the sensitive cells alone."""
+    def tally(selected: list[CellStats]) -> list[str]:
+        rows = []
+        for a, b, question in COMPARISONS:
+            found = [s.comparisons[(a, b)] for s in selected if s.comparisons.get((a, b)) is not None]
+            if found:
+                rows.append([f"{a} vs {b}", question] + [str(sum(c.verdict == v for c in found)) for v in VERDICTS])
+        return table(["comparison", "question"] + list(VERDICTS), rows) if rows else ["No comparison was run."]
+
+    sensitive = [s for s in analysed.values() if s.sensitive]
+    lines = [f"Verdicts over all {len(analysed)} cells:", ""] + tally(list(analysed.values())) + [""]
+    if not sensitive:
+        return lines + ["Over sensitive cells only: none (no cell is sensitive).", ""]
+    if len(sensitive) == len(analysed):
+        return lines + ["Every cell is sensitive: the counts over sensitive cells alone are the same.", ""]
+    return lines + [f"The same over the {len(sensitive)} sensitive cell(s) only:", ""] + tally(sensitive) + [""]
+
+
+def multiplicity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+    tests = sum(s.tests for s in analysed.values())
+    significant = [(s, key) for s in analysed.values() for key, c in s.comparisons.items()
+                   if c is not None and c.significant]
+    survive = sum(s.holm[key] < stats.ALPHA for s, key in significant)
+    return [f"Multiplicity: each cell makes up to {len(COMPARISONS)} fixed comparisons and {len(BASELINES)} "
+            f"sensitivity tests (each baseline vs ce); {tests} tests in all. The p-values are per comparison, "
+            f"not corrected: if no method differed from any other, about {stats.ALPHA * tests:.1f} of them would "
+            f"still come out significant. With Holm's correction within each cell's fixed comparisons (column "
+            f"*Holm p* of the cell tables), {survive} of the {len(significant)} significant fixed comparisons "
+            "remain significant.", ""]
+
+
+def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
+    """Long minus budget final accuracies of one ce run, in points, and whether validation gained <= 0.3."""
+    budget, long = d.get("budget") or {}, d.get("long") or {}
+
+    def gain(key: str) -> float | None:
+        if budget.get(key) is None or long.get(key) is None:
+            return None
+        return 100 * (long[key] - budget[key])
+
+    val = gain("final_val_acc")
+    return {"val_gain": val, "test_gain": gain("final_test_acc"),  # rounded: 0.853 - 0.850 is 0.3 points
+            "passed": None if val is None else round(val, 6) <= CONVERGENCE_TOLERANCE}
+
+
+def convergence_summary(runs: dict[tuple[str, str], Any]) -> list[str]:
+    if not runs:
+        return ["Convergence check: no results yet.", ""]
+    checks = {key: convergence_check(d) for key, d in sorted_cells(runs)}
+    failed = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is False]
+    pending = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is None]
+    passed = sum(c["passed"] is True for c in checks.values())
+    text = (f"Convergence check (ce gains ≤ {CONVERGENCE_TOLERANCE} validation points with a longer budget): "
+            f"{passed} of {len(checks)} cells pass")
+    text += f"; **not converged**: {', '.join(failed)}" if failed else ""
+    text += f"; pending: {', '.join(pending)}" if pending else ""
+    return [text + ".", ""]
+
+
+def teacher_gap(d: dict[str, Any]) -> float | None:
+    """Teacher test accuracy minus the mean of ce, in points."""
+    teacher, ce = scalar(d.get("teacher", {}).get("final_test_acc")), seed_points(d.get("methods", {}).get("ce"))
+    return None if teacher is None or not ce else 100 * teacher - common.mean_std(ce)["mean"]
+
+
+def gap_summary(cells: dict[tuple[str, str], Any]) -> list[str]:
+    gaps = {key: teacher_gap(d) for key, d in sorted_cells(cells)}
+    known = {key: g for key, g in gaps.items() if g is not None}
+    if not known:
+        return []
+    pair, regime = min(known, key=known.__getitem__)
+    small = [f"{p} {r}" for (p, r), g in known.items() if g < SMALL_GAP]
+    return [f"Teacher − ce gaps: {min(known.values()):.2f} to {max(known.values()):.2f} points (smallest: {pair} "
+            f"{regime})" + (f"; below {SMALL_GAP:g} points: {', '.join(small)}" if small else "") + ".", ""]
 
 
 def layer_validity_summary(d: dict[str, Any] | None) -> list[str]:
@@ -212,7 +356,8 @@ def expected_cells(cells: dict[tuple[str, str], Any]) -> list[tuple[str, str]]:
 
 def section_setup(found: dict[str, Any], results: Path) -> list[str]:
     lines = ["## Machine, commands and settings", ""]
-    files = {**{f"accuracy_{p}_{r}.json": d for (p, r), d in found["accuracy"].items()},
+    files = {**{f"{kind}_{p}_{r}.json": d for kind in ("accuracy", "convergence")
+                for (p, r), d in found[kind].items()},
              **{f"{n}.json": found[n] for n in ("layer_validity", "throughput", "probe") if found[n]}}
     if not files:
         return lines + ["No results yet.", ""]
@@ -227,9 +372,10 @@ def section_setup(found: dict[str, Any], results: Path) -> list[str]:
     for name, d in sorted(files.items()):
         m = d.get("machine", {})
         load = m.get("load_average")
-        rows.append([name, f"`{d.get('command', '?')}`", f"{m.get('workers', 1)} × {m.get('torch_threads')}",
+        rows.append([name, f"`{d.get('command', '?')}`",
+                     f"{m.get('workers', 1)} × {m.get('torch_threads')}" if m else "n/a",
                      "/".join(f"{v:.1f}" for v in load) if load else "n/a", (d.get("git_commit") or "?")[:12],
-                     d.get("started", "?"), d.get("finished") or "**unfinished**"])
+                     d.get("started", "?"), d.get("finished") or ("**unfinished**" if "started" in d else "?")])
     lines += ["", "Each results file records the command that wrote it:", ""]
     lines += table(["file", "command", "processes × threads", "load at start (1/5/15 min)", "commit", "started",
                     "finished"], rows)
@@ -245,16 +391,20 @@ def settings_lines(found: dict[str, Any]) -> list[str]:
         return []
     s = next(iter(cells.values()))["settings"]
     regimes = {d["regime"]: d["settings"] for d in cells.values()}
+    validation = (f"{s['val_images']} training images are held out as a stratified validation split, which "
+                  "chooses the best epoch (the test split chooses nothing)" if s.get("val_images")
+                  else "no validation split")
     lines = ["### Settings", "",
              f"- Data: {s['data']}" + (f" {s['data_options']}" if s.get("data_options") else "")
-             + "; no augmentation; the training subsets are stratified and drawn with seed 0; the full test split "
-               "is used for every evaluation.",
-             "- Regimes: " + "; ".join(f"{r}: {st['train_images'] or 'all'} training images, {st['epochs']} "
+             + f"; student augmentation: {'yes' if s.get('augment') else 'none'}; {validation}; the training "
+               "subsets are stratified and drawn with seed 0; the full test split is used for every evaluation.",
+             "- Regimes: " + "; ".join(f"{r}: {st.get('train_images') or 'all'} training images, {st['epochs']} "
                                        f"student epochs" for r, st in sorted(regimes.items())) + ".",
-             f"- Teachers: trained once with `featkd train-teacher` on the {s['teacher_regime']} regime's "
-             f"training set for {s['teacher_epochs']} epochs and reused by every regime.",
+             f"- Teachers: trained once with `featkd train-teacher` (commands in the teachers table) on the "
+             f"{s.get('teacher_regime', '?')} regime's training set for {s.get('teacher_epochs', '?')} epochs and "
+             "reused by every regime.",
              f"- Students: {s['seeds']} seeds each; batch {s['batch_size']}; {s['optimizer']}; teacher outputs "
-             f"{s['teacher_outputs']}.",
+             f"{s.get('teacher_outputs', '?')}.",
              f"- Teacher layers of featkd, featkd_ce, featkd_ce_kd: the top 4 by knowledge quality Q "
              f"(variant {s['quality_variant']}, subset A of {s['quality_subset']} images) on each regime's "
              "training split; the other feature methods use the standard layers.", ""]
@@ -274,21 +424,39 @@ def section_teachers(found: dict[str, Any]) -> list[str]:
     cells = found["accuracy"]
     if not cells:
         return []
-    lines = ["## Teachers and the room for distillation", "",
-             "A teacher should beat its student trained alone (ce) by at least 2–3 points for distillation to "
-             "have something to transfer.", ""]
-    rows = []
-    for (pair, regime), d in sorted(cells.items()):
+    lines = ["## Teachers and the teacher–student gaps", "",
+             "Each teacher is trained once and reused by every pair and regime that names it:", ""]
+    teachers: dict[str, list[str]] = {}
+    for _, d in sorted_cells(cells):
         t = d["teacher"]
-        ce = d.get("methods", {}).get("ce", {}).get("final_test_acc")
-        gap = 100 * (t["final_test_acc"]["mean"] - ce["mean"]) if ce and ce.get("mean") is not None else None
-        flag = "" if gap is None else (" (enough)" if gap >= 2 else " (**small**)")
-        rows.append([pair, regime, f"{t['name']} ×{fraction(t['width'])}", pct(t["final_test_acc"]), pct(ce),
-                     (number(gap) + flag) if gap is not None else "—",
-                     number(t.get("wall_s") / 60 if t.get("wall_s") else None, ".0f")])
-    lines += table(["pair", "regime", "teacher", "teacher test acc", "student ce acc", "gap (points)",
-                    "teacher training (min)"], rows)
+        key = t.get("run_dir") or t.get("command") or t["name"]
+        teachers.setdefault(key, [f"{t['name']} ×{fraction(t['width'])}", params_text(t.get("params")),
+                                  str(t.get("epochs", "?")), accuracy_text(t.get("final_val_acc")),
+                                  accuracy_text(t.get("final_test_acc")),
+                                  number(t["wall_s"] / 60 if t.get("wall_s") else None, ".0f"),
+                                  f"`{t.get('command', '?')}`"])
+    lines += table(["teacher", "params", "epochs", "final val acc (%)", "final test acc (%)", "training (min)",
+                    "command"], list(teachers.values()))
+    lines += ["", f"Gap: the teacher's test accuracy minus ce's mean final test accuracy. A teacher less than "
+                  f"{SMALL_GAP:g} points above its student trained alone leaves little to distil.", ""]
+    rows = []
+    for (pair, regime), d in sorted_cells(cells):
+        ce, gap = seed_points(d.get("methods", {}).get("ce")), teacher_gap(d)
+        flag = "" if gap is None else (" (**small**)" if gap < SMALL_GAP else "")
+        rows.append([pair, regime, accuracy_text(d["teacher"].get("final_test_acc")),
+                     f"{mean_std_points(ce)} ({len(ce)})", number(gap) + flag])
+    lines += table(["pair", "regime", "teacher test acc (%)", "ce final test acc (%) (seeds)", "gap (points)"], rows)
     return lines + [""]
+
+
+def accuracy_text(value: Any) -> str:
+    """An accuracy stored as a fraction (bare or as a summary), in percent."""
+    v = scalar(value)
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def params_text(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
 
 
 def section_layers(found: dict[str, Any], results: Path, out_dir: Path) -> list[str]:
@@ -319,49 +487,107 @@ def section_layers(found: dict[str, Any], results: Path, out_dir: Path) -> list[
     return lines
 
 
-def section_accuracy(found: dict[str, Any]) -> list[str]:
+def section_convergence(found: dict[str, Any]) -> list[str]:
+    runs = found.get("convergence", {})
+    lines = ["## Convergence check: is the student budget long enough?", ""]
+    if not runs:
+        return lines + ["No results yet (`convergence_<pair>_<regime>.json`; see benchmarks/README.md).", ""]
+    lines += [f"ce, one seed, trained for the budget of the grid and for a longer budget. The budget counts as "
+              f"converged when the longer run's final validation accuracy is at most {CONVERGENCE_TOLERANCE} "
+              "points higher; the test accuracy is shown but decides nothing.", ""]
+    rows = []
+    for (pair, regime), d in sorted_cells(runs):
+        c = convergence_check(d)
+        budget, long = d.get("budget") or {}, d.get("long") or {}
+        verdict = {True: "converged", False: "**not converged**", None: "pending"}[c["passed"]]
+        rows.append([pair, regime, str(d.get("seed", "?")), f"{d.get('budget_epochs', '?')} → {d.get('long_epochs', '?')}",
+                     f"{accuracy_text(budget.get('final_val_acc'))} → {accuracy_text(long.get('final_val_acc'))}",
+                     number(c["val_gain"], "+.2f"),
+                     f"{accuracy_text(budget.get('final_test_acc'))} → {accuracy_text(long.get('final_test_acc'))}",
+                     number(c["test_gain"], "+.2f"), verdict])
+    lines += table(["pair", "regime", "seed", "epochs", "val acc (%)", "val gain (points)", "test acc (%)",
+                    "test gain (points)", "verdict"], rows)
+    return lines + [""]
+
+
+def section_accuracy(found: dict[str, Any], analysed: dict[tuple[str, str], CellStats]) -> list[str]:
     cells = found["accuracy"]
     if not cells:
         return []
     lines = ["## Accuracy by pair and regime", "",
-             "Test accuracy (%) at the final epoch (headline) and at the best epoch, mean ± sample std over "
-             "seeds; gain over ce in points (± combined std); wall time per run (training and per-epoch "
-             "evaluation; the shared teacher-cache builds are listed below each table). "
-             "ARI: mean over the baselines that gain at least 0.5 points over ce of featkd's gain divided by "
-             "that baseline's gain (n/a when none qualifies).", ""]
-    for (pair, regime), d in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        state = "complete" if d.get("complete") else f"**partial**: missing {', '.join(d.get('missing', []))}"
-        lines += [f"### {pair}, {regime} regime ({d.get('train_images')} training images) — {state}", ""]
-        rows = []
-        for method in METHODS:
-            m = d.get("methods", {}).get(method)
-            if m is None:
-                rows.append([method] + ["missing"] + ["—"] * 5)
-                continue
-            if "error" in m:
-                rows.append([method, f"failed: {m['error'][:80]}"] + ["—"] * 5)
-                continue
-            runs = f"{sum(r['finished'] for r in m['runs'])}"
-            rows.append([method, pct(m["final_test_acc"]), pct(m["best_test_acc"]),
-                         points(d.get("gain_final", {}).get(method)), points(d.get("gain_best", {}).get(method)),
-                         number(m["train_time_s"]["mean"], ".0f"), f"{runs} · {m.get('teacher_layers') or '—'}"])
-        lines += table(["method", "final acc", "best acc", "gain final", "gain best", "s/run",
-                        "runs · teacher layers"], rows)
-        ari_final, ari_best = d.get("ari_final", {}), d.get("ari_best", {})
-        lines += ["", f"ARI (final epoch): **{number(ari_final.get('value'))}** over "
-                      f"{ari_final.get('baselines') or 'no qualifying baseline'}; ARI (best epoch): "
-                      f"{number(ari_best.get('value'))} over {ari_best.get('baselines') or 'no qualifying baseline'}."]
-        builds = d.get("teacher_cache_builds") or []
-        if builds:
-            lines.append("Teacher cache builds: " + "; ".join(
-                f"{len(b['layers']) or 'logits only'}{' layers' if b['layers'] else ''} "
-                f"{b['seconds']:.0f} s ({b['bytes'] / 1e6:.0f} MB)" for b in builds) + ".")
-        v = cell_verdicts(d)
-        lines += ["", f"featkd − best baseline ({v['best_baseline'] or 'n/a'}): {describe(v['vs_best'])}; "
-                      f"− ce: {describe(v['vs_ce'])}; − featkd_std: {describe(v['vs_featkd_std'])}; "
-                      f"− featkd_ce: {describe(v['vs_featkd_ce'])}; − featkd_ce_kd: {describe(v['vs_featkd_ce_kd'])}.",
-                  ""]
+             "Test accuracy (%) at the final epoch (the headline; mean ± sample std over seeds) and at the epoch "
+             "of best validation accuracy (the test split chooses nothing); the deployed network's parameter "
+             "count; each method minus ce in points with its 95 % confidence interval and p; wall time per run "
+             "(training and per-epoch evaluation). Below each table: the sensitivity flag and the fixed "
+             "comparisons.", ""]
+    for (pair, regime), d in sorted_cells(cells):
+        lines += cell_lines(pair, regime, d, analysed[(pair, regime)])
     return lines
+
+
+def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[str]:
+    state = "complete" if d.get("complete") else f"**partial**: missing {', '.join(d.get('missing', []))}"
+    images = f"{d.get('train_images')} training images" + (
+        f", {d['settings']['val_images']} for validation" if d.get("settings", {}).get("val_images") else "")
+    lines = [f"### {pair}, {regime} regime ({images}) — {state}", ""]
+    if not is_new_format(d):
+        lines += ["Results file of the old format (no validation split, no deployed parameter counts): those "
+                  "columns are empty.", ""]
+    methods = d.get("methods", {})
+    rows = []
+    for method in list(METHODS) + [m for m in methods if m not in METHODS]:
+        m = methods.get(method)
+        if m is None:
+            rows.append([method, "missing"] + ["—"] * 7)
+        elif "error" in m:
+            rows.append([method, f"failed: {m['error'][:80]}"] + ["—"] * 7)
+        else:
+            vs_ce = s.vs_ce.get(method)
+            rows.append([method, mean_std_points(s.values[method]), str(len(s.values[method])),
+                         params_text(m.get("deployed_params")),
+                         mean_std_points(seed_points(m, "test_acc_at_best_val")),
+                         "—" if vs_ce is None else f"{vs_ce.diff:+.2f} {interval(vs_ce)}",
+                         "—" if vs_ce is None else p_text(vs_ce.p),
+                         number(m.get("train_time_s", {}).get("mean"), ".0f"), str(m.get("teacher_layers") or "—")])
+    lines += table(["method", "final test acc", "seeds", "deployed params", "test acc at best val", "− ce (points)",
+                    "p", "s/run", "teacher layers"], rows)
+    lines += ["", sensitivity_text(s), ""]
+    rows = [[f"{a} vs {b}", question, *comparison_cells(s.comparisons.get((a, b)), s.holm.get((a, b)))]
+            for a, b, question in COMPARISONS if (a, b) in s.comparisons]
+    lines += table(["comparison", "question", "difference (points)", "95 % CI", "p", "Holm p", "verdict"], rows)
+    lines.append("")
+    ari = d.get("ari_final")
+    if ari:
+        lines.append(f"ARI (the paper's ratio of mean gains; no test): {number(ari.get('value'))} over "
+                     f"{', '.join(ari.get('baselines') or []) or 'no qualifying baseline'}.")
+    builds = d.get("teacher_cache_builds") or []
+    if builds:
+        lines.append("Teacher cache builds: " + "; ".join(
+            f"{len(b['layers']) or 'logits only'}{' layers' if b['layers'] else ''} "
+            f"{b['seconds']:.0f} s ({b['bytes'] / 1e6:.0f} MB)" for b in builds) + ".")
+    return lines + ([""] if ari or builds else [])
+
+
+def is_new_format(d: dict[str, Any]) -> bool:
+    return any("test_acc_at_best_val" in r for m in d.get("methods", {}).values() for r in m.get("runs", []))
+
+
+def sensitivity_text(s: CellStats) -> str:
+    if s.sensitive:
+        return "**Sensitive**: " + ", ".join(f"{b} beats ce ({describe(s.vs_ce[b])})" for b in s.sensitive) + "."
+    tested = [b for b in BASELINES if s.vs_ce.get(b) is not None]
+    if not tested:
+        return "Not sensitive: no baseline was run."
+    best = max(tested, key=lambda b: s.vs_ce[b].diff)
+    return (f"Not sensitive: no baseline beats ce significantly (the largest difference: {best} "
+            f"{describe(s.vs_ce[best])}).")
+
+
+def comparison_cells(c: stats.Comparison | None, holm: float | None) -> list[str]:
+    if c is None:
+        return ["not run", "—", "—", "—", "—"]
+    verdict = verdict_text(c) if c.p is not None else f"n/a ({c.note})"
+    return [f"{c.diff:+.2f}", interval(c), p_text(c.p), p_text(holm), verdict]
 
 
 def section_layer_validity(found: dict[str, Any]) -> list[str]:
@@ -484,9 +710,10 @@ def _load(values: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in values) if values else "n/a"
 
 
-def render(results: Path, out: Path) -> str:
-    """The whole BENCHMARKS.md text."""
+def render(results: Path, out: Path, test: str = "welch") -> str:
+    """The whole BENCHMARKS.md text; ``test`` names the two-sample test of stats.TESTS."""
     found = load_results(results)
+    analysed = {key: analyse(d, test) for key, d in found["accuracy"].items()}
     out_dir = out.parent
     source = display_path(results)
     lines = [header(source), "", "# featkd benchmarks", "",
@@ -494,11 +721,12 @@ def render(results: Path, out: Path) -> str:
              "the logit-based baselines, and does Q pick the layers that distil best? Every number below is read "
              f"from the JSON files in `{source}/`, written by the scripts in `benchmarks/` (how to run "
              "them: `benchmarks/README.md`); the verdicts are computed from those numbers.", ""]
-    lines += section_summary(found)
+    lines += section_summary(found, analysed, test)
     lines += section_setup(found, results)
     lines += section_teachers(found)
+    lines += section_convergence(found)
     lines += section_layers(found, results, out_dir)
-    lines += section_accuracy(found)
+    lines += section_accuracy(found, analysed)
     lines += section_layer_validity(found)
     lines += section_throughput(found)
     lines += section_quality_speed(found)
@@ -511,12 +739,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(common.RESULTS_DIR), help="folder of the results JSON")
     parser.add_argument("--out", default=str(common.REPO_DIR / "BENCHMARKS.md"), help="Markdown file to write")
+    parser.add_argument("--test", choices=sorted(stats.TESTS), default="welch",
+                        help="two-sample test of every comparison (default: welch)")
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     if not results.is_dir():
         print(f"report.py: error: no results folder {results}", file=sys.stderr)
         return 2
-    text = render(results, out)
+    text = render(results, out, args.test)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}")

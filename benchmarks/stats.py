@@ -1,0 +1,115 @@
+"""Two-sample statistics of the benchmark report: Welch's t-test, a percentile bootstrap, Holm's correction.
+
+Pure functions of plain numbers (per-seed accuracies; no torch). A difference is
+``mean(a) - mean(b)`` in the units of the inputs (report.py passes percentage points).
+
+When there is no test: a sample of one value has no variance estimate, and when
+both samples are constant (zero variance each) the t statistic is 0/0 and any p
+would be invented: both give ``p = None`` and the verdict ``"n/a"``, with a note
+saying why. One constant sample beside a varying one is an ordinary Welch test
+(its degrees of freedom are those of the varying sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+ALPHA = 0.05  # two-sided level of every verdict; the intervals are (1 - ALPHA) = 95 %
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The difference mean(a) - mean(b), its 95 % confidence interval and a two-sided p-value."""
+
+    diff: float
+    ci: tuple[float, float] | None  # None when there is no test
+    p: float | None
+    df: float | None  # Welch-Satterthwaite degrees of freedom (None for the bootstrap)
+    n_a: int
+    n_b: int
+    test: str  # "welch" or "bootstrap"
+    note: str = ""  # why there is no test
+
+    @property
+    def significant(self) -> bool:
+        return self.p is not None and self.p < ALPHA
+
+    @property
+    def verdict(self) -> str:
+        """"better" / "worse" (a vs b) only when p < 0.05, "no significant difference" otherwise, "n/a" without a test."""
+        if self.p is None:
+            return "n/a"
+        if not self.significant:
+            return "no significant difference"
+        return "better" if self.diff > 0 else "worse"
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> Comparison:
+    """Welch's unequal-variance t-test of mean(a) - mean(b) and its t-based 95 % interval."""
+    x, y = _sample(a, "a"), _sample(b, "b")
+    diff = float(x.mean() - y.mean())
+    missing = _no_test_reason(x, y)
+    if missing:
+        return Comparison(diff, None, None, None, len(x), len(y), "welch", missing)
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)  # squared standard errors of the means
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    p = float(2 * scipy_stats.t.sf(abs(diff) / se, df))
+    half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * se
+    return Comparison(diff, (diff - half, diff + half), p, float(df), len(x), len(y), "welch")
+
+
+def bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+              seed: int = 0) -> Comparison:
+    """Percentile bootstrap of mean(a) - mean(b): each sample resampled with replacement, ``seed`` fixed.
+
+    The interval is the 2.5th and 97.5th percentiles of the resampled differences; p is
+    twice the smaller share of them on either side of 0 (so p < 0.05 when the interval
+    excludes 0). With 3 seeds a sample has only 10 distinct resamples: prefer Welch there.
+    """
+    x, y = _sample(a, "a"), _sample(b, "b")
+    diff = float(x.mean() - y.mean())
+    missing = _no_test_reason(x, y)
+    if missing:
+        return Comparison(diff, None, None, None, len(x), len(y), "bootstrap", missing)
+    rng = np.random.default_rng(seed)
+    diffs = (x[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+             - y[rng.integers(0, len(y), (resamples, len(y)))].mean(axis=1))
+    low, high = np.quantile(diffs, [ALPHA / 2, 1 - ALPHA / 2])
+    p = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    return Comparison(diff, (float(low), float(high)), p, None, len(x), len(y), "bootstrap")
+
+
+TESTS = {"welch": welch, "bootstrap": bootstrap}
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (family = the p-values that are not None), in the input order."""
+    present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def _sample(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1 or len(array) == 0 or not np.all(np.isfinite(array)):
+        raise ValueError(f"sample {name} must be a non-empty list of finite numbers, got {list(values)!r}")
+    return array
+
+
+def _no_test_reason(x: np.ndarray, y: np.ndarray) -> str:
+    if min(len(x), len(y)) < 2:
+        return "one seed: no variance estimate"
+    if np.ptp(x) == 0 and np.ptp(y) == 0:
+        return "both samples constant: no variance estimate"
+    return ""

@@ -1,0 +1,213 @@
+"""benchmarks/report.py on a small synthetic results folder: verdicts, flags and numbers in the Markdown."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import report  # noqa: E402
+
+PAIR = "resnet34-resnet9"
+TEACHER_ACC = 0.92
+NOISY = [80.0, 81.0, 79.0]  # per-seed accuracies (%) of the low cell, where nothing differs
+
+#: full regime: kd beats ce (the cell is sensitive); featkd beats ce, kd and featkd_ce, ties featkd_std,
+#: loses to featkd_ce_kd; featkd_default has one seed (no test). featkd - simkd (+1.8, p 0.084) exceeds the old
+#: noise rule sqrt(s1² + s2²) = 1.02 and its one-sided p is 0.042, yet it is no significant difference.
+FULL = {"ce": [85.0, 85.2, 84.8], "kd": [87.0, 87.3, 86.7], "kd_std": [85.1, 84.9, 85.3],
+        "fitnet": [85.0, 85.1, 84.9], "fitnet_fc": [84.9, 85.2, 85.0], "sp": [85.2, 84.7, 85.0],
+        "simkd": [85.2, 86.2, 87.2], "semckd": [85.0, 85.4, 84.7], "featkd": [88.0, 88.2, 87.8],
+        "featkd_ce": [86.0, 86.1, 85.9], "featkd_ce_kd": [89.5, 89.6, 89.4], "featkd_std": [87.9, 88.3, 87.6],
+        "featkd_default": [88.1]}
+LOW = {m: [a + 0.1 * i for a in NOISY] for i, m in enumerate(FULL) if m != "featkd_default"}
+
+
+def method_entry(accs: list[float], params: int) -> dict:
+    runs = [{"seed": seed, "finished": True, "epochs": 4, "final_test_acc": a / 100, "final_val_acc": a / 100 + 0.01,
+             "best_val_epoch": 3, "best_val_acc": a / 100 + 0.02, "test_acc_at_best_val": (a - 0.5) / 100,
+             "test_acc_per_epoch": [0.5, 0.7, (a - 0.5) / 100, a / 100],
+             "val_acc_per_epoch": [0.5, 0.7, a / 100 + 0.02, a / 100 + 0.01], "train_time_s": 10.0}
+            for seed, a in enumerate(accs)]
+    return {"deployed_params": params, "runs": runs, "train_time_s": {"mean": 10.0, "std": 0.0, "n": len(accs)},
+            "teacher_layers": [8, 9, 14, 15]}
+
+
+def accuracy_file(regime: str, accs: dict[str, list[float]]) -> dict:
+    methods = {m: method_entry(a, 12_345 + i) for i, (m, a) in enumerate(accs.items())}
+    missing = [m for m in report.METHODS if m not in methods]
+    return {
+        "benchmark": "accuracy", "pair": PAIR, "regime": regime,
+        "settings": {"scale": "synthetic-test", "data": "fashion_mnist", "regime": regime, "train_images": 5000,
+                     "val_images": 5000, "teacher_regime": "full", "teacher": "resnet34", "teacher_width": 0.125,
+                     "teacher_epochs": 30, "student": "resnet9", "student_width": 0.0625, "epochs": 4, "seeds": 3,
+                     "batch_size": 128, "optimizer": "adamw", "augment": False, "teacher_outputs": "cached",
+                     "quality_subset": 5000, "quality_variant": "paper"},
+        "machine": {"cpu_model": "test CPU", "cpu_count": 2, "memory_gb": 8, "torch": "2", "cuda": None,
+                    "torch_threads": 1, "workers": 2, "load_average": [0.5, 0.5, 0.5]},
+        "command": f"python benchmarks/accuracy.py --regimes {regime}", "git_commit": "0123456789abcdef",
+        "started": "2026-12-01T00:00:00+00:00", "finished": "2026-12-01T01:00:00+00:00",
+        "teacher": {"name": "resnet34", "width": 0.125, "epochs": 30, "params": 1_234_567, "wall_s": 600.0,
+                    "command": "featkd train-teacher --model resnet34", "run_dir": "teachers/resnet34",
+                    "final_test_acc": {"mean": TEACHER_ACC, "std": None, "n": 1},
+                    "final_val_acc": {"mean": 0.925, "std": None, "n": 1}},
+        "layers": {"student": [1, 2, 3, 4], "standard": [3, 7, 13, 16], "q_selected": [8, 9, 14, 15],
+                   "paper_q": {"cifar10": [12, 13, 14, 15]}, "q_seconds": 10.0},
+        "train_images": 5000, "test_images": 10000, "complete": not missing, "missing": missing,
+        "methods": methods,
+    }
+
+
+def convergence_file(regime: str, budget_val: float, long_val: float) -> dict:
+    return {"pair": PAIR, "regime": regime, "seed": 0, "method": "ce", "budget_epochs": 4, "long_epochs": 8,
+            "budget": {"final_val_acc": budget_val, "final_test_acc": 0.850},
+            "long": {"final_val_acc": long_val, "final_test_acc": 0.848}, "command": "python benchmarks/accuracy.py"}
+
+
+def write(folder: Path, name: str, data: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data))
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    write(folder, f"accuracy_{PAIR}_full.json", accuracy_file("full", FULL))
+    write(folder, f"accuracy_{PAIR}_low.json", accuracy_file("low", LOW))
+    write(folder, f"convergence_{PAIR}_full.json", convergence_file("full", 0.850, 0.853))  # +0.3: passes
+    write(folder, f"convergence_{PAIR}_low.json", convergence_file("low", 0.850, 0.855))  # +0.5: fails
+    return folder
+
+
+def render(folder: Path, *argv: str) -> str:
+    out = folder.parent / "BENCHMARKS.md"
+    assert report.main(["--results", str(folder), "--out", str(out), *argv]) == 0
+    return out.read_text()
+
+
+def section(text: str, title: str) -> str:
+    """The text from the heading ``title`` to the next heading."""
+    start = text.index(title)
+    ends = [i for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1)) if i != -1]
+    return text[start:min(ends) if ends else len(text)]
+
+
+def row(text: str, first: str) -> list[str]:
+    """The cells of the one table row of ``text`` that starts with ``first``."""
+    found = [line for line in text.splitlines() if line.startswith(f"| {first} |")]
+    assert len(found) == 1, f"{len(found)} rows start with {first!r}"
+    return [cell.strip() for cell in found[0].strip("|").split("|")]
+
+
+def welch_reference(a: list[float], b: list[float]) -> tuple[str, str, str]:
+    """Difference, interval and p as the report writes them, computed by scipy alone."""
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False)
+    low, high = ref.confidence_interval(0.95)
+    p = "<0.001" if ref.pvalue < 0.001 else f"{ref.pvalue:.3f}"
+    return f"{np.mean(a) - np.mean(b):+.2f}", f"[{low:+.2f}, {high:+.2f}]", p
+
+
+def test_cell_comparisons_give_the_right_verdicts_and_numbers(results):
+    cell = section(render(results), f"### {PAIR}, full regime")
+    expected = {("featkd", "ce"): "**better**", ("featkd", "kd"): "**better**",
+                ("featkd", "featkd_ce"): "**better**", ("featkd", "featkd_std"): "no significant difference",
+                ("featkd", "fitnet"): "**better**", ("featkd", "featkd_ce_kd"): "**worse**",
+                ("featkd", "simkd"): "no significant difference"}
+    for (a, b), verdict in expected.items():
+        cells = row(cell, f"{a} vs {b}")
+        assert cells[-1] == verdict, (a, b, cells)
+        assert tuple(cells[2:5]) == welch_reference(FULL[a], FULL[b])
+    one_seed = row(cell, "featkd_default vs featkd")
+    assert one_seed[4] == "n/a" and one_seed[-1].startswith("n/a (one seed")
+    tie = row(cell, "featkd vs featkd_std")
+    assert float(tie[5]) >= float(tie[4])  # Holm's p is never below the raw p
+
+
+def test_method_table_gives_accuracy_params_best_val_and_difference_to_ce(results):
+    cell = section(render(results), f"### {PAIR}, full regime")
+    featkd = row(cell, "featkd")
+    diff, ci, p = welch_reference(FULL["featkd"], FULL["ce"])
+    assert featkd[1:8] == ["88.00 ± 0.20", "3", "12,353", "87.50 ± 0.20", f"{diff} {ci}", p, "10"]
+    assert row(cell, "ce")[5:7] == ["—", "—"]
+    assert row(cell, "featkd_default")[1:3] == ["88.10", "1"]
+
+
+def test_sensitivity_flags_and_summary(results):
+    text = render(results)
+    assert "**Sensitive**: kd beats ce" in section(text, f"### {PAIR}, full regime")
+    assert "Not sensitive: no baseline beats ce significantly" in section(text, f"### {PAIR}, low regime")
+    summary = section(text, "## Summary")
+    assert f"**Sensitive cells (1 of 2)**: {PAIR} full (kd beat ce)." in summary
+    assert "No cell is sensitive" not in summary
+    every_cell, sensitive_cells = summary.split("The same over the 1 sensitive cell(s) only")
+    # featkd vs ce: better in the full cell, no significant difference in the low cell
+    assert row(every_cell, "featkd vs ce")[2:] == ["1", "1", "0", "0"]
+    assert row(every_cell, "featkd vs featkd_ce_kd")[2:] == ["0", "1", "1", "0"]
+    assert row(every_cell, "featkd_default vs featkd")[2:] == ["0", "0", "0", "1"]
+    assert row(sensitive_cells, "featkd vs ce")[2:] == ["1", "0", "0", "0"]
+    assert row(sensitive_cells, "featkd vs simkd")[2:] == ["0", "1", "0", "0"]
+    low = [line for line in summary.splitlines() if line.startswith(f"| {PAIR} | low |")]
+    assert len(low) == 1 and "| no |" in low[0] and "no significant difference" in low[0]
+    assert "p-values are per comparison, not corrected" in summary
+
+
+def test_summary_says_plainly_when_no_cell_is_sensitive(results):
+    (results / f"accuracy_{PAIR}_full.json").unlink()
+    summary = section(render(results), "## Summary")
+    assert "**No cell is sensitive**: in none of the 1 cells" in summary
+    assert "Over sensitive cells only: none" in summary
+
+
+def test_convergence_check_and_teacher_gaps(results):
+    text = render(results)
+    convergence = section(text, "## Convergence check")
+    full = [line for line in convergence.splitlines() if line.startswith(f"| {PAIR} | full |")][0]
+    low = [line for line in convergence.splitlines() if line.startswith(f"| {PAIR} | low |")][0]
+    assert "| 85.00 → 85.30 | +0.30 |" in full and "| -0.20 |" in full and full.endswith("| converged |")
+    assert "| +0.50 |" in low and low.endswith("| **not converged** |")
+    assert f"1 of 2 cells pass; **not converged**: {PAIR} low." in section(text, "## Summary")
+    teachers = section(text, "## Teachers")
+    assert row(teachers, "resnet34 ×1/8")[1:6] == ["1,234,567", "30", "92.50", "92.00", "10"]
+    gap = 100 * TEACHER_ACC - np.mean(FULL["ce"])
+    assert f"| {PAIR} | full | 92.00 | 85.00 ± 0.20 (3) | {gap:.2f} |" in teachers
+
+
+def test_missing_and_failed_methods(results):
+    data = accuracy_file("full", {m: a for m, a in FULL.items() if m != "semckd"})
+    data["methods"]["sp"] = {"error": "out of memory", "runs": []}
+    write(results, f"accuracy_{PAIR}_full.json", data)
+    cell = section(render(results), f"### {PAIR}, full regime")
+    assert "**partial**: missing semckd" in cell
+    assert row(cell, "semckd")[1] == "missing" and row(cell, "sp")[1] == "failed: out of memory"
+    assert row(cell, "featkd vs semckd")[2:] == ["not run", "—", "—", "—", "—"]
+    assert row(cell, "featkd vs sp")[2] == "not run"
+
+
+def test_old_format_files_still_render(results):
+    data = accuracy_file("low", LOW)
+    for entry in data["methods"].values():
+        del entry["deployed_params"]
+        for run in entry["runs"]:
+            for key in ("final_val_acc", "best_val_epoch", "best_val_acc", "test_acc_at_best_val",
+                        "val_acc_per_epoch"):
+                del run[key]
+    write(results, f"accuracy_{PAIR}_low.json", data)
+    cell = section(render(results), f"### {PAIR}, low regime")
+    assert "Results file of the old format" in cell
+    assert row(cell, "featkd")[1:5] == [f"{np.mean(LOW['featkd']):.2f} ± 1.00", "3", "—", "—"]
+    assert row(cell, "featkd vs ce")[-1] == "no significant difference"
+    assert "old format" not in section(render(results), f"### {PAIR}, full regime")
+
+
+def test_bootstrap_option(results):
+    text = render(results, "--test", "bootstrap")
+    assert "percentile bootstrap" in section(text, "## Summary")
+    cell = section(text, f"### {PAIR}, full regime")
+    assert row(cell, "featkd vs ce")[-1] == "**better**"
+    assert row(cell, "featkd vs featkd_std")[-1] == "no significant difference"
