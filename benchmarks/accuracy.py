@@ -87,15 +87,16 @@ def layer_lists(scale: Scale, pair: common.Pair, regime: str, work: Path) -> dic
 
 # --------------------------------------------------------------------------- derived numbers
 def derived(methods: dict[str, Any]) -> dict[str, Any]:
-    """Gains over ce (final and best epoch, points) and the ARI of featkd, from per-method summaries."""
-    out: dict[str, Any] = {"gain_final": {}, "gain_best": {}}
+    """Gains over ce (final epoch and best-validation epoch, points; no test) and the paper's ARI of
+    featkd, from per-method summaries."""
+    out: dict[str, Any] = {"gain_final": {}, "gain_best_val": {}}
     ce = methods.get("ce")
     for name, entry in methods.items():
         if ce is None or "final_test_acc" not in entry or "final_test_acc" not in ce:
             continue
         out["gain_final"][name] = common.gain_over(entry["final_test_acc"], ce["final_test_acc"])
-        out["gain_best"][name] = common.gain_over(entry["best_test_acc"], ce["best_test_acc"])
-    for which in ("final", "best"):
+        out["gain_best_val"][name] = common.gain_over(entry["test_acc_at_best_val"], ce["test_acc_at_best_val"])
+    for which in ("final", "best_val"):
         gains = {name: g["mean"] for name, g in out[f"gain_{which}"].items()}
         out[f"ari_{which}"] = common.ari(gains)
     return out
@@ -138,7 +139,8 @@ def settings_of(scale: Scale, pair: common.Pair, regime: str) -> dict[str, Any]:
     """The settings that decide a pair/regime's numbers."""
     return {
         "scale": scale.name, "data": scale.data, "data_options": scale.data_options,
-        "regime": regime, "train_images": scale.regimes[regime], "teacher_regime": scale.teacher_regime,
+        "regime": regime, "train_images": scale.regimes[regime], "val_images": scale.val_size,
+        "teacher_regime": scale.teacher_regime, "teacher_augment": scale.teacher_augment,
         "teacher": pair.teacher, "teacher_width": scale.teacher_widths[pair.teacher],
         "teacher_epochs": scale.teacher_epochs, "teacher_lr": scale.teacher_lrs.get(pair.teacher, "recipe"),
         "student": pair.student, "student_width": scale.student_widths[pair.student],
@@ -155,12 +157,12 @@ def distill_config(scale: Scale, pair: common.Pair, regime: str, method: str, wo
     from featkd.config import DistillConfig
 
     return DistillConfig(
-        data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime],
+        data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime], val_size=scale.val_size,
         data_options=dict(scale.data_options), epochs=scale.epochs[regime], batch_size=scale.batch_size,
         runs=scale.seeds, seed=0, device=scale.device, progress=False,
         out=str(work / "runs" / pair.name / regime / method),
         teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
-        teacher_checkpoint=str(common.teacher_dir(work, pair.teacher)),
+        teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
         student=pair.student, student_width=scale.student_widths[pair.student], method=method,
         teacher_layers=teacher_layers, student_layers="paper", teacher_mode="cache",
         quality_subset=scale.quality_subset, quality_variant=scale.quality_variant,
@@ -174,14 +176,15 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
     from featkd.distillation import METHOD_INFO
 
     pair = PAIRS[pair_name]
-    train, test = common.load_regime(scale, regime)
+    train, val, test = common.load_regime(scale, regime)
     teacher = common.load_teacher(scale, pair.teacher, work, train)
     layers = layer_lists(scale, pair, regime, work)
     settings = settings_of(scale, pair, regime)
     head = {"benchmark": "accuracy", "pair": pair.name, "regime": regime, "settings": settings,
             **record, "job_started": common.now(),
             "teacher": common.teacher_summary(scale, pair.teacher, work), "layers": layers,
-            "train_images": len(train), "test_images": len(test)}
+            "train_images": len(train), "val_images": len(val) if val is not None else 0,
+            "test_images": len(test)}
     path = pair_results_path(results, pair.name, regime)
     done, builds = _previous(path, settings)
     device = common.resolve_device(scale.device)
@@ -205,7 +208,8 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             try:
                 result = distill(teacher, student, train, test, config=config, method=method,
                                  teacher_layers=config.teacher_layers, student_layers=config.student_layers,
-                                 teacher_name=pair.teacher, student_name=pair.student, teacher_feed=feed)
+                                 teacher_name=pair.teacher, student_name=pair.student, teacher_feed=feed,
+                                 val_set=val)
             except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
                 log.exception("%s %s %s failed", pair.name, regime, method)
                 done[method] = {"error": f"{type(err).__name__}: {err}"}
@@ -426,7 +430,7 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
     """Time everything the suite does, write probe.json and print the suite estimate."""
     torch.set_num_threads(threads)
     record = common.run_record(argv, threads, workers)
-    train, test = common.load_regime(scale, scale.teacher_regime)
+    train, _, test = common.load_regime(scale, scale.teacher_regime)
     probe: dict[str, Any] = {"benchmark": "probe", **record, "scale": scale.to_dict(), "steps": steps,
                              "batch_size": scale.batch_size, "pairs": {}, "quality_s": {}}
     for name in pairs:
@@ -474,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
     parser.add_argument("--pairs", help=f"comma-separated pairs or all ({', '.join(PAIRS)})")
-    parser.add_argument("--regimes", help="comma-separated regimes or all (default scale: large, low)")
+    parser.add_argument("--regimes", help="comma-separated regimes or all (default scale: full, low)")
     parser.add_argument("--methods", help=f"comma-separated methods or all ({', '.join(METHODS)})")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel processes (default: 2 on CPU with >= 2 cores, 1 on CUDA or quick)")

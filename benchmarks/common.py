@@ -84,7 +84,7 @@ class Scale:
 
     name: str
     data: str
-    regimes: dict[str, int | None]  # regime -> training images (None: the whole split)
+    regimes: dict[str, int | None]  # regime -> training images (None: all but the validation split)
     teacher_regime: str  # teachers train once on this regime's training set
     teacher_widths: dict[str, float]
     student_widths: dict[str, float]
@@ -95,6 +95,10 @@ class Scale:
     # recipe's 1e-4 is for fine-tuning ImageNet weights); others use the recipe's lr.
     teacher_lrs: dict[str, float] = field(default_factory=lambda: {"vit_b": 1e-3})
     batch_size: int = 128
+    val_size: int | None = None  # validation images held out of the training split (fixed seed 0)
+    teacher_augment: bool = False  # random crop + flip while training the teachers
+    teachers_dir: str | None = None  # committed teachers (repo-relative); None: <work>/teachers
+    convergence_factor: float = 2.0  # the convergence check's long budget, x the student epochs
     data_root: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
     quality_subset: int = 5000
@@ -108,40 +112,47 @@ class Scale:
     lv_epochs: int = 4
     lv_seeds: int = 2
     # throughput.py
-    tp_regime: str = "large"
+    tp_regime: str = "full"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SCALES: dict[str, Scale] = {
-    # Chosen from the probe (python benchmarks/accuracy.py --probe; benchmarks/results/probe.json):
-    # students at width 1/16 leave a gap to their teachers; both regimes get the same number of
-    # optimizer steps (2 x 20,000 = 8 x 5,000 images), which fits ~3 h on 2 cores.
+    # Fashion-MNIST with a 5,000-image validation split; teachers trained once on the other 55,000
+    # with augmentation and committed (benchmarks/teachers/); students from scratch in two regimes,
+    # with budgets that the convergence check (benchmarks/convergence.py) shows to be converged for
+    # ce. Widths: the students are the smallest widths at which each trains to a sensible model
+    # (ViT-ET at 1/8, d = 24: ce >= 85 % in the full regime); see benchmarks/README.md.
     "default": Scale(
         name="default",
         data="fashion_mnist",
-        regimes={"large": 20000, "low": 5000},
-        teacher_regime="large",
+        regimes={"full": None, "low": 5000},
+        teacher_regime="full",
         teacher_widths={"resnet34": 1 / 8, "vgg19_bn": 1 / 8, "vit_b": 1 / 16},
-        student_widths={"resnet9": 1 / 16, "vgg11_bn": 1 / 16, "mobilenetv2": 1 / 16, "vit_et": 1 / 16},
-        teacher_epochs=15,
-        epochs={"large": 2, "low": 8},
+        student_widths={"resnet9": 1 / 16, "vgg11_bn": 1 / 16, "mobilenetv2": 1 / 16, "vit_et": 1 / 8},
+        teacher_epochs=30,
+        epochs={"full": 15, "low": 40},
         seeds=3,
+        val_size=5000,
+        teacher_augment=True,
+        teachers_dir="benchmarks/teachers",
         quality_subset=5000,
         lv_epochs=8,
     ),
     "quick": Scale(
         name="quick",
         data="synthetic",
-        regimes={"large": None, "low": 24},
-        teacher_regime="large",
+        regimes={"full": None, "low": 24},
+        teacher_regime="full",
         teacher_widths={"resnet34": 1 / 16, "vgg19_bn": 1 / 16, "vit_b": 1 / 32},
         student_widths={"resnet9": 1 / 16, "vgg11_bn": 1 / 16, "mobilenetv2": 1 / 16, "vit_et": 1 / 32},
         teacher_epochs=1,
-        epochs={"large": 1, "low": 1},
+        epochs={"full": 1, "low": 1},
         seeds=1,
         batch_size=8,
+        val_size=8,
+        teacher_augment=True,
         data_options={"num_classes": 4, "samples_per_class": 12, "test_per_class": 4, "in_channels": 1},
         quality_subset=32,
         threads=1,
@@ -158,6 +169,8 @@ SCALES: dict[str, Scale] = {
         teacher_epochs=50,
         epochs={"full": 50},
         seeds=3,
+        val_size=5000,
+        teacher_augment=True,
         lv_regime="full",
         lv_epochs=10,
         tp_regime="full",
@@ -379,10 +392,11 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman rank correlation (ties averaged); None when undefined (n < 3 or a constant input)."""
+    """Spearman rank correlation (ties averaged) over the pairs without a None or NaN; None when
+    undefined (n < 3 or a constant input)."""
     if len(x) != len(y):
         raise ValueError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
-    pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
+    pairs = [(a, b) for a, b in zip(x, y) if not (a is None or b is None or math.isnan(a) or math.isnan(b))]
     if len(pairs) < 3:
         return None
     rx, ry = _ranks([a for a, _ in pairs]), _ranks([b for _, b in pairs])
@@ -398,18 +412,23 @@ def regime_config(scale: Scale, regime: str, seed: int = 0) -> TrainConfig:
     if regime not in scale.regimes:
         raise ValueError(f"unknown regime {regime!r}; valid: {', '.join(scale.regimes)}")
     return TrainConfig(data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime],
-                       data_options=dict(scale.data_options), seed=seed, batch_size=scale.batch_size,
-                       device=scale.device, progress=False)
+                       val_size=scale.val_size, data_options=dict(scale.data_options), seed=seed,
+                       batch_size=scale.batch_size, device=scale.device, progress=False)
 
 
-def load_regime(scale: Scale, regime: str) -> tuple[Any, Any]:
-    """(train, test) datasets of ``regime``; the training subset is drawn with seed 0."""
+def load_regime(scale: Scale, regime: str) -> Any:
+    """``DataSplits(train, val, test)`` of ``regime``: the validation split is held out first (seed 0,
+    shared by every regime), then the training subset is drawn with seed 0."""
     from featkd.api import load_data
 
     return load_data(regime_config(scale, regime))
 
 
-def teacher_dir(work: Path, teacher: str) -> Path:
+def teacher_dir(work: Path, teacher: str, scale: Scale | None = None) -> Path:
+    """Where ``teacher``'s train-teacher run directory lives: the scale's committed teachers folder
+    (default scale: benchmarks/teachers/<name>), else ``<work>/teachers/<name>``."""
+    if scale is not None and scale.teachers_dir is not None:
+        return REPO_DIR / scale.teachers_dir / teacher
     return work / "teachers" / teacher
 
 
@@ -417,9 +436,13 @@ def teacher_command(scale: Scale, teacher: str, out: Path) -> list[str]:
     """The ``featkd train-teacher`` command line that trains (or resumes) ``teacher``."""
     train_limit = scale.regimes[scale.teacher_regime]
     command = [sys.executable, "-m", "featkd", "train-teacher", "--model", teacher,
-               "--width", repr(scale.teacher_widths[teacher]), "--data", scale.data,
-               "--epochs", str(scale.teacher_epochs), "--batch-size", str(scale.batch_size),
-               "--seed", "0", "--device", scale.device, "--out", str(out), "--no-progress"]
+               "--width", repr(scale.teacher_widths[teacher]), "--data", scale.data]
+    if scale.val_size is not None:
+        command += ["--val-size", str(scale.val_size)]
+    if scale.teacher_augment:
+        command += ["--augment"]
+    command += ["--epochs", str(scale.teacher_epochs), "--batch-size", str(scale.batch_size),
+                "--seed", "0", "--device", scale.device, "--out", str(out), "--no-progress"]
     if train_limit is not None:
         command += ["--train-limit", str(train_limit)]
     if teacher in scale.teacher_lrs:
@@ -437,7 +460,7 @@ def train_teacher_cli(scale: Scale, teacher: str, work: Path, threads: int | Non
     The command's output goes to ``<run dir>/train-teacher.log``, its wall time to
     ``benchmark-wall.json``. Returns :func:`teacher_summary`.
     """
-    out = teacher_dir(work, teacher)
+    out = teacher_dir(work, teacher, scale)
     if not ((out / "results.json").is_file() and (out / "model.pt").is_file()):
         command = teacher_command(scale, teacher, out)
         out.mkdir(parents=True, exist_ok=True)
@@ -457,16 +480,28 @@ def train_teacher_cli(scale: Scale, teacher: str, work: Path, threads: int | Non
 
 
 def teacher_summary(scale: Scale, teacher: str, work: Path) -> dict[str, Any]:
-    """The trained teacher's command, accuracy and training time (from its run directory)."""
-    out = teacher_dir(work, teacher)
+    """The trained teacher's command, parameters, accuracy and training time (from its run directory)."""
+    out = teacher_dir(work, teacher, scale)
     summary = read_json(out / "results.json")
     wall = out / "benchmark-wall.json"
     command = teacher_command(scale, teacher, out)
+    try:
+        run_dir = str(out.relative_to(REPO_DIR))
+    except ValueError:
+        run_dir = str(out)
+    command[command.index("--out") + 1] = run_dir
     return {"name": teacher, "width": scale.teacher_widths[teacher], "epochs": scale.teacher_epochs,
-            "command": "featkd " + shlex.join(command[3:]), "run_dir": str(out),
+            "command": "featkd " + shlex.join(command[3:]), "run_dir": run_dir,
+            "params": count_parameters(load_teacher(scale, teacher, work)),
             "wall_s": read_json(wall)["wall_s"] if wall.is_file() else None,
-            "final_test_acc": summary["final_test_acc"], "best_test_acc": summary["best_test_acc"],
+            "final_test_acc": summary["final_test_acc"], "final_val_acc": summary.get("final_val_acc"),
+            "test_acc_at_best_val": summary.get("test_acc_at_best_val"),
             "train_time_s": summary.get("train_time_s")}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def create(name: str, width: float, dataset: Any) -> nn.Module:
@@ -477,12 +512,14 @@ def create(name: str, width: float, dataset: Any) -> nn.Module:
     return create_model(name, dataset.num_classes, in_channels=channels, image_size=size, width=width)
 
 
-def load_teacher(scale: Scale, teacher: str, work: Path, dataset: Any) -> nn.Module:
-    """The trained teacher of ``work`` (eval mode, frozen)."""
+def load_teacher(scale: Scale, teacher: str, work: Path, dataset: Any = None) -> nn.Module:
+    """The trained teacher (eval mode, frozen); shaped for ``dataset`` (default: the scale's data)."""
     from featkd.checkpoint import load_model_weights
 
+    if dataset is None:
+        dataset = load_regime(scale, scale.teacher_regime).test
     model = create(teacher, scale.teacher_widths[teacher], dataset)
-    load_model_weights(model, teacher_dir(work, teacher))
+    load_model_weights(model, teacher_dir(work, teacher, scale))
     return model.eval().requires_grad_(False)
 
 
@@ -506,7 +543,7 @@ def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant:
         report = QualityReport.from_json(path)
         seconds = read_json(timing)["seconds"] if timing.is_file() else 0.0
     else:
-        train, _ = load_regime(scale, regime)
+        train = load_regime(scale, regime).train
         model = load_teacher(scale, teacher, work, train)
         device = resolve_device(scale.device)
         start = time.perf_counter()
@@ -603,18 +640,25 @@ class SharedTeacherFeed:
 
 
 def run_summary(result: Any) -> dict[str, Any]:
-    """Every run's numbers (with its per-epoch test accuracy) and the mean ± std over runs."""
+    """Every run's numbers (with its per-epoch test and validation accuracy), the mean ± std over runs
+    and the deployed parameter count."""
     runs = []
     for run in result.runs:
         info = run.to_dict()
         info["test_acc_per_epoch"] = [r["test_acc"] for r in run.history]
+        info["val_acc_per_epoch"] = [r.get("val_acc") for r in run.history]
         runs.append(info)
     finished = [r for r in runs if r["finished"]]
+    deployed = result.extra.get("deployed_params")
+    if deployed is None and result.model is not None:
+        deployed = count_parameters(result.model)
     return {
         "final_test_acc": mean_std([r["final_test_acc"] for r in finished]),
-        "best_test_acc": mean_std([r["best_test_acc"] for r in finished]),
+        "final_val_acc": mean_std([r["final_val_acc"] for r in finished]),
+        "test_acc_at_best_val": mean_std([r["test_acc_at_best_val"] for r in finished]),
         "train_time_s": mean_std([r["train_time_s"] for r in finished]),
         "images_per_s": mean_std([r["images_per_s"] for r in finished]),
+        "deployed_params": deployed,
         "runs": runs,
     }
 

@@ -58,7 +58,7 @@ def layer_job(scale: Scale, layer: int, work: Path) -> dict[str, Any]:
     from featkd.config import DistillConfig
 
     pair = PAIRS[scale.lv_pair]
-    train, test = common.load_regime(scale, scale.lv_regime)
+    train, _, test = common.load_regime(scale, scale.lv_regime)
     teacher = common.load_teacher(scale, pair.teacher, work, train)
     feed = common.SharedTeacherFeed(teacher, train, common.resolve_device(scale.device), cache_dir=work / "cache")
     s_layer = student_layer(pair.student)
@@ -68,7 +68,7 @@ def layer_job(scale: Scale, layer: int, work: Path) -> dict[str, Any]:
         runs=scale.lv_seeds, seed=0, device=scale.device, progress=False,
         out=str(work / "layer_validity" / f"gl{layer}"),
         teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
-        teacher_checkpoint=str(common.teacher_dir(work, pair.teacher)),
+        teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
         student=pair.student, student_width=scale.student_widths[pair.student], method="featkd",
         teacher_layers=[layer], student_layers=[s_layer], teacher_mode="cache",
     )
@@ -130,7 +130,7 @@ def assemble(head: dict[str, Any], reports: dict[str, Any], entries: dict[int, A
         final = [entries[t]["final_test_acc"]["mean"] for t in done]
         table = quality_table(reports, done)
         data["spearman_final"] = correlations(table, final)
-        data["spearman_best"] = correlations(table, [entries[t]["best_test_acc"]["mean"] for t in done])
+        data["spearman_best"] = correlations(table, [entries[t]["test_acc_at_best_val"]["mean"] for t in done])
         acc = [entries[t]["final_test_acc"] for t in done]
         data["top_layer"] = {variant: {m: top_layer_check(done, table[variant][m], acc) for m in METRICS}
                              for variant in reports}
@@ -143,7 +143,7 @@ def run(scale: Scale, layers: list[int] | None, work: Path, results: Path, worke
     pair = PAIRS[scale.lv_pair]
     record = common.run_record(argv, threads, workers)
     common.train_teacher_cli(scale, pair.teacher, work, threads)
-    train, _ = common.load_regime(scale, scale.lv_regime)
+    train = common.load_regime(scale, scale.lv_regime).train
     teacher = common.load_teacher(scale, pair.teacher, work, train)
     candidates = candidate_layers(teacher)
     layers = layers or candidates

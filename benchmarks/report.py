@@ -605,10 +605,10 @@ def section_layer_validity(found: dict[str, Any]) -> list[str]:
         entry = d["layers"].get(str(t))
         qp, qc = d["quality"]["paper"].get(str(t), {}), d["quality"]["corrected"].get(str(t), {})
         rows.append([t, pct(entry["final_test_acc"]) if entry else "missing",
-                     pct(entry["best_test_acc"]) if entry else "—"]
+                     pct(entry.get("test_acc_at_best_val", entry.get("best_test_acc"))) if entry else "—"]
                     + [number(qp.get(m), ".3f") for m in ("Q", "S", "I", "E", "sqrtIE")]
                     + [number(qc.get(m), ".3f") for m in ("Q", "S", "I", "E", "sqrtIE")])
-    lines += table(["GL", "final acc", "best acc", "Q", "S", "I", "E", "√(IE)", "Q corr.", "S corr.", "I corr.",
+    lines += table(["GL", "final acc", "acc at best val epoch", "Q", "S", "I", "E", "√(IE)", "Q corr.", "S corr.", "I corr.",
                     "E corr.", "√(IE) corr."], rows)
     if "spearman_final" in d:
         lines += ["", "Spearman correlation with the student's final-epoch accuracy (over the layers above):", ""]
