@@ -84,7 +84,7 @@ def test_stop_and_resume_from_the_command_line(teacher_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train-teacher", "--model", "resnet7"], "unknown model model 'resnet7'"),
+    (["train-teacher", "--model", "resnet7"], "unknown model 'resnet7'"),
     (["train-teacher", "--model", "resnet9", "--width", "wide"], "width must be a number"),
     (["train-teacher", "--model", "resnet9", "epochs=-1"], "epochs must be >= 1"),
     (["train-teacher", "--model", "resnet9", "colour=red"], "unknown option 'colour'"),
