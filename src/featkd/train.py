@@ -623,7 +623,7 @@ class Trainer:
                 with torch.no_grad():
                     targets = teacher(x, idx) if teacher is not None else None
                 logits, losses = train_model(x, y, targets)
-            total = _check_finite(losses, step, epoch, seed)
+            total = _check_finite(losses, step, epoch, seed, ctx.distributed)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -678,17 +678,27 @@ def _requires_full_batches(model: nn.Module) -> bool:
     return any(getattr(m, "requires_full_batches", False) for m in model.modules())
 
 
-def _check_finite(losses: dict[str, Tensor], step: int, epoch: int, seed: int) -> Tensor:
-    """The sum of the losses; FloatingPointError naming the first NaN/Inf loss."""
+def _check_finite(losses: dict[str, Tensor], step: int, epoch: int, seed: int, distributed: bool = False) -> Tensor:
+    """The sum of the losses; FloatingPointError naming the first NaN/Inf loss.
+
+    Under DDP the flags are all-reduced first, so that every process stops at the
+    same step with the same message (none is left waiting in a collective).
+    """
     if not losses:
         raise ValueError("the model returned no losses in training mode")
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        name = list(losses)[int((~finite).nonzero()[0])]
+    nan, inf = torch.isnan(values), torch.isinf(values)
+    flags = torch.cat([nan, inf, (nan | inf).any().reshape(1)]).float()
+    if distributed:
+        dist.all_reduce(flags)  # counts over processes
+    if flags[-1] > 0:
+        n = len(losses)
+        first = int((flags[:n] + flags[n:2 * n]).nonzero()[0])
+        kind = "nan" if flags[first] > 0 else "inf"
+        where = f" on {int(flags[-1])} of {dist.get_world_size()} processes" if distributed else ""
         raise FloatingPointError(
-            f"loss {name!r} is {float(values[list(losses).index(name)])} at step {step} "
-            f"(epoch {epoch + 1}, seed {seed}); training stopped, the last good checkpoint is kept"
+            f"loss {list(losses)[first]!r} is {kind}{where} at step {step} (epoch {epoch + 1}, seed {seed}); "
+            "training stopped, the last good checkpoint is kept"
         )
     return sum(losses.values())
 
