@@ -106,7 +106,9 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
     config = config_from_args(TrainConfig, args)
     if config.model is None:
-        raise CliError("give --model NAME (featkd.models.list_models())")
+        from featkd.models import list_models
+
+        raise CliError(f"give --model NAME (known: {', '.join(list_models())})")
     _require_out(config)
     return _execute(lambda: train_teacher_from_config(config), "train-teacher")
 
