@@ -66,6 +66,8 @@ def files(tmp_path_factory) -> Path:
     png = (root / "truncated_png" / "train" / "b" / "0.png").read_bytes()
     (root / "truncated_png" / "train" / "b" / "0.png").write_bytes(png[: len(png) // 2])
     (root / "empty_class" / "train" / "c").mkdir()
+    (root / "bad.yaml").write_text("epochs: [1, 2\n")
+    (root / "demo_types.yaml").write_text("teacher_width: wide\n")
     cifar = root / "cifar" / "cifar-100-python"
     cifar.mkdir(parents=True)
     with open(cifar / "test", "wb") as f:
@@ -137,6 +139,8 @@ BAD = [
     # demo
     (["demo", "--quick", "--methods", "featkd,magic"], "unknown method(s) ['magic']"),
     (["demo", "--quick", "--epochs", "0"], "epochs and teacher epochs must be >= 1"),
+    (["demo", "--quick", "--config", "{files}/bad.yaml"], "bad.yaml is not valid YAML"),
+    (["demo", "--quick", "--config", "{files}/demo_types.yaml"], "teacher_width must be a number"),
 ]
 
 
