@@ -34,8 +34,8 @@ from featkd.train import (
     DistContext,
     TrainResult,
     channels_last_format,
-    default_lr,
     check_output,
+    default_lr,
     init_distributed,
     prepare_output,
     train_runs,
@@ -361,11 +361,12 @@ def distill(
     if out is not None:
         check_output(out, config)  # refuse a different run's directory before any work
     sample = _sample_input(train_set).to(device)
+    # Everything that can fail cheaply fails before the run directory is claimed.
+    probe_student = _instantiate(student, config.seed).to(device)
     s_layers: list[int | str] = []
     t_layers: list[int | str] = []
     t_spec = None
     if method_uses_layers(config.method):
-        probe_student = _instantiate(student, config.seed).to(device)
         s_layers = resolve_student_layers(config.student_layers, probe_student, config.student)
         _check_layers(probe_student, s_layers, "student", config.student)
         t_spec = config.teacher_layers or default_teacher_layers(config.method)
@@ -373,9 +374,10 @@ def distill(
             t_layers = resolve_teacher_layers(t_spec, teacher, config.teacher, len(s_layers), train_set,
                                               device=device)
             _check_layers(teacher, t_layers, "teacher", config.teacher)
-            build_method(config.method, teacher, probe_student, teacher_layers=t_layers, student_layers=s_layers,
-                         num_classes=train_set.num_classes, sample_input=sample,
-                         batch_size=config.batch_size // context.world_size)  # fails now, not after the claim
+    if t_spec != "auto":
+        build_method(config.method, teacher, probe_student, teacher_layers=t_layers, student_layers=s_layers,
+                     num_classes=train_set.num_classes, sample_input=sample,
+                     batch_size=config.batch_size // context.world_size)
     if out is not None:
         prepare_output(out, config, context)  # setup succeeded: claim the directory
     if t_spec == "auto":
@@ -507,8 +509,7 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
             load_model_weights(net, initial, config.model)
         return net
 
-    if initial is not None:
-        factory()  # weights that do not fit fail here, before the run directory is claimed
+    factory()  # a model that cannot be built, or weights that do not fit, fail before the directory is claimed
     return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context,
                          val_set=val_set)
 

@@ -38,6 +38,7 @@ __all__ = [
     "load_tensors",
     "read_weights",
     "save_tensors",
+    "weights_path",
 ]
 
 MODEL_FILE = "model.pt"
