@@ -241,6 +241,11 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def _fmt(value: float | None, digits: int) -> str:
+    """A ratio for the table; "–" when undefined (a clock measured 0 s)."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     dtype = DTYPES[args.dtype]
     train, data_note = load_data(args.data, args.per_class)
@@ -355,19 +360,19 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layers"]:
-        naive = (f"{r['naive_s']:.1f} ({r['naive_cpu_s']:.1f}) | {r['naive_over_ours']:.1f} "
-                 f"({r['naive_over_ours_cpu']:.1f})" if "naive_s" in r else "– | –")
+        naive = (f"{r['naive_s']:.1f} ({r['naive_cpu_s']:.1f}) | {_fmt(r['naive_over_ours'], 1)} "
+                 f"({_fmt(r['naive_over_ours_cpu'], 1)})" if "naive_s" in r else "– | –")
         peak = f"{r['ours_peak_mb']:.0f}" if r["ours_peak_mb"] is not None else "–"
         lines.append(f"| {r['index']} | {r['D']} | {r['ours_s']:.2f} ({r['ours_cpu_s']:.2f}) | "
-                     f"{r['floor_s']:.2f} ({r['floor_cpu_s']:.2f}) | {r['ours_over_floor']:.2f} "
-                     f"({r['ours_over_floor_cpu']:.2f}) | {naive} | {peak} |")
+                     f"{r['floor_s']:.2f} ({r['floor_cpu_s']:.2f}) | {_fmt(r['ours_over_floor'], 2)} "
+                     f"({_fmt(r['ours_over_floor_cpu'], 2)}) | {naive} | {peak} |")
     lines += ["", f"Total: ours {t['ours_s']:.1f} s ({t['ours_cpu_s']:.1f}), floor {t['floor_s']:.1f} s "
-                  f"({t['floor_cpu_s']:.1f}), ours/floor **{t['ours_over_floor']:.2f}** "
-                  f"({t['ours_over_floor_cpu']:.2f}) (goal <= 1.5)."]
+                  f"({t['floor_cpu_s']:.1f}), ours/floor **{_fmt(t['ours_over_floor'], 2)}** "
+                  f"({_fmt(t['ours_over_floor_cpu'], 2)}) (goal <= 1.5)."]
     if "naive_over_ours" in t:
         lines.append(f"Naive on layers {result['naive_layers']}: {t['naive_s_on_naive_layers']:.1f} s "
                      f"vs ours {t['ours_s_on_naive_layers']:.1f} s, naive/ours "
-                     f"**{t['naive_over_ours']:.1f}** ({t['naive_over_ours_cpu']:.1f}) (goal >= 5). "
+                     f"**{_fmt(t['naive_over_ours'], 1)}** ({_fmt(t['naive_over_ours_cpu'], 1)}) (goal >= 5). "
                      f"{result['naive_note']}.")
     p = result["peak_memory_mb"]
     lines.append(f"Peak memory growth (max over layers; growth of the process's peak resident set "

@@ -83,30 +83,6 @@ def test_stop_and_resume_from_the_command_line(teacher_dir, tmp_path, capsys):
     assert code == 0 and [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train-teacher", "--model", "resnet7"], "unknown model model 'resnet7'"),
-    (["train-teacher", "--model", "resnet9", "--width", "wide"], "width must be a number"),
-    (["train-teacher", "--model", "resnet9", "epochs=-1"], "epochs must be >= 1"),
-    (["train-teacher", "--model", "resnet9", "colour=red"], "unknown option 'colour'"),
-    (["train-teacher", "--epochs", "2"], "give --model"),
-    (["train-teacher", "--model", "resnet9", "--data", "mnist9"], "unknown dataset 'mnist9'"),
-    (["train-teacher", "--model", "resnet9", "--config", "/no/such.yaml"], "config file not found"),
-    (["distill", "--student", "resnet9", "--method", "magic"], "unknown method 'magic'"),
-    (["distill", "--student", "resnet9"], "no teacher model"),
-    (["distill", "--teacher", "resnet34", "--student", "resnet9", "--teacher-layers", "best"], "no module named 'best'"),
-    (["distill", "--teacher", "resnet34", "--student", "resnet9", "--teacher-checkpoint", "/no/such/dir"],
-     "not found"),
-    (["distill", "--teacher", "resnet34", "--student", "resnet9", "--augment", "--teacher-mode", "cache"],
-     "teacher_mode=cache needs augment=false"),
-    (["distill", "--teacher", "resnet34", "--student", "resnet9", "out=none"], "give --out DIR"),
-])
-def test_bad_values_exit_2_with_one_line(args, message, tmp_path, capsys):
-    code, _, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], err
-
-
 def test_bad_yaml_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")

@@ -206,6 +206,96 @@ def test_imagefolder_resizes_and_maps_classes(tmp_path):
         get_datasets("imagefolder", root=tmp_path)
 
 
+def save_thirds(path, size):
+    """A wide image whose left, middle and right thirds are red, green and blue."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    for third in range(3):
+        image[:, third * width // 3:(third + 1) * width // 3, third] = 255
+    Image.fromarray(image).save(path)
+
+
+def imagefolder(root, draw=save_thirds, size=(96, 32)):
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            draw(root / split / name / "0.png", size)
+
+
+def test_imagefolder_crops_the_centre_by_default_and_can_stretch(tmp_path):
+    imagefolder(tmp_path)
+    cropped, _ = get_datasets("imagefolder", root=tmp_path)
+    centre = cropped.images[0].float()
+    assert centre.shape == (3, 32, 32) and centre[1].min() == 255 and centre[[0, 2]].max() == 0  # all green
+    stretched, _ = get_datasets("imagefolder", root=tmp_path, resize="stretch")
+    row = stretched.images[0, :, 16].float()
+    assert row[0, 2] > 200 and row[1, 16] > 200 and row[2, 29] > 200  # red, green, blue thirds kept
+    tall, _ = get_datasets("imagefolder", root=tmp_path, image_size=8)
+    assert tall.image_shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="resize must be one of crop, stretch; got 'squash'"):
+        get_datasets("imagefolder", root=tmp_path, resize="squash")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_imagefolder_names_a_file_that_does_not_decode(tmp_path, damage):
+    imagefolder(tmp_path)
+    bad = tmp_path / "train" / "b" / "1.png"
+    data = (tmp_path / "train" / "a" / "0.png").read_bytes()
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a png" * 20, "empty": b""}[damage])
+    with pytest.raises(ValueError, match="cannot decode image") as error:
+        get_datasets("imagefolder", root=tmp_path)
+    assert str(error.value).startswith(f"{bad}:") and "\n" not in str(error.value)
+
+
+def test_imagefolder_refuses_empty_class_folders_and_skips_hidden_ones(tmp_path):
+    imagefolder(tmp_path)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    train, _ = get_datasets("imagefolder", root=tmp_path)
+    assert train.classes == ["a", "b"]
+    (tmp_path / "train" / "c").mkdir()
+    (tmp_path / "train" / "c" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="class folder holds no images") as error:
+        get_datasets("imagefolder", root=tmp_path)
+    assert str(error.value).startswith(str(tmp_path / "train" / "c"))
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_cifar_files_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    images = np.zeros((2, 3, 32, 32), dtype=np.uint8)
+    pickle.dump(cifar_entry(images, [0, 1], "fine_labels", False), open(folder / "test", "wb"))
+    pickle.dump({"data": RunsCode(), "fine_labels": [0]}, open(folder / "train", "wb"))
+    with pytest.raises(ValueError, match="train: refused to unpickle posix.system"):
+        get_datasets("cifar100", root=tmp_path)
+    assert not (tmp_path / "pwned").exists()
+    (folder / "train").write_bytes(pickle.dumps(cifar_entry(images, [0, 1], "fine_labels", False))[:100])
+    with pytest.raises(ValueError, match="train: not a readable CIFAR python batch"):
+        get_datasets("cifar100", root=tmp_path)
+    pickle.dump({"pixels": images}, open(folder / "train", "wb"))
+    with pytest.raises(ValueError, match="train: not a CIFAR batch \\(no 'data' or 'fine_labels' entry\\)"):
+        get_datasets("cifar100", root=tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    images = np.random.default_rng(protocol).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    for split in ("train", "test"):
+        entry = cifar_entry(images, np.array([0, 5, 99]), "fine_labels", byte_keys=True)
+        (folder / split).write_bytes(pickle.dumps(entry, protocol=protocol))
+    train, _ = get_datasets("cifar100", root=tmp_path)
+    assert torch.equal(train.images, torch.from_numpy(images)) and train.labels.tolist() == [0, 5, 99]
+
+
 @pytest.mark.parametrize("name, hint", [
     ("fashion_mnist", "apt-get install dataset-fashion-mnist"),
     ("cifar10", "cifar-10-batches-py"),

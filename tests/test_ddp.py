@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import torch
 import yaml
 
 from featkd.train import read_metrics
@@ -34,3 +35,90 @@ def test_two_process_distill_on_cpu(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["batch_size"] == 8
     assert (out / "model.pt").is_file()
     assert not list(out.glob(".*.tmp"))
+
+
+def torchrun(args, cwd, timeout=180):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path):
+    """DDP splits each global batch of 8 into two halves and averages their gradients: same steps as one process.
+
+    vit_et has no BatchNorm (whose per-process statistics would differ); SGD keeps the update linear
+    in the gradient, so the only difference is float rounding.
+    """
+    from featkd.checkpoint import load_tensors
+    from featkd.cli import main
+    from featkd.models import create_model
+
+    args = ["train-teacher", "--model", "vit_et", "--width", "1/16", "--optimizer", "sgd", "--lr", "0.05",
+            "--data", "synthetic", "--data-options", "num_classes:3,samples_per_class:8,test_per_class:2",
+            "--image-size", "8", "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--no-progress"]
+    done = torchrun(["-m", "featkd", *args, "--out", str(tmp_path / "two")], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two, one = load_tensors(tmp_path / "two" / "model.pt"), load_tensors(tmp_path / "one" / "model.pt")
+    torch.manual_seed(0)
+    initial = create_model("vit_et", 3, in_channels=3, image_size=8, width=1 / 16).state_dict()
+    assert two.keys() == one.keys()
+    moved = max(float((one[k] - initial[k]).abs().max()) for k in one)
+    differ = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert moved > 1e-3 and differ < 1e-5, (moved, differ)  # 6 steps changed the weights, identically
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+
+
+NAN_SCRIPT = '''
+import sys
+
+import torch.distributed as dist
+from torch import nn
+
+import featkd
+from featkd.data import get_datasets
+from featkd.train import finish_distributed, init_distributed
+
+
+class NanOnRankOne(nn.Module):
+    """A linear classifier whose logits turn NaN on rank 1 from its third training forward on."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if dist.get_rank() == 1 and self.calls >= 3:
+                out = out * float("nan")
+        return out
+
+
+train, test = get_datasets("synthetic", num_classes=3, samples_per_class=8, test_per_class=2, image_size=8)
+context = init_distributed("cpu")
+code = 0
+try:
+    featkd.train_teacher(NanOnRankOne(), train, test, epochs=3, batch_size=8, lr=0.01, device="cpu",
+                         progress=False, out=sys.argv[1], context=context)
+except FloatingPointError as err:
+    print(f"rank {context.rank} stopped: {err}", flush=True)
+    code = 3
+finally:
+    finish_distributed()
+sys.exit(code)
+'''
+
+
+def test_a_nan_on_one_process_stops_every_process_with_the_same_message(tmp_path):
+    script = tmp_path / "nan_on_rank_one.py"
+    script.write_text(NAN_SCRIPT)
+    done = torchrun([str(script), str(tmp_path / "out")], tmp_path, timeout=120)  # a hang would time out
+    assert done.returncode != 0
+    lines = sorted(line for line in done.stdout.splitlines() if " stopped: " in line)
+    assert [line.split(" stopped: ")[0] for line in lines] == ["rank 0", "rank 1"], done.stdout + done.stderr[-3000:]
+    message = lines[0].split(" stopped: ")[1]
+    assert lines[1].split(" stopped: ")[1] == message
+    assert message.startswith("loss 'ce' is nan on 1 of 2 processes at step 2 (epoch 1, seed 0)"), message

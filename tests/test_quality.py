@@ -467,6 +467,7 @@ def test_json_round_trip_table_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_speed_benchmark_quick_run(tmp_path):
+    import copy
     import importlib.util
     from pathlib import Path
 
@@ -479,6 +480,16 @@ def test_speed_benchmark_quick_run(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["n_a"] == 200 and len(saved["layers"]) == 18 and "synthetic" in saved["data"]
     assert [r["index"] for r in saved["layers"] if "naive_s" in r] == [14, 17]  # agreed with ours
-    assert saved["totals"]["ours_over_floor"] > 0 and saved["totals"]["naive_over_ours"] > 0
+    totals = saved["totals"]  # ratios of the measured times (no assertion on the times themselves)
+    for ratio, num, den in (("ours_over_floor", "ours_s", "floor_s"),
+                            ("ours_over_floor_cpu", "ours_cpu_s", "floor_cpu_s"),
+                            ("naive_over_ours", "naive_s_on_naive_layers", "ours_s_on_naive_layers")):
+        expected = totals[num] / totals[den] if totals[den] else None
+        assert totals[ratio] == (pytest.approx(expected) if expected is not None else None), ratio
     assert saved["measure_all_layers"]["layers"] == 18 and result["command"] == saved["command"]
     assert "ours/floor" in out.with_suffix(".md").read_text()
+    # a clock that measured 0 s leaves a ratio undefined: the table shows "–" instead of failing
+    zero = copy.deepcopy(saved)
+    zero["totals"].update(floor_cpu_s=0.0, ours_over_floor_cpu=None)
+    zero["layers"][0].update(floor_cpu_s=0.0, ours_over_floor_cpu=None)
+    assert f"**{totals['ours_over_floor']:.2f}** (–)" in bench.markdown(zero)

@@ -371,7 +371,7 @@ def test_override_type_errors(override, message):
 @pytest.mark.parametrize("values, message", [
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(optimizer="adam"), "optimizer must be one of adamw, sgd"),
-    (dict(model="resnet7"), "unknown model model 'resnet7'"),
+    (dict(model="resnet7"), "unknown model 'resnet7'"),
     (dict(data="mnist3"), "unknown dataset"),
     (dict(milestones=[5, 3]), "milestones"),
     (dict(pct_start=1.5), "pct_start"),

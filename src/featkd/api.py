@@ -34,6 +34,7 @@ from featkd.train import (
     DistContext,
     TrainResult,
     channels_last_format,
+    check_output,
     default_lr,
     init_distributed,
     prepare_output,
@@ -341,6 +342,7 @@ def distill(
     owns the feed: ``distill`` does not close it.
     """
     from featkd.distillation import DistillModel, build_method
+    from featkd.layers import resolve_layers
 
     if teacher_feed is not None:
         _check_feed(teacher_feed)
@@ -357,19 +359,33 @@ def distill(
     teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last)).eval()
     teacher.requires_grad_(False)
     if out is not None:
-        prepare_output(out, config, context)  # refuse a different run's directory before writing to it
+        check_output(out, config)  # refuse a different run's directory before any work
+    sample = _sample_input(train_set).to(device)
+    # Everything that can fail cheaply fails before the run directory is claimed.
+    probe_student = _instantiate(student, config.seed).to(device)
     s_layers: list[int | str] = []
     t_layers: list[int | str] = []
+    t_spec = None
     if method_uses_layers(config.method):
-        probe_student = _instantiate(student, config.seed)
         s_layers = resolve_student_layers(config.student_layers, probe_student, config.student)
+        _check_layers(probe_student, s_layers, "student", config.student)
         t_spec = config.teacher_layers or default_teacher_layers(config.method)
+        if t_spec != "auto":
+            t_layers = resolve_teacher_layers(t_spec, teacher, config.teacher, len(s_layers), train_set,
+                                              device=device)
+            _check_layers(teacher, t_layers, "teacher", config.teacher)
+    if t_spec != "auto":
+        build_method(config.method, teacher, probe_student, teacher_layers=t_layers, student_layers=s_layers,
+                     num_classes=train_set.num_classes, sample_input=sample,
+                     batch_size=config.batch_size // context.world_size)
+    if out is not None:
+        prepare_output(out, config, context)  # setup succeeded: claim the directory
+    if t_spec == "auto":
         t_layers = resolve_teacher_layers(
             t_spec, teacher, config.teacher, len(s_layers), train_set,
             device=device, out=out, context=context, variant=config.quality_variant,
             subset_size=config.quality_subset, seed=config.seed, progress=config.progress,
         )
-    sample = _sample_input(train_set).to(device)
     feed = teacher_feed if teacher_feed is not None else TeacherFeed(
         teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
         memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
@@ -387,12 +403,25 @@ def distill(
         return DistillModel(net, distill_method), net
 
     extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
+    settings = {**extra, "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
+                "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
     try:
         return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
-                          teacher=feed, callbacks=callbacks, extra=extra, val_set=val_set)
+                          teacher=feed, callbacks=callbacks, extra=extra, settings=settings,
+                          val_set=val_set)
     finally:
         if teacher_feed is None:  # a feed passed in belongs to the caller
             feed.close()
+
+
+def _check_layers(model: nn.Module, layers: Sequence[int | str], role: str, name: str | None) -> None:
+    """ValueError naming the model when a layer is not in it."""
+    from featkd.layers import resolve_layers
+
+    try:
+        resolve_layers(model, layers, model_name=name)
+    except (IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{role} layers: {err}") from None
 
 
 def _check_feed(feed: Any) -> None:
@@ -430,21 +459,6 @@ def _teacher_run_config(checkpoint: str | None) -> TrainConfig | None:
         return None
 
 
-def teacher_weights_path(checkpoint: str) -> Path:
-    """The weights file of ``checkpoint`` (a file, or a run directory holding model.pt)."""
-    path = Path(checkpoint)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
-    if (path / "model.pt").is_file():
-        return path / "model.pt"
-    runs = sorted(p.parent for p in path.glob("run-*/model.pt"))
-    if runs:
-        raise ValueError(f"{path} holds {len(runs)} runs; pass one of them: {', '.join(map(str, runs))}")
-    raise FileNotFoundError(f"{path} holds no model.pt (is the teacher run finished?)")
-
-
 def complete_distill_config(config: DistillConfig) -> DistillConfig:
     """Fill ``teacher``/``teacher_width`` from the teacher's run directory; check required fields."""
     previous = _teacher_run_config(config.teacher_checkpoint)
@@ -471,40 +485,55 @@ def _data_shape(train_set: Any) -> tuple[int, int, int]:
 
 
 def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Load data, build ``config.model`` and train it (what ``featkd train-teacher`` runs)."""
-    from featkd.checkpoint import load_model_weights
+    """Load data, build ``config.model`` and train it (what ``featkd train-teacher`` runs).
+
+    The cheap checks come first (run directory, initial weights readable), then the
+    data, then the weights' fit; the run directory is claimed only after all of them.
+    """
+    from featkd.checkpoint import load_model_weights, read_weights
     from featkd.models import create_model
 
     if config.model is None:
         raise ValueError("no model: give --model NAME")
     config.validate()
     context = init_distributed(config.device)
+    if config.out:
+        check_output(Path(config.out), config)
+    initial = read_weights(config.init_checkpoint) if config.init_checkpoint else None
     train_set, val_set, test_set = load_data(config)
     num_classes, channels, size = _data_shape(train_set)
 
     def factory() -> nn.Module:
         net = create_model(config.model, num_classes, in_channels=channels, image_size=size, width=config.width)
-        if config.init_checkpoint:
-            load_model_weights(net, config.init_checkpoint)
+        if initial is not None:
+            load_model_weights(net, initial, config.model)
         return net
 
+    factory()  # a model that cannot be built, or weights that do not fit, fail before the directory is claimed
     return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context,
                          val_set=val_set)
 
 
 def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Load data, build teacher and student and distil (what ``featkd distill`` runs)."""
-    from featkd.checkpoint import load_model_weights
+    """Load data, build teacher and student and distil (what ``featkd distill`` runs).
+
+    The teacher checkpoint is read before the data are loaded, and checked against
+    the teacher before anything is written.
+    """
+    from featkd.checkpoint import load_model_weights, read_weights
     from featkd.models import create_model
 
     config = complete_distill_config(config)
     context = init_distributed(config.device)
+    if config.out:
+        check_output(Path(config.out), config)
+    weights = read_weights(config.teacher_checkpoint) if config.teacher_checkpoint else None
     train_set, val_set, test_set = load_data(config)
     num_classes, channels, size = _data_shape(train_set)
     teacher = create_model(config.teacher, num_classes, in_channels=channels, image_size=size,
                            width=config.teacher_width)
-    if config.teacher_checkpoint:
-        load_model_weights(teacher, teacher_weights_path(config.teacher_checkpoint))
+    if weights is not None:
+        load_model_weights(teacher, weights, config.teacher)
 
     def student() -> nn.Module:
         return create_model(config.student, num_classes, in_channels=channels, image_size=size,

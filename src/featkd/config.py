@@ -244,7 +244,8 @@ def _check_model(name: str, value: str) -> None:
     from featkd.models import list_models
 
     if value not in list_models():
-        raise ValueError(f"unknown {name} model {value!r}; known: {', '.join(list_models())}")
+        role = "" if name == "model" else f"{name} "
+        raise ValueError(f"unknown {role}model {value!r}; known: {', '.join(list_models())}")
 
 
 def _is_layer_field(name: str) -> bool:

@@ -92,12 +92,15 @@ def layer_index(model: nn.Module, name: str) -> int:
     return names.index(name)
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[int | str] | int | str) -> list[str]:
+def resolve_layers(model: nn.Module, layers: Sequence[int | str] | int | str,
+                   model_name: str | None = None) -> list[str]:
     """GL indices and/or module names -> module names, order kept.
 
     Any named submodule is accepted by name; indices refer to GLs and may be
-    negative (``-1`` is the last GL).
+    negative (``-1`` is the last GL). Errors call the model ``model_name``
+    (default: its class name).
     """
+    described = model_name or type(model).__name__
     if isinstance(layers, (int, str)):
         layers = [layers]
     gls = generalized_layers(model)
@@ -109,7 +112,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[int | str] | int | str) ->
         if isinstance(layer, int):
             if not -len(gls) <= layer < len(gls):
                 raise IndexError(
-                    f"layer index {layer} out of range: {type(model).__name__} has "
+                    f"layer index {layer} out of range: {described} has "
                     f"{len(gls)} generalized layers, valid indices 0..{len(gls) - 1}"
                 )
             names.append(gls[layer])
@@ -117,7 +120,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[int | str] | int | str) ->
             names.append(layer)
         else:
             raise ValueError(
-                f"no module named {layer!r} in {type(model).__name__}; "
+                f"no module named {layer!r} in {described}; "
                 f"generalized layers are: {', '.join(gls)}"
             )
     return names

@@ -64,6 +64,7 @@ MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
 TIMING_FIELDS = ("epoch_time_s", "images_per_s")
 _FORMAT_VERSION = 1
 _SGD_LR = {"resnet": 0.05, "mobilenet": 0.05, "vgg": 0.01, "vit": 0.01}
@@ -622,7 +623,7 @@ class Trainer:
                 with torch.no_grad():
                     targets = teacher(x, idx) if teacher is not None else None
                 logits, losses = train_model(x, y, targets)
-            total = _check_finite(losses, step, epoch, seed)
+            total = _check_finite(losses, step, epoch, seed, ctx.distributed)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -677,17 +678,27 @@ def _requires_full_batches(model: nn.Module) -> bool:
     return any(getattr(m, "requires_full_batches", False) for m in model.modules())
 
 
-def _check_finite(losses: dict[str, Tensor], step: int, epoch: int, seed: int) -> Tensor:
-    """The sum of the losses; FloatingPointError naming the first NaN/Inf loss."""
+def _check_finite(losses: dict[str, Tensor], step: int, epoch: int, seed: int, distributed: bool = False) -> Tensor:
+    """The sum of the losses; FloatingPointError naming the first NaN/Inf loss.
+
+    Under DDP the flags are all-reduced first, so that every process stops at the
+    same step with the same message (none is left waiting in a collective).
+    """
     if not losses:
         raise ValueError("the model returned no losses in training mode")
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        name = list(losses)[int((~finite).nonzero()[0])]
+    nan, inf = torch.isnan(values), torch.isinf(values)
+    flags = torch.cat([nan, inf, (nan | inf).any().reshape(1)]).float()
+    if distributed:
+        dist.all_reduce(flags)  # counts over processes
+    if flags[-1] > 0:
+        n = len(losses)
+        first = int((flags[:n] + flags[n:2 * n]).nonzero()[0])
+        kind = "nan" if flags[first] > 0 else "inf"
+        where = f" on {int(flags[-1])} of {dist.get_world_size()} processes" if distributed else ""
         raise FloatingPointError(
-            f"loss {name!r} is {float(values[list(losses).index(name)])} at step {step} "
-            f"(epoch {epoch + 1}, seed {seed}); training stopped, the last good checkpoint is kept"
+            f"loss {list(losses)[first]!r} is {kind}{where} at step {step} (epoch {epoch + 1}, seed {seed}); "
+            "training stopped, the last good checkpoint is kept"
         )
     return sum(losses.values())
 
@@ -728,30 +739,62 @@ def run_directory(out: Path | None, seed: int, runs: int) -> Path | None:
     return out if runs == 1 else out / f"run-{seed}"
 
 
-def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
-    """Create ``out`` and write config.yaml, or check that it matches the config there.
+def has_started(out: Path) -> bool:
+    """Whether ``out`` holds training progress: a checkpoint, final weights or results (of any run)."""
+    progress = (CHECKPOINT_FILE, MODEL_FILE, RESULTS_FILE)
+    return any((d / name).is_file() for d in (out, *out.glob("run-*")) for name in progress)
 
-    Raises ValueError when ``out`` holds a run of a different configuration.
+
+def check_output(out: Path, config: RunConfig) -> None:
+    """Refuse (ValueError) a directory holding a started run of another configuration; writes nothing.
+
+    A directory whose config.yaml never got a checkpoint (setup failed, or it was
+    stopped before the first epoch ended) is not refused: :func:`prepare_output`
+    replaces it.
     """
     existing = out / CONFIG_FILE
-    if existing.is_file():
-        import yaml
+    if not existing.is_file() or not has_started(out):
+        return
+    diffs = _differences(existing, config)
+    if diffs:
+        raise ValueError(
+            f"{out} holds a run with a different config ({'; '.join(diffs[:3])}); "
+            "rerun with the same options to resume, or choose a new --out"
+        )
 
-        old = type(config)()
-        try:
-            from featkd.config import apply_overrides
 
-            apply_overrides(old, yaml.safe_load(existing.read_text()) or {})
-        except ValueError as err:
-            raise ValueError(f"{existing} is not a {type(config).__name__}: {err}; use a new --out") from err
-        diffs = config.differences(old)
-        if diffs:
-            raise ValueError(
-                f"{out} holds a run with a different config ({'; '.join(diffs[:3])}); "
-                "rerun with the same options to resume, or choose a new --out"
-            )
+def _differences(existing: Path, config: RunConfig) -> list[str]:
+    import yaml
+
+    from featkd.config import apply_overrides
+
+    old = type(config)()
+    try:
+        apply_overrides(old, yaml.safe_load(existing.read_text()) or {})
+    except (ValueError, yaml.YAMLError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return [f"{existing} is not a {type(config).__name__}: {first}"]
+    return config.differences(old)
+
+
+# Files a run writes before its first checkpoint; cleared when an unstarted directory is reused.
+UNSTARTED_FILES = (CONFIG_FILE, METRICS_FILE, RUN_FILE, "quality.json", "quality.png")
+
+
+def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
+    """Claim ``out`` for ``config``: check it (:func:`check_output`) and write config.yaml.
+
+    Call it once setup has succeeded. An unstarted directory of another
+    configuration is cleared of its files and reused without asking.
+    """
+    check_output(out, config)
     context.barrier()
     if context.is_main:
+        existing = out / CONFIG_FILE
+        if existing.is_file() and not has_started(out) and _differences(existing, config):
+            log.info("%s held an unstarted run of another config: replacing it", out)
+            for path in (f for d in (out, *out.glob("run-*")) for f in map(d.joinpath, UNSTARTED_FILES)):
+                path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(existing, config.to_yaml())
     context.barrier()
@@ -769,16 +812,24 @@ def train_runs(
     callbacks: Sequence[Callback] = (),
     extra: dict[str, Any] | None = None,
     val_set: Any = None,
+    settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train one model per seed of ``config`` and write the run directories under ``config.out``.
 
     ``build_run(seed)`` returns ``(model to train, module exported to model.pt)``; it is
     called after ``torch.manual_seed(seed)``. Finished runs are loaded, not retrained.
+    ``extra`` goes into results.json; run.json records the effective lr, widths,
+    ``settings`` (e.g. resolved layers), software versions and git commit.
     """
+    from featkd.provenance import run_record
+
     context = context or init_distributed(config.device)
     out = Path(config.out) if config.out else None
     if out is not None:
         prepare_output(out, config, context)
+        if context.is_main:
+            write_json(out / RUN_FILE, run_record(config, lr, settings, world_size=context.world_size,
+                                                  device=str(context.device)))
     trainer = Trainer(config, context=context, lr=lr, callbacks=callbacks)
     results = []
     for seed in config.seeds:

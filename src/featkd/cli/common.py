@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
+
+if TYPE_CHECKING:
+    from featkd.checkpoint import WeightsFile
 
 __all__ = ["CliError", "build_model_from_args", "parse_layers"]
 
@@ -30,9 +35,9 @@ def build_model_from_args(
     num_classes: int,
     in_channels: int,
     image_size: int,
-    checkpoint: str | None = None,
+    checkpoint: str | WeightsFile | None = None,
 ) -> nn.Module:
-    """A zoo model, with weights from a file or run directory when given."""
+    """A zoo model, with weights from a file, a run directory or a :class:`WeightsFile` when given."""
     from featkd.checkpoint import load_model_weights
     from featkd.models import create_model
 
@@ -42,6 +47,6 @@ def build_model_from_args(
         )
     except ValueError as err:
         raise CliError(str(err)) from err
-    if checkpoint:
-        load_model_weights(model, checkpoint)
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint, name)
     return model

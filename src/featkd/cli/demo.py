@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,13 @@ def plan_from_args(args: argparse.Namespace) -> DemoPlan:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        values.update(yaml.safe_load(path.read_text()) or {})
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CliError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise CliError(f"{path} must hold a mapping of setting: value")
+        values.update(loaded)
     for key in ("epochs", "teacher_epochs"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -88,7 +95,13 @@ def plan_from_args(args: argparse.Namespace) -> DemoPlan:
     unknown = sorted(set(values) - names)
     if unknown:
         raise CliError(f"unknown demo setting(s) {unknown}; valid: {', '.join(sorted(names))}")
-    plan = DemoPlan(**values)
+    from featkd.config import parse_value
+
+    hints = typing.get_type_hints(DemoPlan)
+    try:
+        plan = DemoPlan(**{key: parse_value(value, hints[key], key) for key, value in values.items()})
+    except ValueError as err:
+        raise CliError(str(err)) from None
     if plan.epochs < 1 or plan.teacher_epochs < 1:
         raise CliError("epochs and teacher epochs must be >= 1")
     from featkd.distillation import list_methods

@@ -49,6 +49,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the selection, write quality.json and quality.png."""
+    from featkd.checkpoint import read_weights
     from featkd.data import get_datasets
     from featkd.layers import resolve_layers
     from featkd.quality import measure
@@ -58,13 +59,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--layers {layers!r} is not valid here: give 'all' or GL indices/names")
     if args.k < 1:
         raise CliError(f"--k must be at least 1, got {args.k}")
+    weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     train, _ = get_datasets(args.data, root=args.data_root)
     channels, size, _ = train.image_shape
     model = build_model_from_args(args.model, args.width, train.num_classes, channels, size,
-                                  checkpoint=args.checkpoint)
+                                  checkpoint=weights)
     if layers != "all":
         try:
-            resolve_layers(model, layers)
+            resolve_layers(model, layers, model_name=args.model)
         except (IndexError, ValueError) as err:
             raise CliError(str(err)) from err
     report = measure(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 from typing import Any
@@ -34,7 +35,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Run
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
-        text = f.metadata.get("help", "")
+        text = _with_known_names(f.name, f.metadata.get("help", ""))
         if hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=f"{text} (default {f.default})")
@@ -44,6 +45,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Run
             parser.add_argument(flag, dest=f.name, metavar=f.name.split("_")[-1].upper(),
                                 default=argparse.SUPPRESS, help=shown)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any option")
+
+
+def _with_known_names(field_name: str, text: str) -> str:
+    """Help text with a pointer such as ``(featkd.distillation.list_methods())`` replaced by the names."""
+    from featkd.data import list_datasets
+    from featkd.distillation import list_methods
+    from featkd.models import list_models
+
+    listers = {"data": list_datasets, "method": list_methods, "model": list_models,
+               "teacher": list_models, "student": list_models}
+    if field_name not in listers:
+        return text
+    return re.sub(r"\s*\(featkd\.[\w.]+\(\)\)", "", text) + f" (known: {', '.join(listers[field_name]())})"
 
 
 def config_from_args(config_class: type[RunConfig], args: argparse.Namespace) -> RunConfig:
@@ -92,7 +106,9 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
     config = config_from_args(TrainConfig, args)
     if config.model is None:
-        raise CliError("give --model NAME (featkd.models.list_models())")
+        from featkd.models import list_models
+
+        raise CliError(f"give --model NAME (known: {', '.join(list_models())})")
     _require_out(config)
     return _execute(lambda: train_teacher_from_config(config), "train-teacher")
 

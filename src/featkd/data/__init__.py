@@ -18,10 +18,14 @@ Datasets (``get_datasets(name, ...)``; ``root`` defaults to ``$FEATKD_DATA`` or
   to 32x32; a stratified 80/20 train/test split with seed 0 (``test_fraction``, ``split_seed``).
 * ``fashion_mnist``: IDX files (``.gz`` or plain), zero-padded 28 -> 32 (``pad=2``). Looked up in
   /usr/share/datasets/fashion-mnist (``apt-get install dataset-fashion-mnist``) when no root is given.
-* ``cifar10`` / ``cifar100``: the python pickle batches (``cifar-10-batches-py``, ``cifar-100-python``).
+* ``cifar10`` / ``cifar100``: the python pickle batches (``cifar-10-batches-py``, ``cifar-100-python``),
+  read by a restricted unpickler that builds only containers, bytes and numpy arrays (a file naming
+  any other global is refused, so a crafted file cannot run code).
 * ``tiny_imagenet``: the ``tiny-imagenet-200`` folder, 64x64 RGB; its val split is the test split.
 * ``imagefolder``: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), RGB,
-  resized to ``image_size`` (default 32).
+  ``image_size`` square (default 32): the shorter side is resized and the centre cropped
+  (``resize="stretch"`` resizes both sides instead). A file that does not decode, or a class
+  folder without images, is an error naming it; hidden folders are not classes.
 * ``synthetic``: one smooth random template per class plus seeded noise, for tests.
 
 ``download=True`` fetches CIFAR and Fashion-MNIST with torchvision (TinyImageNet with torchvision's

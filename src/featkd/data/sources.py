@@ -65,19 +65,41 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_image_files(paths: Sequence[Path], size: int, desc: str) -> Tensor:
-    """Decode image files to uint8 RGB (N, 3, size, size), resizing bilinearly where needed."""
+RESIZE_MODES = ("crop", "stretch")
+
+
+def _fit_image(image: Any, size: int, resize: str) -> Any:
+    """``crop``: shorter side to ``size`` (bilinear), then the centre square; ``stretch``: both sides to ``size``."""
+    from PIL import Image
+
+    if image.size == (size, size):
+        return image
+    if resize == "stretch":
+        return image.resize((size, size), Image.BILINEAR)
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _read_image_files(paths: Sequence[Path], size: int, desc: str, resize: str = "crop") -> Tensor:
+    """Decode image files to uint8 RGB (N, 3, size, size); a file that does not decode raises ValueError naming it."""
     from PIL import Image
     from tqdm.auto import tqdm
 
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
 
     def read(i: int) -> None:
-        with Image.open(paths[i]) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            out[i] = np.asarray(image)
+        try:
+            with Image.open(paths[i]) as image:
+                out[i] = np.asarray(_fit_image(image.convert("RGB"), size, resize))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{paths[i]}: cannot decode image (corrupt or truncated?): {reason}") from None
 
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes without holding the GIL
@@ -155,14 +177,68 @@ _CIFAR = {
 }
 
 
+def _numpy_function(module: str, name: str) -> Callable[[], Any]:
+    def resolve() -> Any:
+        import importlib
+
+        for package in ("numpy._core", "numpy.core"):  # numpy 2, numpy 1
+            try:
+                return getattr(importlib.import_module(f"{package}.{module}"), name)
+            except (ImportError, AttributeError):
+                continue
+        raise pickle.UnpicklingError(f"numpy has no {module}.{name}")
+
+    return resolve
+
+
+# The only globals a CIFAR python batch may name: numpy arrays, scalars and their dtypes,
+# and the codec Python 3 uses for bytes in protocol-2 pickles. Everything else is refused.
+_CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: __import__("codecs").encode,
+    **{(f"{package}.multiarray", name): _numpy_function("multiarray", name)
+       for package in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")},
+    **{(f"{package}.numeric", "_frombuffer"): _numpy_function("numeric", "_frombuffer")
+       for package in ("numpy.core", "numpy._core")},
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle naming a global outside :data:`_CIFAR_GLOBALS`."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, numbers, text, bytes and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return allowed()
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    """A CIFAR python batch, read without running code from the file."""
+    try:
+        with open(path, "rb") as f:
+            entry = _RestrictedUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise ValueError(f"{path}: refused to unpickle {err}: CIFAR batches hold only dicts, lists, bytes "
+                         "and numpy arrays, and featkd never runs code from a data file") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise ValueError(f"{path}: not a readable CIFAR python batch ({type(err).__name__}: {err})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (holds a {type(entry).__name__}, not a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
 def _read_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[Tensor, Tensor]:
     entries = [_unpickle(p) for p in paths]
+    for path, entry in zip(paths, entries):
+        missing = [key for key in ("data", label_key) if key not in entry]
+        if missing:
+            raise ValueError(f"{path}: not a CIFAR batch (no {' or '.join(map(repr, missing))} entry)")
     images = np.concatenate([np.asarray(e["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for e in entries])
     labels = np.concatenate([np.asarray(e[label_key], dtype=np.int64) for e in entries])
     return torch.from_numpy(images), torch.from_numpy(labels)
@@ -241,32 +317,45 @@ def _load_tiny_imagenet(root: Path | None, download: bool) -> _Splits:
                    _read_image_files(test_paths, 64, "tiny_imagenet val"), torch.tensor(test_labels), wnids)
 
 
+def _class_folders(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder``, sorted; hidden ones (``.ipynb_checkpoints``) are not classes."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _scan_class_folders(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     paths, labels = [], []
-    for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+    for sub in _class_folders(folder):
         if sub.name not in classes:
             raise ValueError(f"{sub}: class {sub.name!r} has no training folder; classes: {classes}")
         files = _image_files(sub)
+        if not files:
+            raise ValueError(f"{sub}: class folder holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                             "add images or remove the folder")
         paths += files
         labels += [classes.index(sub.name)] * len(files)
     return paths, labels
 
 
-def _load_imagefolder(root: Path | None, download: bool, *, image_size: int = 32) -> _Splits:
+def _load_imagefolder(root: Path | None, download: bool, *, image_size: int = 32,
+                      resize: str = "crop") -> _Splits:
     layout = "root/train/<class>/<image> and root/test/<class>/<image> (or root/val/...)"
     if root is None:
         raise ValueError(f"imagefolder needs root=...; expected layout: {layout}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"imagefolder resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
     test_dirs = [root / "test", root / "val"]
     test_dir = next((d for d in test_dirs if d.is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise _not_found("image folders", [root / "train", *test_dirs], layout,
                          "Arrange the images that way.")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    classes = [d.name for d in _class_folders(root / "train")]
+    if not classes:
+        raise ValueError(f"{root / 'train'} holds no class folders; expected layout: {layout}")
     train_paths, train_labels = _scan_class_folders(root / "train", classes)
     test_paths, test_labels = _scan_class_folders(test_dir, classes)
-    return _Splits(_read_image_files(train_paths, image_size, "imagefolder train"),
+    return _Splits(_read_image_files(train_paths, image_size, "imagefolder train", resize),
                    torch.tensor(train_labels),
-                   _read_image_files(test_paths, image_size, "imagefolder test"),
+                   _read_image_files(test_paths, image_size, "imagefolder test", resize),
                    torch.tensor(test_labels), classes)
 
 

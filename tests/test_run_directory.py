@@ -1,0 +1,110 @@
+"""Run directories: claimed only after setup, unstarted ones replaced, effective settings in run.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from featkd.cli import main
+from featkd.provenance import git_state, software_versions
+
+DATA = ["--data", "synthetic", "--data-options", "num_classes:3,samples_per_class:6,test_per_class:2",
+        "--image-size", "8", "--batch-size", "6", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train-teacher", "--model", "resnet34", "--width", "1/16", "--epochs", "1", "--out", str(out),
+                 *DATA]) == 0
+    return out
+
+
+def distill_args(teacher_dir, out, *extra):
+    return ["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9", "--student-width", "1/16",
+            "--epochs", "1", "--out", str(out), *DATA, *extra]
+
+
+def test_a_failed_setup_leaves_nothing_and_the_fixed_command_runs(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(distill_args(teacher_dir, out, "--method", "fitnet", "--teacher-layers", "3,7,13,99")) == 2
+    assert "layer index 99 out of range: resnet34" in capsys.readouterr().err and not out.exists()
+    assert main(distill_args(teacher_dir, out, "--method", "fitnet", "--teacher-layers", "3,7,13,16")) == 0
+    assert (out / "model.pt").is_file()
+
+
+def test_an_unstarted_directory_of_another_config_is_replaced(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a run that died before its first checkpoint leaves: its config, and a Q report of another teacher
+    (out / "config.yaml").write_text(yaml.safe_dump({"method": "featkd", "epochs": 7, "teacher": "vgg19_bn"}))
+    (out / "quality.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert main(distill_args(teacher_dir, out, "--method", "featkd", "--teacher-layers", "auto")) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["epochs"] == 1 and config["teacher"] == "resnet34"
+    assert json.loads((out / "quality.json").read_text())["model"] == "resnet34"  # measured anew
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1]
+
+
+def test_a_started_directory_of_another_config_is_still_refused(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(distill_args(teacher_dir, out, "--method", "ce", "stop_after_epochs=1", "--epochs", "2")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(distill_args(teacher_dir, out, "--method", "kd")) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config (epochs: 2 -> 1; method: 'ce' -> 'kd')" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_run_json_records_the_effective_settings(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(distill_args(teacher_dir, out, "--method", "featkd", "--teacher-layers", "auto")) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["lr"] is None and config["teacher_layers"] == "auto"  # as given
+    record = json.loads((out / "run.json").read_text())
+    selected = json.loads((out / "quality.json").read_text())["selected"]["Q"]
+    assert record["lr"] == 0.0075  # the resnet family's one-cycle peak
+    assert record["teacher_layers"] == selected and record["student_layers"] == [1, 2, 3, 4]
+    assert record["student_layer_names"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert len(record["teacher_layer_names"]) == 4
+    assert record["widths"] == {"teacher_width": 0.0625, "student_width": 0.0625}
+    assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert record["versions"]["torchvision"].split("+")[0] == torchvision.__version__.split("+")[0]
+    assert record["versions"]["featkd"] and record["world_size"] == 1 and record["device"] == "cpu"
+    assert record["git_commit"] == git_state()[0]
+
+    teacher = json.loads((teacher_dir / "run.json").read_text())
+    assert teacher["lr"] == 0.0075 and teacher["widths"] == {"width": 0.0625} and "teacher_layers" not in teacher
+
+
+def test_versions_name_the_installed_packages():
+    versions = software_versions()
+    assert set(versions) == {"featkd", "torch", "torchvision", "python"}
+    assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_state_of_a_checkout(tmp_path):
+    assert git_state(tmp_path) == (None, None)  # not a checkout
+    (tmp_path / "src" / "featkd").mkdir(parents=True)
+    (tmp_path / "src" / "featkd" / "a.py").write_text("x = 1\n")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    commit, dirty = git_state(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty is False
+    (tmp_path / "src" / "featkd" / "a.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == (commit, True)
