@@ -105,7 +105,9 @@ def test_load_trained_model_explains_what_is_missing(tmp_path, data, teacher):
 def test_simkd_refuses_quality_selected_layers(tmp_path, data, teacher):
     train, test = data
     with pytest.raises(ValueError, match="does not apply to simkd"):
-        api.distill(teacher, student, train, test, method="simkd", teacher_layers="auto", **ZOO, **FAST)
+        api.distill(teacher, student, train, test, method="simkd", teacher_layers="auto",
+                    out=str(tmp_path / "run"), **ZOO, **FAST)
+    assert not (tmp_path / "run").exists()
 
 
 def test_kd_settings_reach_the_method(tmp_path, data, teacher):

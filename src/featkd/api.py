@@ -162,12 +162,9 @@ def resolve_teacher_layers(
     return list(spec)
 
 
-def _classifier_layers(spec: str | Sequence[int | str] | None, model: nn.Module, sample: torch.Tensor,
-                       role: str) -> list[int | str]:
-    """simkd's layers: a keyword -> [the GL at ``model``'s classifier input]; a list passes."""
-    if spec == "auto":
-        raise ValueError(f"{role}_layers=auto does not apply to simkd: it distils at the input of the "
-                         "teacher's classifier (give no layers, or a list whose deepest entry is used)")
+def _classifier_layers(spec: str | Sequence[int | str] | None, model: nn.Module,
+                       sample: torch.Tensor) -> list[int | str]:
+    """simkd's layers: None or a keyword -> [the GL at ``model``'s classifier input]; a list passes."""
     if spec is None or isinstance(spec, str):
         from featkd.layers import classifier_input
 
@@ -398,8 +395,8 @@ def distill(
     t_layers: list[int | str] = []
     if METHOD_INFO[config.method].teacher_layers == "classifier":
         probe_student = _instantiate(student, config.seed).to(device)
-        s_layers = _classifier_layers(config.student_layers, probe_student, sample, "student")
-        t_layers = _classifier_layers(config.teacher_layers, teacher, sample, "teacher")
+        s_layers = _classifier_layers(config.student_layers, probe_student, sample)
+        t_layers = _classifier_layers(config.teacher_layers, teacher, sample)
     elif method_uses_layers(config.method):
         probe_student = _instantiate(student, config.seed)
         s_layers = resolve_student_layers(config.student_layers, probe_student, config.student)

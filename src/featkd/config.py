@@ -231,6 +231,9 @@ class DistillConfig(RunConfig):
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(list_methods())}")
         if (self.kd_temperature, self.kd_weight) != (None, None) and not METHOD_INFO[self.method].teacher_logits:
             raise ValueError(f"kd_temperature and kd_weight do not apply to method {self.method!r} (it has no KD term)")
+        if METHOD_INFO[self.method].teacher_layers == "classifier" and self.teacher_layers == "auto":
+            raise ValueError(f"teacher_layers=auto does not apply to {self.method}: it distils at the input of the "
+                             "teacher's classifier (give no layers, or a list whose deepest entry is used)")
         _check_layers("teacher_layers", self.teacher_layers, TEACHER_LAYER_KEYWORDS)
         _check_layers("student_layers", self.student_layers, STUDENT_LAYER_KEYWORDS)
         if self.teacher_mode == "cache" and self.augment:
