@@ -11,7 +11,7 @@ from featkd.data import BatchLoader, get_datasets
 from featkd.distillation import TappedNetwork, used_parameter_count
 from featkd.models import create_model
 from featkd.report import comparison_rows, load_run
-from featkd.train import ClassifierModel, evaluate, read_metrics
+from featkd.train import ClassifierModel, channels_last_format, evaluate, read_metrics
 
 WIDTH = 1 / 16
 FAST = dict(batch_size=8, eval_batch_size=64, progress=False, device="cpu", epochs=2)
@@ -35,7 +35,7 @@ def student():
 
 def accuracy(model, test_set):
     loader = BatchLoader(test_set, 64, shuffle=False)
-    return evaluate(ClassifierModel(model).eval(), loader, torch.device("cpu"), "none")
+    return evaluate(ClassifierModel(model).eval(), loader, torch.device("cpu"), "none", channels_last_format(model))
 
 
 def results(directory):
@@ -60,6 +60,7 @@ def test_simkd_run_saves_and_reloads_its_deployed_network(tmp_path, data, teache
     every = sum(p.numel() for p in model.parameters())
     assert deployed == every - unused_head
     assert comparison_rows([load_run(tmp_path)])[0]["params"] == f"{deployed:,}"     # featkd report's table
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(model(x), result.model.eval()(x))          # the run's model is the same network
 
