@@ -46,7 +46,7 @@ CACHE_BUDGET_BYTES = 6 * 2**30
 
 # --------------------------------------------------------------------------- method order and layers
 def method_order(methods: list[str]) -> list[str]:
-    """``methods`` grouped by the teacher outputs they need (logits, standard layers, Q layers).
+    """``methods`` grouped by the teacher outputs they need (logits, standard layers, classifier input, Q layers).
 
     Consecutive methods then share one teacher cache; ce comes first.
     """
@@ -56,7 +56,7 @@ def method_order(methods: list[str]) -> list[str]:
         info = METHOD_INFO[name]
         if not info.teacher_features:
             return 0
-        return 2 if info.teacher_layers == "q" else 1
+        return {"standard": 1, "classifier": 2}.get(info.teacher_layers, 3)
 
     return sorted(methods, key=lambda name: (group(name), METHODS.index(name)))
 

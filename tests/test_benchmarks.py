@@ -83,8 +83,9 @@ def test_scales_overrides_and_choices():
 def test_method_order_groups_methods_by_teacher_outputs():
     order = accuracy.method_order(list(reversed(common.METHODS)))
     assert order[0] == "ce"
-    assert set(order[:4]) == {"ce", "kd", "kd_std", "simkd"}
-    assert set(order[4:9]) == {"fitnet", "fitnet_fc", "sp", "semckd", "featkd_std"}
+    assert set(order[:3]) == {"ce", "kd", "kd_std"}
+    assert set(order[3:8]) == {"fitnet", "fitnet_fc", "sp", "semckd", "featkd_std"}
+    assert order[8] == "simkd"                                  # the teacher's classifier input
     assert set(order[9:]) == {"featkd", "featkd_ce", "featkd_ce_kd"}
 
 

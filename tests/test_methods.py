@@ -8,12 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from featkd.distillation import (
-    METHOD_INFO, DistillModel, OnlineTeacher, SingleLayerConv, ThreeLayerConv, align_spatial,
-    build_method, ce, feature_mse, kd_loss, kd_std_loss, list_methods, make_projector, semckd_loss,
-    similarity_preserving_loss, standardize_logits,
+    METHOD_INFO, BottleneckConv, DistillModel, OnlineTeacher, SingleLayerConv, ThreeLayerConv,
+    TeacherOutputs, align_spatial, build_method, ce, feature_mse, kd_loss, kd_std_loss,
+    list_methods, make_projector, semckd_loss, similarity_preserving_loss, standardize_logits,
+    used_parameter_count,
 )
 from featkd.distillation.losses import batch_gram
-from featkd.layers import extract, resolve_layers, tail
+from featkd.layers import (
+    classifier_input, extract, generalized_layers, leaf_chain, resolve_layers, tail,
+)
 from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS, create_model
 
 NUM_CLASSES = 10
@@ -22,8 +25,9 @@ PAIRS = [("resnet34", "resnet9"), ("vit_b", "vit_et"), ("vgg19_bn", "vgg11_bn"),
          ("resnet34", "mobilenetv2")]
 EXPECTED_LOSSES = {
     "ce": {"ce"}, "kd": {"ce", "kd"}, "kd_std": {"ce", "kd"}, "fitnet": {"ce", "kd", "feat"},
-    "fitnet_fc": {"ce", "kd", "feat"}, "sp": {"ce", "kd", "sp"}, "simkd": {"ce", "kd"},
-    "semckd": {"ce", "kd", "semckd"}, "featkd": {"ce", "feat"}, "featkd_ce": {"ce", "feat"},
+    "fitnet_fc": {"ce", "kd", "feat"}, "sp": {"ce", "kd", "sp"}, "simkd": {"feat"},
+    "simkd_ce_kd": {"ce", "kd"}, "semckd": {"ce", "kd", "semckd"}, "featkd": {"ce", "feat"},
+    "featkd_ce": {"ce", "feat"},
     "featkd_ce_kd": {"ce", "kd", "feat"}, "featkd_std": {"ce", "feat"},
 }
 
@@ -89,11 +93,56 @@ def test_standardized_kd_equals_kd_on_prestandardised_logits():
     s, t = torch.randn(6, 10) * 3 + 1, torch.randn(6, 10) * 7 - 2
     z = standardize_logits(s)
     assert torch.allclose(z.mean(1), torch.zeros(6), atol=1e-5)
-    assert torch.allclose(z.std(1, correction=0), torch.ones(6), atol=1e-5)
-    assert torch.allclose(kd_std_loss(s, t), kd_loss(standardize_logits(s), standardize_logits(t)))
+    assert torch.allclose(z.std(1), torch.ones(6), atol=1e-5)              # unbiased std, as Sun et al.
+    assert torch.allclose(kd_std_loss(s, t),
+                          kd_loss(standardize_logits(s), standardize_logits(t), temperature=2.0))
     # invariant to per-sample shift and scale of either side
     assert torch.allclose(kd_std_loss(s * 5 + 3, t * 0.5 - 1), kd_std_loss(s, t), atol=1e-5)
     assert not torch.allclose(kd_loss(s * 5, t), kd_loss(s, t))
+
+
+def test_kd_std_term_matches_sun_et_al_by_hand():
+    """Sun et al.: z = (l - mean) / (1e-7 + unbiased std), T = 2, KD weight 9, times T**2."""
+    student = torch.tensor([[1.0, 2.0, 3.0]])      # mean 2, unbiased std 1 -> z = (-1, 0, 1)
+    teacher = torch.tensor([[5.0, 1.0, 3.0]])      # mean 3, unbiased std 2 -> z = (1, -1, 0)
+    z_s, z_t = [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]
+    p_s = [math.exp(v / 2) / sum(math.exp(u / 2) for u in z_s) for v in z_s]
+    p_t = [math.exp(v / 2) / sum(math.exp(u / 2) for u in z_t) for v in z_t]
+    kl = sum(t * math.log(t / s) for t, s in zip(p_t, p_s))
+    expected = 9 * 2**2 * kl
+    assert standardize_logits(student)[0].tolist() == pytest.approx(z_s, abs=1e-6)
+    assert standardize_logits(teacher)[0].tolist() == pytest.approx(z_t, abs=1e-6)
+
+    method = build_method("kd_std", nn.Linear(1, 3), nn.Linear(1, 3), teacher_layers=None,
+                          student_layers=None, num_classes=3, sample_input=torch.zeros(2, 1))
+    assert (method.kd_temperature, method.kd_weight) == (2.0, 9.0)
+    _, losses = method(student, [], TeacherOutputs([], teacher), torch.tensor([2]))
+    assert losses["kd"].item() == pytest.approx(expected, rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(math.log(sum(math.exp(v) for v in (1, 2, 3))) - 3)
+
+
+@pytest.mark.parametrize("name,kd,default", [("kd", "kd", (4.0, 1.0)), ("kd_std", "kd_std", (2.0, 9.0)),
+                                             ("fitnet", "kd", (4.0, 1.0))])
+def test_kd_temperature_and_weight_are_configurable(name, kd, default):
+    teacher, student = make_pair("resnet34", "resnet9")
+    x, y = batch()
+    built = build(name, teacher, student, "resnet34", "resnet9", x)
+    assert built.kd == kd and (built.kd_temperature, built.kd_weight) == default
+    custom = build(name, teacher, student, "resnet34", "resnet9", x, kd_temperature=3.0, kd_weight=0.5)
+    assert (custom.kd_temperature, custom.kd_weight) == (3.0, 0.5)
+    student.eval()
+    out = teacher_outputs(custom, teacher, x)
+    _, losses = DistillModel(student, custom)(x, y, out)
+    loss_fn = kd_std_loss if kd == "kd_std" else kd_loss
+    assert torch.allclose(losses["kd"], 0.5 * loss_fn(student(x), out.logits, 3.0), rtol=1e-5)
+
+
+def test_kd_settings_are_refused_by_methods_without_kd():
+    teacher, student = make_pair("resnet34", "resnet9")
+    x, _ = batch()
+    for name in ("ce", "featkd", "simkd"):
+        with pytest.raises(ValueError, match="no KD term"):
+            build(name, teacher, student, "resnet34", "resnet9", x, kd_weight=2.0)
 
 
 def test_feature_mse_is_the_elementwise_mean_and_checks_shapes():
@@ -162,6 +211,14 @@ def test_projector_modules():
     assert isinstance(single[0], nn.Conv2d) and single[0].kernel_size == (1, 1)
     assert single[0].bias is None
     assert isinstance(SingleLayerConv(4, 6, dims=1)[0], nn.Conv1d)
+    bottleneck = BottleneckConv(4, 6)                 # SimKD's: C_t/2 inside, BN + ReLU at the end
+    convs = [m for m in bottleneck if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
+    assert [c.out_channels for c in convs] == [3, 3, 6] and all(c.bias is None for c in convs)
+    assert [type(m) for m in bottleneck][-2:] == [nn.BatchNorm2d, nn.ReLU]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in bottleneck) == 3
+    assert (bottleneck(torch.randn(2, 4, 3, 3)) >= 0).all()
+    assert isinstance(BottleneckConv(4, 6, dims=1)[0], nn.Conv1d)
     three = ThreeLayerConv(4, 6)
     convs = [m for m in three if isinstance(m, nn.Conv2d)]
     assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
@@ -205,7 +262,7 @@ def test_registry_lists_every_method_of_the_spec():
 
 
 # every method on the ResNet pair; on the other pairs the methods whose layout handling differs
-LAYOUT_METHODS = ["fitnet_fc", "sp", "simkd", "semckd", "featkd"]
+LAYOUT_METHODS = ["fitnet_fc", "sp", "simkd", "simkd_ce_kd", "semckd", "featkd"]
 METHOD_CASES = ([("resnet34", "resnet9", m) for m in EXPECTED_LOSSES]
                 + [(t, s, m) for t, s in PAIRS[1:] for m in LAYOUT_METHODS])
 
@@ -263,32 +320,136 @@ def test_featkd_ablations_let_logit_losses_reach_the_backbone(name):
     assert any(p.grad is not None and p.grad.any() for p in backbone)
 
 
-def test_simkd_classifies_with_the_frozen_teacher_tail():
-    teacher, student = make_pair("resnet34", "mobilenetv2")
+# the input of the classifier (spec: "the teacher's classifier input"), per zoo family
+CLASSIFIER_INPUT = {"resnet34": 16, "resnet9": 4, "vgg19_bn": 15, "vgg11_bn": 7, "mobilenetv2": 18,
+                    "vit_b": 12, "vit_et": 8}
+
+
+@pytest.mark.parametrize("name,index", CLASSIFIER_INPUT.items())
+def test_classifier_input_is_the_last_map_or_token_layer(name, index):
+    model = create_model(name, NUM_CLASSES, width=WIDTH)
+    x, _ = batch(size=2)
+    assert classifier_input(model, x) == index
+    assert extract(model, x, [index])[0].dim() > 2
+    if index + 1 < len(generalized_layers(model)):     # CNNs: a vector follows; ViTs: the last GL
+        assert extract(model, x, [index + 1])[0].dim() == 2
+
+
+def test_classifier_input_needs_a_map_or_token_layer():
+    with pytest.raises(ValueError, match="no generalized layer"):
+        classifier_input(nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU()), torch.randn(2, 3, 2, 2))
+
+
+def deployed_count_by_hand(student, layer, method):
+    """Parameters of the student's leaf chain up to ``layer``, the projector and the classifier."""
+    chain = leaf_chain(student)
+    names = [n for n, _ in chain]
+    backbone = chain[:names.index(layer) + 1]
+    count = sum(p.numel() for _, m in backbone for p in m.parameters())
+    return count + sum(p.numel() for p in method.head.parameters())
+
+
+@pytest.mark.parametrize("teacher_name,student_name", PAIRS)
+def test_simkd_as_published(teacher_name, student_name):
+    """Feature L2 only at the classifiers' inputs; the frozen teacher classifier predicts."""
+    teacher, student = make_pair(teacher_name, student_name)
     x, y = batch()
-    method = build("simkd", teacher, student, "resnet34", "mobilenetv2", x)
-    assert method.teacher_layers == [] and not method.needs_teacher_features
-    assert method.teacher_tail_layer == resolve_layers(teacher, [16])[0]
+    method = build_method("simkd", teacher, student, teacher_layers=None, student_layers=None,
+                          num_classes=NUM_CLASSES, sample_input=x)
+    assert method.teacher_layers == resolve_layers(teacher, [CLASSIFIER_INPUT[teacher_name]])
+    assert method.student_layers == resolve_layers(student, [CLASSIFIER_INPUT[student_name]])
+    assert method.needs_teacher_features and not method.needs_teacher_logits
+    assert isinstance(method.head.projector, BottleneckConv)
+    classifier = method.head.classifier
+    with torch.no_grad():   # the reused classifier is everything of the teacher after that layer
+        feat = extract(teacher, x, method.teacher_layers)[0]
+        assert torch.allclose(classifier(feat), teacher(x), atol=1e-5)
+
     model = DistillModel(student, method).train()
-    assert not method.teacher_tail.training and method.projector.training
-    tail_layer = method.teacher_tail_layer
-    with torch.no_grad():   # the tail is the teacher's rest after its last distilled layer
-        feat = extract(teacher, x, [tail_layer])[0]
-        assert torch.allclose(method.teacher_tail(feat), teacher(x), atol=1e-5)
-    logits, losses = model(x, y, teacher_outputs(method, teacher, x))
-    sum(losses.values()).backward()
-    assert all(p.grad is None and not p.requires_grad for p in method.teacher_tail.parameters())
-    assert method.find_unused_parameters          # the student's own head gets no gradient
-    assert no_grad(tail(student, method.student_layers[-1]).parameters())
-    assert all(p.requires_grad for p in teacher.parameters())          # the teacher is untouched
-    assert all(p.grad is not None for p in method.projector.parameters())
-    assert not method.teacher_tail.training
+    assert not classifier.training and method.head.projector.training
+    out = teacher_outputs(method, teacher, x)
+    logits, losses = model(x, y, out)
+    assert set(losses) == {"feat"}
+    projected = method.head.project(extract(student, x, method.student_layers)[0])
+    target = method.head.target(out.features[0], projected)
+    assert projected.shape == target.shape
+    assert torch.allclose(losses["feat"], F.mse_loss(projected, target), rtol=1e-4)
+    losses["feat"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in classifier.parameters())
+    assert no_grad(tail(student, method.student_layers[-1]).parameters())   # the student's head
+    backbone = [p for p in student.parameters() if p.grad is not None]
+    assert backbone and any(p.grad.any() for p in backbone)
+    assert all(p.grad is not None for p in method.head.projector.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())           # the teacher is untouched
+
+    deployed = model.deployed()
+    assert deployed.backbone is student and deployed.head is method.head
     model.eval()
     with torch.no_grad():
         logits, losses = model(x)
-        student_feat = extract(student, x, method.student_layers)[0]
-        expected = method.teacher_tail(method.project(student_feat))
-    assert losses == {} and torch.allclose(logits, expected)
+        assert losses == {} and torch.allclose(logits, deployed(x))
+        by_hand = method.head.classify(method.head.project(extract(student, x, method.student_layers)[0]))
+        assert torch.allclose(logits, by_hand)
+    count = used_parameter_count(deployed, x)
+    assert count == deployed_count_by_hand(student, method.student_layers[-1], method)
+    everything = sum(p.numel() for p in student.parameters()) + sum(p.numel() for p in method.parameters())
+    assert count < everything                                             # the student's head left out
+
+
+def test_simkd_uses_the_deepest_layers_it_is_given():
+    teacher, student = make_pair("resnet34", "resnet9")
+    x, _ = batch()
+    method = build("simkd", teacher, student, "resnet34", "resnet9", x)      # [3, 7, 13, 16], [1..4]
+    assert method.teacher_layers == resolve_layers(teacher, [16])
+    assert method.student_layers == resolve_layers(student, [4])
+    method = build_method("simkd", teacher, student, teacher_layers=[13, 7], student_layers=[3],
+                          num_classes=NUM_CLASSES, sample_input=x)
+    assert method.teacher_layers == resolve_layers(teacher, [13])
+    assert method.student_layers == resolve_layers(student, [3])
+
+
+def test_simkd_ce_kd_keeps_the_released_code_variant():
+    teacher, student = make_pair("resnet34", "mobilenetv2")
+    x, y = batch()
+    method = build("simkd_ce_kd", teacher, student, "resnet34", "mobilenetv2", x)
+    assert method.teacher_layers == [] and not method.needs_teacher_features
+    assert method.needs_teacher_logits and method.kd == "kd"
+    assert method.teacher_tail_layer == resolve_layers(teacher, [16])[0]      # standard list's last
+    assert method.student_layers == resolve_layers(student, [17])            # paper list's last
+    assert isinstance(method.head.projector, ThreeLayerConv)
+    model = DistillModel(student, method).train()
+    out = teacher_outputs(method, teacher, x)
+    logits, losses = model(x, y, out)
+    assert set(losses) == {"ce", "kd"}
+    assert torch.allclose(losses["ce"], F.cross_entropy(logits, y))
+    assert torch.allclose(losses["kd"], kd_loss(logits, out.logits))
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in method.head.classifier.parameters())
+    assert no_grad(tail(student, method.student_layers[-1]).parameters())
+    assert all(p.grad is not None for p in method.head.projector.parameters())
+
+
+def test_used_parameter_count_counts_what_the_output_depends_on():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert used_parameter_count(net, torch.randn(2, 3)) == 3 * 4 + 4 + 4 * 2 + 2
+    net[2].requires_grad_(False)
+    net.train()
+    assert used_parameter_count(net, torch.randn(2, 3)) == 26                  # frozen ones count
+    assert not any(p.requires_grad for p in net[2].parameters()) and net.training
+    assert all(p.grad is None for p in net.parameters())
+    shared = nn.Linear(3, 3)
+    tied = nn.Sequential(shared, shared, nn.Linear(3, 1))
+    assert used_parameter_count(tied, torch.randn(2, 3)) == 12 + 4             # shared once
+    assert used_parameter_count(PartlyUsed(), torch.randn(2, 3)) == 4
+
+
+class PartlyUsed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(3, 1), nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.used(x)
 
 
 def test_semckd_embeddings_take_the_training_batch_size():

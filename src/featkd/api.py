@@ -13,12 +13,19 @@ paper's fixed student layers (``PAPER_STUDENT_LAYERS``). For models outside
 those tables (custom models, or when the zoo name is not given),
 ``"standard"``/``"paper"`` pick 4 generalized layers evenly spread over GLs
 1 .. head-2 (the stem/input GL and the GL just below the head left out),
-see :func:`spread_layers`.
+see :func:`spread_layers`. ``simkd`` distils at the input of each model's
+classifier (:func:`featkd.layers.classifier_input`) unless given lists, of
+which it uses the deepest entries.
+
+Every result records ``deployed_params`` (the parameters the network used at
+inference holds) and the data's ``num_classes`` / ``image_shape``;
+:func:`load_trained_model` rebuilds that network from a finished run directory.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +52,7 @@ __all__ = [
     "distill",
     "distill_from_config",
     "load_data",
+    "load_trained_model",
     "resolve_student_layers",
     "resolve_teacher_layers",
     "spread_layers",
@@ -85,6 +93,11 @@ def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:
 def _sample_input(dataset: Any) -> torch.Tensor:
     x, _, _ = dataset.with_augment(False).batch(torch.arange(min(2, len(dataset))))
     return x
+
+
+def _data_info(dataset: Any) -> dict[str, Any]:
+    """What rebuilding a model for ``dataset`` takes: its class count and (C, H, W)."""
+    return {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape)}
 
 
 # --------------------------------------------------------------------------- layers
@@ -147,6 +160,16 @@ def resolve_teacher_layers(
                                seed, progress)
     if isinstance(spec, str):
         raise ValueError(f"teacher_layers must be auto, standard or a list of GL indices / names; got {spec!r}")
+    return list(spec)
+
+
+def _classifier_layers(spec: str | Sequence[int | str] | None, model: nn.Module,
+                       sample: torch.Tensor) -> list[int | str]:
+    """simkd's layers: None or a keyword -> [the GL at ``model``'s classifier input]; a list passes."""
+    if spec is None or isinstance(spec, str):
+        from featkd.layers import classifier_input
+
+        return [classifier_input(model, sample)]
     return list(spec)
 
 
@@ -292,18 +315,23 @@ def train_teacher(
     ``lr`` defaults to the recipe's value for zoo model ``model_name`` (or ``config.model``).
     ``val_set`` (a validation split held out of the training data) picks the best epoch.
     """
+    from featkd.distillation import used_parameter_count
+
     config = _config(TrainConfig, config, options, train_set)
     if model_name is not None:
         config.model = model_name
     context = context or init_distributed(config.device)
     lr = config.lr or default_lr(config.model, config.optimizer)
+    sample = _sample_input(train_set)
+    extra = _data_info(train_set)
 
     def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
         net = _instantiate(model, seed)
+        extra["deployed_params"] = used_parameter_count(net, sample)  # the same for every run
         return ClassifierModel(net), net
 
     return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, callbacks=callbacks,
-                      val_set=val_set)
+                      val_set=val_set, extra=extra)
 
 
 def distill(
@@ -340,8 +368,12 @@ def distill(
     ``prepare()`` (before the first epoch) and ``feed(x, idx) -> TeacherOutputs | None``.
     ``teacher_mode`` and ``cache_memory_mb`` are then not used, and the caller
     owns the feed: ``distill`` does not close it.
+
+    Each run's ``model`` (and ``model.pt``) is the network used at inference:
+    the student, or for SimKD the student's backbone + projector + the
+    teacher's frozen classifier; ``extra["deployed_params"]`` counts its parameters.
     """
-    from featkd.distillation import DistillModel, build_method
+    from featkd.distillation import METHOD_INFO, DistillModel, build_method, used_parameter_count
     from featkd.layers import resolve_layers
 
     if teacher_feed is not None:
@@ -366,7 +398,10 @@ def distill(
     s_layers: list[int | str] = []
     t_layers: list[int | str] = []
     t_spec = None
-    if method_uses_layers(config.method):
+    if METHOD_INFO[config.method].teacher_layers == "classifier":
+        s_layers = _classifier_layers(config.student_layers, probe_student, sample)
+        t_layers = _classifier_layers(config.teacher_layers, teacher, sample)
+    elif method_uses_layers(config.method):
         s_layers = resolve_student_layers(config.student_layers, probe_student, config.student)
         _check_layers(probe_student, s_layers, "student", config.student)
         t_spec = config.teacher_layers or default_teacher_layers(config.method)
@@ -377,7 +412,8 @@ def distill(
     if t_spec != "auto":
         build_method(config.method, teacher, probe_student, teacher_layers=t_layers, student_layers=s_layers,
                      num_classes=train_set.num_classes, sample_input=sample,
-                     batch_size=config.batch_size // context.world_size)
+                     batch_size=config.batch_size // context.world_size,
+                     kd_temperature=config.kd_temperature, kd_weight=config.kd_weight)
     if out is not None:
         prepare_output(out, config, context)  # setup succeeded: claim the directory
     if t_spec == "auto":
@@ -398,12 +434,18 @@ def distill(
             config.method, teacher, net, teacher_layers=t_layers, student_layers=s_layers,
             num_classes=train_set.num_classes, sample_input=sample,
             batch_size=config.batch_size // context.world_size,
+            kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
         )
         feed.configure(distill_method)
-        return DistillModel(net, distill_method), net
+        model = DistillModel(net, distill_method)
+        deployed = model.deployed()
+        extra["deployed_params"] = used_parameter_count(deployed, sample)  # the same for every run
+        return model, deployed
 
-    extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
-    settings = {**extra, "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
+    extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
+             **_data_info(train_set)}
+    settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
+                "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
                 "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
     try:
         return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
@@ -543,3 +585,85 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
                    teacher_layers=config.teacher_layers, student_layers=config.student_layers,
                    teacher_name=config.teacher, student_name=config.student, callbacks=callbacks,
                    context=context, val_set=val_set)
+
+
+# --------------------------------------------------------------------------- finished runs
+def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The network a finished run predicts with, in eval mode, weights from its ``model.pt``.
+
+    ``run_dir``: a ``train-teacher`` or ``distill`` run directory (for several runs,
+    one ``run-<seed>`` folder in it). The models are rebuilt from ``config.yaml``
+    (zoo names and widths) and ``results.json`` (classes, image shape, layers), so
+    the data need not be at hand. A distill run gives its deployed network: the
+    student, or for SimKD the student's backbone + projector + the teacher's classifier.
+    It is in the memory format it trained in (channels-last or not); with inputs in
+    that format too it reproduces the run's accuracy exactly. Raises
+    FileNotFoundError for an unfinished run, ValueError when the files do not
+    describe the weights.
+    """
+    from featkd.checkpoint import load_model_weights
+    from featkd.distillation import build_method
+    from featkd.models import create_model
+
+    run_dir = Path(run_dir)
+    weights = _finished_model_file(run_dir)
+    root = run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent
+    config = _run_config(root / "config.yaml")
+    summary = _run_summary(root)
+    num_classes = summary["num_classes"]
+    channels, size = summary["image_shape"][0], summary["image_shape"][1]
+
+    def build(name: str, width: float | None) -> nn.Module:
+        return create_model(name, num_classes, in_channels=channels, image_size=size, width=width or 1.0)
+
+    is_teacher_run = isinstance(config, TrainConfig)
+    if (config.model if is_teacher_run else config.student) is None:
+        raise ValueError(f"{root / 'config.yaml'} names no {'model' if is_teacher_run else 'student'}; "
+                         f"rebuild it yourself and load {weights} with featkd.checkpoint.load_model_weights")
+    if is_teacher_run:
+        network = build(config.model, config.width)
+    else:
+        student = build(config.student, config.student_width)
+        teacher = build(config.teacher, config.teacher_width) if config.teacher else None
+        method = build_method(
+            config.method, teacher, student, teacher_layers=summary.get("teacher_layers"),
+            student_layers=summary.get("student_layers"), num_classes=num_classes,
+            sample_input=torch.zeros(2, channels, size, size),
+            kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
+        )
+        network = method.deployed(student)
+    load_model_weights(network, weights)
+    memory_format = channels_last_format(network, config.channels_last)
+    return network.to(device, memory_format=memory_format).eval()
+
+
+def _finished_model_file(run_dir: Path) -> Path:
+    if (run_dir / "model.pt").is_file():
+        return run_dir / "model.pt"
+    runs = sorted(p.parent for p in run_dir.glob("run-*/model.pt"))
+    if runs:
+        raise ValueError(f"{run_dir} holds {len(runs)} runs; pass one of them: {', '.join(map(str, runs))}")
+    raise FileNotFoundError(f"{run_dir} holds no model.pt (is the run finished?)")
+
+
+def _run_config(path: Path) -> TrainConfig | DistillConfig:
+    """The config of a run directory: a DistillConfig when it names a method, else a TrainConfig."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.yaml beside the run: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    return (DistillConfig if "method" in values else TrainConfig).from_dict(values)
+
+
+def _run_summary(root: Path) -> dict[str, Any]:
+    """results.json of the run's directory, which must give the data's shape."""
+    path = root / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the runs in {root} are not all finished")
+    summary = json.loads(path.read_text())
+    missing = [key for key in ("num_classes", "image_shape") if key not in summary]
+    if missing:
+        raise ValueError(f"{path} lacks {' and '.join(missing)} (written by an older featkd); rebuild the "
+                         f"model yourself and load its model.pt with featkd.checkpoint.load_model_weights")
+    return summary

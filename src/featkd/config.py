@@ -206,6 +206,8 @@ class DistillConfig(RunConfig):
     cache_memory_mb: int = _opt(4096, "teacher cache larger than this goes to memory-mapped files")
     quality_variant: str = _opt("paper", "knowledge-quality variant for teacher_layers=auto", ("paper", "corrected"))
     quality_subset: int = _opt(5000, "teacher_layers=auto: size of the class-balanced subset A")
+    kd_temperature: float | None = _opt(None, "KD temperature T (default: the method's, 4; kd_std 2)")
+    kd_weight: float | None = _opt(None, "factor on the T^2-scaled KD term (default: the method's, 1; kd_std 9)")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
@@ -219,10 +221,19 @@ class DistillConfig(RunConfig):
                 _check_width(name, getattr(self, name))
         _check_positive("cache_memory_mb", self.cache_memory_mb)
         _check_positive("quality_subset", self.quality_subset)
-        from featkd.distillation import list_methods
+        if self.kd_temperature is not None and not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.kd_weight is not None and not self.kd_weight >= 0:
+            raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        from featkd.distillation import METHOD_INFO, list_methods
 
         if self.method not in list_methods():
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(list_methods())}")
+        if (self.kd_temperature, self.kd_weight) != (None, None) and not METHOD_INFO[self.method].teacher_logits:
+            raise ValueError(f"kd_temperature and kd_weight do not apply to method {self.method!r} (it has no KD term)")
+        if METHOD_INFO[self.method].teacher_layers == "classifier" and self.teacher_layers == "auto":
+            raise ValueError(f"teacher_layers=auto does not apply to {self.method}: it distils at the input of the "
+                             "teacher's classifier (give no layers, or a list whose deepest entry is used)")
         _check_layers("teacher_layers", self.teacher_layers, TEACHER_LAYER_KEYWORDS)
         _check_layers("student_layers", self.student_layers, STUDENT_LAYER_KEYWORDS)
         if self.teacher_mode == "cache" and self.augment:

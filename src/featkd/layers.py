@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FeatureTap",
+    "classifier_input",
     "extract",
     "feature_shapes",
     "generalized_layers",
@@ -253,6 +254,24 @@ def tail(model: nn.Module, name: str) -> nn.Sequential:
     if name not in names:
         raise ValueError(f"{name!r} is not in the model's leaf chain; valid: {names}")
     return nn.Sequential(*[m for _, m in chain[names.index(name) + 1 :]])
+
+
+def classifier_input(model: nn.Module, sample_input: Tensor) -> int:
+    """GL index of the input of the model's classifier.
+
+    The last generalized layer whose per-sample output is still a map (C, H, W)
+    or a token sequence (T, d), not a vector; what follows it (pooling,
+    flatten, fully connected layers; for a ViT the final norm, token mean and
+    head) is the classifier. One dry forward of ``sample_input`` in eval mode.
+    """
+    gls = generalized_layers(model)
+    shapes = feature_shapes(model, gls, sample_input)
+    spatial = [i for i, shape in enumerate(shapes) if len(shape) >= 2]
+    if not spatial:
+        raise ValueError(f"no generalized layer of {type(model).__name__} outputs a map or a token "
+                         f"sequence, so it has no classifier input to distil at; shapes: "
+                         f"{[tuple(s) for s in shapes]}")
+    return spatial[-1]
 
 
 def to_channels_first(feat: Tensor) -> Tensor:

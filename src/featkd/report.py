@@ -121,7 +121,7 @@ def find_runs(root: str | Path) -> list[RunRecord]:
 # --------------------------------------------------------------------------- table
 def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
     """One row per run: model, method, layers, epochs, final accuracy, accuracy at the best
-    validation epoch, time, throughput."""
+    validation epoch, deployed parameters, time, throughput."""
     rows = []
     for run in runs:
         res = run.results or {}
@@ -137,6 +137,7 @@ def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
             "runs": str(len(per_run) or len(run.histories)),
             "final acc": format_mean_std(final) if final else "unfinished",
             "acc at best val epoch": format_mean_std(best) if best and best.get("n") else "",
+            "params": f"{res['deployed_params']:,}" if "deployed_params" in res else "",
             "time (s)": f"{_mean([r['train_time_s'] for r in per_run]):.1f}" if per_run else "",
             "img/s": f"{_mean([r['images_per_s'] for r in per_run]):.0f}" if per_run else "",
         })

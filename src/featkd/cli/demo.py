@@ -168,7 +168,8 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
         f"Wall time of the whole demo: {total:.0f} s (this call; resumed steps are not re-run).",
     ]
     report = write_report(out, runs, title="featkd demo", notes=notes, rows=rows)
-    columns = ["run", "model", "method", "teacher layers", "final acc", "acc at best val epoch", "wall (s)"]
+    columns = ["run", "model", "method", "teacher layers", "final acc", "acc at best val epoch", "params",
+               "wall (s)"]
     print()
     print(markdown_table([{c: row[c] for c in columns} for row in rows]))
     print(f"\nreport: {report}  (total {total:.0f} s)")

@@ -13,16 +13,19 @@ from .losses import (
     standardize_logits,
 )
 from .methods import (
-    METHOD_INFO, DistillModel, FeatureMSE, Method, MethodInfo, SemCKD, SimKD, SimilarityPreserving,
-    build_method, list_methods,
+    KD_DEFAULTS, METHOD_INFO, DistillModel, FeatureMSE, Method, MethodInfo, ReusedClassifier, SemCKD,
+    SimKD, SimilarityPreserving, TappedNetwork, build_method, list_methods, used_parameter_count,
 )
-from .projectors import PairProjector, SingleLayerConv, ThreeLayerConv, make_projector
+from .projectors import (
+    BottleneckConv, PairProjector, SingleLayerConv, ThreeLayerConv, make_projector,
+)
 from .teacher import OnlineTeacher, TeacherCache, TeacherOutputs
 
 __all__ = [
-    "METHOD_INFO", "DistillModel", "FeatureMSE", "Method", "MethodInfo", "OnlineTeacher",
-    "PairProjector", "SemCKD", "SimKD", "SimilarityPreserving", "SingleLayerConv", "TeacherCache",
-    "TeacherOutputs", "ThreeLayerConv", "align_spatial", "build_method", "ce", "feature_mse",
-    "kd_loss", "kd_std_loss", "list_methods", "make_projector", "semckd_loss",
-    "similarity_preserving_loss", "standardize_logits",
+    "KD_DEFAULTS", "METHOD_INFO", "BottleneckConv", "DistillModel", "FeatureMSE", "Method",
+    "MethodInfo", "OnlineTeacher", "PairProjector", "ReusedClassifier", "SemCKD", "SimKD",
+    "SimilarityPreserving", "SingleLayerConv", "TappedNetwork", "TeacherCache", "TeacherOutputs",
+    "ThreeLayerConv", "align_spatial", "build_method", "ce", "feature_mse", "kd_loss",
+    "kd_std_loss", "list_methods", "make_projector", "semckd_loss", "similarity_preserving_loss",
+    "standardize_logits", "used_parameter_count",
 ]

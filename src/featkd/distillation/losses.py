@@ -17,6 +17,7 @@ from torch import Tensor
 from featkd.layers import to_channels_first
 
 __all__ = [
+    "KD_STD_TEMPERATURE",
     "KD_TEMPERATURE",
     "align_spatial",
     "batch_gram",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 KD_TEMPERATURE = 4.0
+KD_STD_TEMPERATURE = 2.0     # Sun et al. (CVPR 2024): base temperature 2
 
 
 def ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -51,16 +53,19 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor,
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Z-score each sample's logits over the classes (mean 0, population std 1), in float32."""
+    """Z-score each sample's logits over the classes, in float32.
+
+    Sun et al.'s ``normalize``: (z - mean) / (eps + std), std unbiased (n - 1).
+    """
     logits = logits.float()
     mean = logits.mean(dim=1, keepdim=True)
-    std = logits.std(dim=1, keepdim=True, correction=0)
-    return (logits - mean) / (std + eps)
+    std = logits.std(dim=1, keepdim=True)
+    return (logits - mean) / (eps + std)
 
 
 def kd_std_loss(student_logits: Tensor, teacher_logits: Tensor,
-                temperature: float = KD_TEMPERATURE) -> Tensor:
-    """KD on z-scored logits (logit standardisation, Sun et al. CVPR 2024)."""
+                temperature: float = KD_STD_TEMPERATURE) -> Tensor:
+    """KD on z-scored logits (logit standardisation, Sun et al. CVPR 2024), times T**2."""
     return kd_loss(standardize_logits(student_logits), standardize_logits(teacher_logits.detach()),
                    temperature)
 

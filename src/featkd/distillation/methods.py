@@ -1,17 +1,24 @@
 """Distillation methods: each owns its trainable extras and names its losses.
 
 A :class:`Method` turns the student's logits and tapped features plus the
-teacher's outputs into a dict of named, already weighted losses. The trainer
-sums them; :class:`DistillModel` wraps student + method into one module so the
-optimizer and DDP see every trainable parameter. Loss names: ``ce``, ``kd``,
-``feat``, ``sp``, ``semckd``.
+teacher's outputs into the logits to predict with and a dict of named, already
+weighted losses. The trainer sums them; :class:`DistillModel` wraps student +
+method into one module so the optimizer and DDP see every trainable parameter.
+Loss names: ``ce``, ``kd``, ``feat``, ``sp``, ``semckd``.
 
-Loss weights: CE 1; KD = Hinton KL at T = 4 times T**2 (spec/experiments.md).
+Loss weights: CE 1. KD = kd_weight * T**2 * KL(teacher || student) at
+temperature T: ``kd`` T = 4, kd_weight 1 (factor 16, spec/experiments.md);
+``kd_std`` T = 2, kd_weight 9 on z-scored logits (factor 36, Sun et al. 2024);
+both configurable (``build_method(..., kd_temperature=..., kd_weight=...)``).
 Feature terms: FitNet / featkd ``feat`` weight 1 (the per-pair elementwise MSE,
 mean over pairs; fitnet_fc weights each of its all-to-all pairs 1/n_teacher);
-``sp`` weight 3000 (Tung & Mori 2019, summed over layer pairs); ``semckd``
-weight 400 (Chen et al. 2021). Every feature weight can be overridden with
-``build_method(..., feature_weight=...)``.
+SimKD ``feat`` weight 1 (one pair); ``sp`` weight 3000 (Tung & Mori 2019,
+summed over layer pairs); ``semckd`` weight 400 (Chen et al. 2021). Every
+feature weight can be overridden with ``build_method(..., feature_weight=...)``.
+
+A method that predicts through modules of its own (SimKD: projector + the
+teacher's classifier) says so in :meth:`Method.deployed`: the network used at
+inference, which is what a run saves as ``model.pt``.
 """
 
 from __future__ import annotations
@@ -27,23 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featkd.layers import FeatureTap, resolve_layers, tail
+from featkd.layers import FeatureTap, classifier_input, resolve_layers, tail
 
 from .losses import (
-    batch_gram, ce, feature_mse, kd_loss, kd_std_loss, layout_dims, resize_to, semckd_loss,
-    similarity_preserving_loss, to_layout,
+    KD_STD_TEMPERATURE, KD_TEMPERATURE, batch_gram, ce, feature_mse, kd_loss, kd_std_loss,
+    layout_dims, resize_to, semckd_loss, similarity_preserving_loss, to_layout,
 )
-from .projectors import ThreeLayerConv, from_layout, layout_channels, layout_size, make_projector
+from .projectors import PROJECTORS, from_layout, layout_channels, layout_size, make_projector
 from .teacher import TeacherOutputs
 
 __all__ = [
-    "METHOD_INFO", "DistillModel", "FeatureMSE", "Method", "MethodInfo", "SemCKD", "SimKD",
-    "SimilarityEmbed", "SimilarityPreserving", "build_method", "list_methods",
+    "KD_DEFAULTS", "METHOD_INFO", "DistillModel", "FeatureMSE", "Method", "MethodInfo",
+    "ReusedClassifier", "SemCKD", "SimKD", "SimilarityEmbed", "SimilarityPreserving",
+    "TappedNetwork", "build_method", "list_methods", "used_parameter_count",
 ]
 
 log = logging.getLogger(__name__)
 
-KD_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"kd": kd_loss, "kd_std": kd_std_loss}
+KD_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "kd": kd_loss, "kd_std": kd_std_loss,
+}
+#: (temperature, kd_weight) of each KD loss; the term is kd_weight * T**2 * KL
+KD_DEFAULTS: dict[str, tuple[float, float]] = {"kd": (KD_TEMPERATURE, 1.0),
+                                               "kd_std": (KD_STD_TEMPERATURE, 9.0)}
+SIMKD_WEIGHT = 1.0
 SP_WEIGHT = 3000.0
 SEMCKD_WEIGHT = 400.0
 SEMCKD_HIDDEN = 256
@@ -56,8 +70,10 @@ class MethodInfo:
 
     ``teacher_layers``: which teacher-layer list the caller passes by default:
     "standard" (evenly spread baseline layers), "q" (chosen by knowledge
-    quality) or None (no teacher layers). ``teacher_logits`` /
-    ``teacher_features``: whether the teacher outputs must include them.
+    quality), "classifier" (the input of the classifier, on both sides:
+    :func:`featkd.layers.classifier_input`) or None (no teacher layers).
+    ``teacher_logits`` / ``teacher_features``: whether the teacher outputs must
+    include them.
     """
 
     teacher_layers: str | None
@@ -70,7 +86,8 @@ class Method(nn.Module):
     """Base method: CE on the logits, plus KD (``kd`` = "kd" or "kd_std") when set.
 
     Used as is for ``ce``, ``kd`` and ``kd_std``. Subclasses add feature losses
-    and trainable extras.
+    and trainable extras. ``kd_temperature`` / ``kd_weight`` default to the KD
+    loss's published values (:data:`KD_DEFAULTS`); a method without KD takes neither.
     """
 
     #: the trainer must drop the last incomplete batch (the method's size depends on B)
@@ -82,12 +99,19 @@ class Method(nn.Module):
 
     def __init__(self, name: str, *, kd: str | None = None, student_layers: Sequence[str] = (),
                  teacher_layers: Sequence[str] = (), needs_teacher_features: bool = False,
-                 detach_after: str | None = None) -> None:
+                 detach_after: str | None = None, kd_temperature: float | None = None,
+                 kd_weight: float | None = None) -> None:
         super().__init__()
         if kd is not None and kd not in KD_LOSSES:
             raise ValueError(f"unknown KD loss {kd!r}; valid: {sorted(KD_LOSSES)}")
+        if kd is None and (kd_temperature is not None or kd_weight is not None):
+            raise ValueError(f"method {name!r} has no KD term: kd_temperature and kd_weight do "
+                             "not apply to it")
         self.name = name
         self.kd = kd
+        default_temperature, default_weight = KD_DEFAULTS.get(kd, (None, None))
+        self.kd_temperature = default_temperature if kd_temperature is None else kd_temperature
+        self.kd_weight = default_weight if kd_weight is None else kd_weight
         self.student_layers = list(student_layers)
         self.teacher_layers = list(teacher_layers)
         self.needs_teacher_logits = kd is not None
@@ -95,7 +119,9 @@ class Method(nn.Module):
         self.detach_after = detach_after
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, kd={self.kd!r}, student_layers={self.student_layers}, "
+        kd = (f", kd_temperature={self.kd_temperature}, kd_weight={self.kd_weight}"
+              if self.kd is not None else "")
+        return (f"name={self.name!r}, kd={self.kd!r}{kd}, student_layers={self.student_layers}, "
                 f"teacher_layers={self.teacher_layers}, detach_after={self.detach_after!r}")
 
     def check_teacher(self, teacher: TeacherOutputs | None) -> None:
@@ -110,12 +136,23 @@ class Method(nn.Module):
             raise ValueError(f"method {self.name!r} needs {len(self.teacher_layers)} teacher "
                              f"features ({self.teacher_layers}), got {len(teacher.features)}")
 
+    def forward(self, student_logits: Tensor | None, student_feats: list[Tensor],
+                teacher: TeacherOutputs | None = None, labels: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(logits to predict with, named losses); no losses when ``labels`` is None."""
+        logits = self.predict(student_logits, student_feats)
+        if labels is None:
+            return logits, {}
+        self.check_teacher(teacher)
+        return logits, self.losses(logits, student_feats, teacher, labels)
+
     def logit_losses(self, logits: Tensor, teacher: TeacherOutputs | None,
                      labels: Tensor) -> dict[str, Tensor]:
         """``ce`` (weight 1) and, when the method uses KD, ``kd``."""
         losses = {"ce": ce(logits, labels)}
         if self.kd is not None:
-            losses["kd"] = KD_LOSSES[self.kd](logits, teacher.logits)
+            kd = KD_LOSSES[self.kd](logits, teacher.logits, self.kd_temperature)
+            losses["kd"] = self.kd_weight * kd
         return losses
 
     def losses(self, logits: Tensor, student_feats: list[Tensor], teacher: TeacherOutputs | None,
@@ -126,6 +163,10 @@ class Method(nn.Module):
     def predict(self, logits: Tensor | None, student_feats: list[Tensor]) -> Tensor:
         """Logits used for accuracy and for the logit losses (the student's own by default)."""
         return logits
+
+    def deployed(self, student: nn.Module) -> nn.Module:
+        """The network used at inference (the student itself, by default); shares parameters."""
+        return student
 
 
 class FeatureMSE(Method):
@@ -168,44 +209,116 @@ class SimilarityPreserving(Method):
         return losses
 
 
-class SimKD(Method):
-    """SimKD (Chen et al. 2022): the frozen teacher tail classifies the projected student feature.
+class ReusedClassifier(nn.Module):
+    """SimKD's prediction head: a projector onto a teacher feature, then the teacher's frozen classifier.
 
-    A ThreeLayerConv maps the last student feature onto the last teacher layer's
-    shape (the student map is pooled when larger, the projection resized to the
-    teacher's size when smaller); the teacher's layers after that layer give the
-    logits. Losses: CE + KD on those logits. The tail stays frozen and in eval mode.
+    ``project`` lays the student feature out channels-first, pools it when its
+    map or token count is larger than the teacher's and projects it onto the
+    teacher's channels; ``classify`` resizes the projection to the teacher
+    feature's size, restores the teacher's layout and applies ``classifier``
+    (the teacher's modules after that feature), which stays frozen and in eval mode.
+    """
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int],
+                 classifier: nn.Module, projector: str) -> None:
+        super().__init__()
+        self.dims = layout_dims(student_shape, teacher_shape)
+        self.teacher_shape = tuple(teacher_shape)
+        self.teacher_size = layout_size(teacher_shape, self.dims)
+        self.projector = PROJECTORS[projector](layout_channels(student_shape, self.dims),
+                                               layout_channels(teacher_shape, self.dims), self.dims)
+        self.classifier = classifier.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ReusedClassifier:
+        super().train(mode)
+        self.classifier.eval()
+        return self
+
+    def project(self, student_feat: Tensor) -> Tensor:
+        """Channels-first projection, at the smaller of the student's and the teacher's sizes."""
+        x = to_layout(student_feat, self.dims)
+        x = resize_to(x, [min(s, t) for s, t in zip(x.shape[2:], self.teacher_size)])
+        return self.projector(x)
+
+    def target(self, teacher_feat: Tensor, projected: Tensor) -> Tensor:
+        """The teacher feature laid out and pooled like ``projected`` (what the projection must match)."""
+        return resize_to(to_layout(teacher_feat, self.dims), projected.shape[2:])
+
+    def classify(self, projected: Tensor) -> Tensor:
+        """Logits of the teacher's classifier on a projection."""
+        x = resize_to(projected, self.teacher_size)
+        return self.classifier(from_layout(x, self.teacher_shape))
+
+    def forward(self, student_feat: Tensor) -> Tensor:
+        return self.classify(self.project(student_feat))
+
+
+class TappedNetwork(nn.Module):
+    """``head(backbone's output at layer)``; the backbone's forward stops after ``layer``.
+
+    The deployed network of a method that predicts through its own head (SimKD).
+    The backbone's later modules (e.g. the student's unused classifier) stay in
+    the module, untouched and never run.
+    """
+
+    def __init__(self, backbone: nn.Module, layer: str, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layer = layer
+        self.head = head
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        with FeatureTap(self.backbone, [self.layer], stop_early=True) as tap:
+            self.backbone(x)
+        return self.head(tap.outputs[0])
+
+
+class SimKD(Method):
+    """SimKD (Chen et al. 2022): the teacher's frozen classifier predicts from the projected student feature.
+
+    The student's forward stops after ``student_layer``; a :class:`ReusedClassifier`
+    projects that feature onto the teacher's feature at ``teacher_layer`` and the
+    teacher's modules after that layer give the logits. As published
+    (``feature_loss=True``): one loss, ``feat`` = weight * MSE(projection, the
+    teacher's feature at ``teacher_layer``; the larger pooled to the smaller size),
+    with no CE and no KD. The released-code variant (``feature_loss=False``):
+    CE + KD on the reused classifier's logits, no teacher feature. The deployed
+    network is student backbone + projector + teacher classifier (:meth:`deployed`).
     """
 
     find_unused_parameters = True        # the student's own head is never used
     uses_student_logits = False
 
-    def __init__(self, name: str, *, student_layer: str, student_shape: torch.Size,
-                 teacher_layer: str, teacher_shape: torch.Size, teacher_tail: nn.Module,
-                 kd: str = "kd") -> None:
-        super().__init__(name, kd=kd, student_layers=[student_layer])
-        self.teacher_tail_layer = teacher_layer
-        self.teacher_shape = tuple(teacher_shape)
-        self.dims = layout_dims(student_shape, teacher_shape)
-        self.teacher_size = layout_size(teacher_shape, self.dims)
-        self.projector = ThreeLayerConv(layout_channels(student_shape, self.dims),
-                                        layout_channels(teacher_shape, self.dims), self.dims)
-        self.teacher_tail = teacher_tail.requires_grad_(False).eval()
+    def __init__(self, name: str, *, student_layer: str, teacher_layer: str,
+                 head: ReusedClassifier, feature_loss: bool = True,
+                 feature_weight: float = SIMKD_WEIGHT, **kwargs) -> None:
+        super().__init__(name, student_layers=[student_layer],
+                         teacher_layers=[teacher_layer] if feature_loss else [],
+                         needs_teacher_features=feature_loss, **kwargs)
+        self.teacher_tail_layer = teacher_layer      # the reused classifier starts after it
+        self.head = head
+        self.feature_loss = feature_loss
+        self.feature_weight = feature_weight
 
-    def train(self, mode: bool = True) -> SimKD:
-        super().train(mode)
-        self.teacher_tail.eval()
-        return self
-
-    def project(self, student_feat: Tensor) -> Tensor:
-        """Student feature -> teacher-layer-shaped feature, laid out as the teacher taps it."""
-        x = to_layout(student_feat, self.dims)
-        x = resize_to(x, [min(s, t) for s, t in zip(x.shape[2:], self.teacher_size)])
-        x = resize_to(self.projector(x), self.teacher_size)
-        return from_layout(x, self.teacher_shape)
+    def forward(self, student_logits, student_feats, teacher=None, labels=None):
+        projected = self.head.project(student_feats[-1])
+        logits = self.head.classify(projected)
+        if labels is None:
+            return logits, {}
+        self.check_teacher(teacher)
+        if not self.feature_loss:
+            return logits, self.logit_losses(logits, teacher, labels)
+        target = self.head.target(teacher.features[-1], projected)
+        return logits, {"feat": self.feature_weight * feature_mse(projected, target)}
 
     def predict(self, logits, student_feats):
-        return self.teacher_tail(self.project(student_feats[-1]))
+        return self.head(student_feats[-1])
+
+    def deployed(self, student: nn.Module) -> TappedNetwork:
+        return TappedNetwork(student, self.student_layers[-1], self.head)
 
 
 class SimilarityEmbed(nn.Module):
@@ -295,11 +408,11 @@ class DistillModel(nn.Module):
         with FeatureTap(self.student, method.student_layers, detach_after=method.detach_after,
                         stop_early=not method.uses_student_logits) as tap:
             raw_logits = self.student(x)
-        logits = method.predict(raw_logits, tap.outputs)
-        if labels is None:
-            return logits, {}
-        method.check_teacher(teacher)
-        return logits, method.losses(logits, tap.outputs, teacher, labels)
+        return method(raw_logits, tap.outputs, teacher, labels)
+
+    def deployed(self) -> nn.Module:
+        """The network used at inference (:meth:`Method.deployed`); shares parameters."""
+        return self.method.deployed(self.student)
 
 
 # ----------------------------------------------------------------------------- building
@@ -316,6 +429,12 @@ class _Setup:
     teacher_shapes: list[torch.Size]
     batch_size: int
     feature_weight: float | None
+    kd_temperature: float | None = None
+    kd_weight: float | None = None
+
+    def kd_options(self) -> dict[str, float | None]:
+        """The caller's KD temperature and weight (None: the KD loss's own)."""
+        return {"kd_temperature": self.kd_temperature, "kd_weight": self.kd_weight}
 
 
 def _weight(setup: _Setup, default: float) -> float:
@@ -330,7 +449,7 @@ def _check_one_to_one(setup: _Setup) -> None:
 
 
 def _build_logit_only(setup: _Setup, *, kd: str | None) -> Method:
-    return Method(setup.name, kd=kd)
+    return Method(setup.name, kd=kd, **setup.kd_options())
 
 
 def _build_feature_mse(setup: _Setup, *, all_to_all: bool, kd: str | None,
@@ -345,7 +464,7 @@ def _build_feature_mse(setup: _Setup, *, all_to_all: bool, kd: str | None,
         pair_weight = 1.0 / num_s
     return FeatureMSE(setup.name, pairs=pairs, student_shapes=setup.student_shapes,
                       teacher_shapes=setup.teacher_shapes, pair_weight=pair_weight,
-                      feature_weight=_weight(setup, 1.0), kd=kd,
+                      feature_weight=_weight(setup, 1.0), kd=kd, **setup.kd_options(),
                       student_layers=setup.student_layers, teacher_layers=setup.teacher_layers,
                       detach_after=setup.student_layers[-1] if detach else None)
 
@@ -353,22 +472,25 @@ def _build_feature_mse(setup: _Setup, *, all_to_all: bool, kd: str | None,
 def _build_sp(setup: _Setup) -> SimilarityPreserving:
     _check_one_to_one(setup)
     return SimilarityPreserving(setup.name, feature_weight=_weight(setup, SP_WEIGHT), kd="kd",
-                                student_layers=setup.student_layers,
+                                **setup.kd_options(), student_layers=setup.student_layers,
                                 teacher_layers=setup.teacher_layers)
 
 
-def _build_simkd(setup: _Setup) -> SimKD:
+def _build_simkd(setup: _Setup, *, feature_loss: bool) -> SimKD:
+    """SimKD on the deepest layer of each list; published: bottleneck projector, ``feat`` only."""
     teacher_layer = setup.teacher_layers[-1]
-    teacher_tail = copy.deepcopy(tail(setup.teacher, teacher_layer))
-    return SimKD(setup.name, student_layer=setup.student_layers[-1],
-                 student_shape=setup.student_shapes[-1], teacher_layer=teacher_layer,
-                 teacher_shape=setup.teacher_shapes[-1], teacher_tail=teacher_tail)
+    classifier = copy.deepcopy(tail(setup.teacher, teacher_layer))
+    head = ReusedClassifier(setup.student_shapes[-1], setup.teacher_shapes[-1], classifier,
+                            "bottleneck" if feature_loss else "three")
+    return SimKD(setup.name, student_layer=setup.student_layers[-1], teacher_layer=teacher_layer,
+                 head=head, feature_loss=feature_loss, feature_weight=_weight(setup, SIMKD_WEIGHT),
+                 kd=None if feature_loss else "kd", **setup.kd_options())
 
 
 def _build_semckd(setup: _Setup) -> SemCKD:
     return SemCKD(setup.name, student_shapes=setup.student_shapes,
                   teacher_shapes=setup.teacher_shapes, batch_size=setup.batch_size,
-                  feature_weight=_weight(setup, SEMCKD_WEIGHT), kd="kd",
+                  feature_weight=_weight(setup, SEMCKD_WEIGHT), kd="kd", **setup.kd_options(),
                   student_layers=setup.student_layers, teacher_layers=setup.teacher_layers)
 
 
@@ -399,8 +521,14 @@ _REGISTRY: dict[str, _Entry] = {
                                 all_to_all=True),
     "sp": _Entry(MethodInfo("standard", True, True, "CE + KD + similarity-preserving loss"),
                  _build_sp),
-    "simkd": _Entry(MethodInfo("standard", True, False, "CE + KD on the frozen teacher tail "
-                               "applied to the projected last student feature"), _build_simkd),
+    "simkd": _Entry(MethodInfo("classifier", False, True, "feature MSE only between the "
+                               "projected student feature and the teacher's classifier input; "
+                               "the teacher's frozen classifier predicts"),
+                    functools.partial(_build_simkd, feature_loss=True)),
+    "simkd_ce_kd": _Entry(MethodInfo("standard", True, False, "CE + KD on the logits of the "
+                                     "teacher's frozen tail after its last standard layer, "
+                                     "applied to the projected last student feature"),
+                          functools.partial(_build_simkd, feature_loss=False)),
     "semckd": _Entry(MethodInfo("standard", True, True, "CE + KD + attention-weighted "
                                 "all-to-all feature MSE"), _build_semckd),
     "featkd": _feature_entry("q", None, True, "feature MSE only on the backbone; CE trains the "
@@ -467,22 +595,33 @@ def _check_logits(output: Tensor, num_classes: int, role: str) -> None:
                          f"(batch, {num_classes})")
 
 
+def _classifier_layers(model: nn.Module, layers: Sequence[int | str] | None,
+                       sample_input: Tensor) -> Sequence[int | str]:
+    """``layers`` as given, or [the GL at the classifier's input] when None or empty."""
+    return layers if layers else [classifier_input(model, sample_input)]
+
+
 def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
                  teacher_layers: Sequence[int | str] | None,
                  student_layers: Sequence[int | str] | None,
                  num_classes: int, sample_input: Tensor, batch_size: int | None = None,
-                 feature_weight: float | None = None) -> Method:
+                 feature_weight: float | None = None, kd_temperature: float | None = None,
+                 kd_weight: float | None = None) -> Method:
     """Build method ``name`` for a (teacher, student) pair.
 
     Layers are GL indices or module names (keywords such as "standard" are the
     caller's to resolve); methods without teacher layers ignore both lists.
     Lists are sorted into forward order and one-to-one methods pair them in that
-    order. ``sample_input`` (a small batch on the models' device) gives feature
-    shapes by one dry forward in eval mode; ``batch_size`` (default: the sample
-    batch size) is the training batch size SemCKD's embeddings take;
-    ``feature_weight`` overrides the method's feature-loss weight.
-    Raises ValueError for an unknown method, missing or mismatched layers,
-    shapes that cannot be aligned, or logits without ``num_classes`` classes.
+    order. SimKD uses the deepest entry of each list; ``simkd`` takes None for
+    either list as the input of that model's classifier
+    (:func:`featkd.layers.classifier_input`). ``sample_input`` (a small batch on
+    the models' device) gives feature shapes by one dry forward in eval mode;
+    ``batch_size`` (default: the sample batch size) is the training batch size
+    SemCKD's embeddings take; ``feature_weight`` overrides the method's
+    feature-loss weight; ``kd_temperature`` / ``kd_weight`` its KD term's
+    (:data:`KD_DEFAULTS`). Raises ValueError for an unknown method, missing or
+    mismatched layers, shapes that cannot be aligned, KD settings for a method
+    without KD, or logits without ``num_classes`` classes.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(list_methods())}")
@@ -491,6 +630,9 @@ def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
     needs_teacher = info.teacher_logits or info.teacher_layers is not None
     if needs_teacher and teacher is None:
         raise ValueError(f"method {name!r} needs a teacher model")
+    if info.teacher_layers == "classifier":
+        student_layers = _classifier_layers(student, student_layers, sample_input)
+        teacher_layers = _classifier_layers(teacher, teacher_layers, sample_input)
     s_names: list[str] = []
     t_names: list[str] = []
     if info.teacher_layers is not None:
@@ -503,8 +645,29 @@ def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
         t_names, t_shapes, t_out = _probe(teacher, t_names, sample_input)
         _check_logits(t_out, num_classes, "teacher")
     setup = _Setup(name, teacher, s_names, t_names, s_shapes, t_shapes,
-                   batch_size or sample_input.shape[0], feature_weight)
+                   batch_size or sample_input.shape[0], feature_weight, kd_temperature, kd_weight)
     method = entry.build(setup)
     log.info("built method %s: student layers %s, teacher layers %s", name,
              method.student_layers, method.teacher_layers)
     return method
+
+
+def used_parameter_count(network: nn.Module, sample_input: Tensor) -> int:
+    """Number of parameters that ``network``'s output depends on (eval mode, each tensor once).
+
+    Frozen parameters count too; parameters a forward pass never reaches (such
+    as the unused student head inside a SimKD network) do not. One forward and
+    backward of ``sample_input``; no ``.grad``, mode or ``requires_grad`` is changed.
+    """
+    params = list(network.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with _eval_mode(network), torch.enable_grad():
+            output = network(sample_input)
+        grads = torch.autograd.grad(output.float().sum(), params, allow_unused=True)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return sum(p.numel() for p, grad in zip(params, grads) if grad is not None)

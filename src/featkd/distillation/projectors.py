@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .losses import align_spatial, layout_dims
 
-__all__ = ["PROJECTORS", "PairProjector", "SingleLayerConv", "ThreeLayerConv", "from_layout",
-           "layout_channels", "layout_size", "make_projector"]
+__all__ = ["PROJECTORS", "BottleneckConv", "PairProjector", "SingleLayerConv", "ThreeLayerConv",
+           "from_layout", "layout_channels", "layout_size", "make_projector"]
 
 
 def _conv(dims: int, in_channels: int, out_channels: int, kernel: int) -> nn.Module:
@@ -47,7 +47,22 @@ class ThreeLayerConv(nn.Sequential):
         )
 
 
-PROJECTORS: dict[str, type[nn.Module]] = {"single": SingleLayerConv, "three": ThreeLayerConv}
+class BottleneckConv(nn.Sequential):
+    """SimKD's projector (Chen et al. 2022): 1x1 conv -> C_out/2, BN, ReLU, 3x3 conv, BN, ReLU,
+    1x1 conv -> C_out, BN, ReLU; convolutions bias-free."""
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int = 2) -> None:
+        mid = max(1, out_channels // 2)
+        super().__init__(
+            _conv(dims, in_channels, mid, 1), _batch_norm(dims, mid), nn.ReLU(inplace=True),
+            _conv(dims, mid, mid, 3), _batch_norm(dims, mid), nn.ReLU(inplace=True),
+            _conv(dims, mid, out_channels, 1), _batch_norm(dims, out_channels), nn.ReLU(inplace=True),
+        )
+
+
+PROJECTORS: dict[str, type[nn.Module]] = {
+    "single": SingleLayerConv, "three": ThreeLayerConv, "bottleneck": BottleneckConv,
+}
 
 
 def layout_channels(shape: Sequence[int], dims: int) -> int:
