@@ -16,23 +16,26 @@ weight 400 (Chen et al. 2021). Every feature weight can be overridden with
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featkd.layers import FeatureTap, resolve_layers, tail
+from featkd.layers import (
+    FeatureTap, canonical_shape, eval_mode, feature_layout, from_canonical, resolve_layers, tail,
+    to_canonical,
+)
 
 from .losses import (
     batch_gram, ce, feature_mse, kd_loss, kd_std_loss, layout_dims, resize_to, semckd_loss,
     similarity_preserving_loss, to_layout,
 )
+from .guarantee import check_gradient_split
 from .projectors import ThreeLayerConv, from_layout, layout_channels, layout_size, make_projector
 from .teacher import TeacherOutputs
 
@@ -138,13 +141,18 @@ class FeatureMSE(Method):
 
     def __init__(self, name: str, *, pairs: Sequence[tuple[int, int]],
                  student_shapes: Sequence[torch.Size], teacher_shapes: Sequence[torch.Size],
-                 pair_weight: float, feature_weight: float = 1.0, **kwargs) -> None:
+                 pair_weight: float, feature_weight: float = 1.0,
+                 student_layouts: Sequence[str | None] | None = None,
+                 teacher_layouts: Sequence[str | None] | None = None, **kwargs) -> None:
         super().__init__(name, needs_teacher_features=True, **kwargs)
         self.pairs = [tuple(p) for p in pairs]
         self.pair_weight = pair_weight
         self.feature_weight = feature_weight
+        s_layouts = student_layouts or [None] * len(student_shapes)
+        t_layouts = teacher_layouts or [None] * len(teacher_shapes)
         self.projectors = nn.ModuleList(
-            make_projector(student_shapes[s], teacher_shapes[t], "single") for s, t in self.pairs)
+            make_projector(student_shapes[s], teacher_shapes[t], "single", s_layouts[s], t_layouts[t])
+            for s, t in self.pairs)
 
     def losses(self, logits, student_feats, teacher, labels):
         losses = self.logit_losses(logits, teacher, labels)
@@ -182,9 +190,14 @@ class SimKD(Method):
 
     def __init__(self, name: str, *, student_layer: str, student_shape: torch.Size,
                  teacher_layer: str, teacher_shape: torch.Size, teacher_tail: nn.Module,
-                 kd: str = "kd") -> None:
+                 kd: str = "kd", student_layout: str | None = None,
+                 teacher_layout: str | None = None) -> None:
         super().__init__(name, kd=kd, student_layers=[student_layer])
         self.teacher_tail_layer = teacher_layer
+        self.student_layout = student_layout or feature_layout(student_shape)
+        self.teacher_layout = teacher_layout or feature_layout(teacher_shape)
+        student_shape = canonical_shape(student_shape, self.student_layout)
+        teacher_shape = canonical_shape(teacher_shape, self.teacher_layout)
         self.teacher_shape = tuple(teacher_shape)
         self.dims = layout_dims(student_shape, teacher_shape)
         self.teacher_size = layout_size(teacher_shape, self.dims)
@@ -199,10 +212,10 @@ class SimKD(Method):
 
     def project(self, student_feat: Tensor) -> Tensor:
         """Student feature -> teacher-layer-shaped feature, laid out as the teacher taps it."""
-        x = to_layout(student_feat, self.dims)
+        x = to_layout(to_canonical(student_feat, self.student_layout), self.dims)
         x = resize_to(x, [min(s, t) for s, t in zip(x.shape[2:], self.teacher_size)])
         x = resize_to(self.projector(x), self.teacher_size)
-        return from_layout(x, self.teacher_shape)
+        return from_canonical(from_layout(x, self.teacher_shape), self.teacher_layout)
 
     def predict(self, logits, student_feats):
         return self.teacher_tail(self.project(student_feats[-1]))
@@ -249,15 +262,20 @@ class SemCKD(Method):
 
     def __init__(self, name: str, *, student_shapes: Sequence[torch.Size],
                  teacher_shapes: Sequence[torch.Size], batch_size: int,
-                 feature_weight: float = SEMCKD_WEIGHT, **kwargs) -> None:
+                 feature_weight: float = SEMCKD_WEIGHT,
+                 student_layouts: Sequence[str | None] | None = None,
+                 teacher_layouts: Sequence[str | None] | None = None, **kwargs) -> None:
         super().__init__(name, needs_teacher_features=True, **kwargs)
         self.feature_weight = feature_weight
         self.batch_size = batch_size
         self.queries = nn.ModuleList(SimilarityEmbed(batch_size) for _ in student_shapes)
         self.keys = nn.ModuleList(SimilarityEmbed(batch_size) for _ in teacher_shapes)
+        s_layouts = student_layouts or [None] * len(student_shapes)
+        t_layouts = teacher_layouts or [None] * len(teacher_shapes)
         self.projectors = nn.ModuleList(
-            nn.ModuleList(make_projector(s, t, "three") for t in teacher_shapes)
-            for s in student_shapes)
+            nn.ModuleList(make_projector(s, t, "three", s_layout, t_layout)
+                          for t, t_layout in zip(teacher_shapes, t_layouts))
+            for s, s_layout in zip(student_shapes, s_layouts))
 
     def attention(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """(B, S, T) attention of each sample's student layers over the teacher layers."""
@@ -316,6 +334,8 @@ class _Setup:
     teacher_shapes: list[torch.Size]
     batch_size: int
     feature_weight: float | None
+    student_layouts: list[str]
+    teacher_layouts: list[str]
 
 
 def _weight(setup: _Setup, default: float) -> float:
@@ -346,6 +366,7 @@ def _build_feature_mse(setup: _Setup, *, all_to_all: bool, kd: str | None,
     return FeatureMSE(setup.name, pairs=pairs, student_shapes=setup.student_shapes,
                       teacher_shapes=setup.teacher_shapes, pair_weight=pair_weight,
                       feature_weight=_weight(setup, 1.0), kd=kd,
+                      student_layouts=setup.student_layouts, teacher_layouts=setup.teacher_layouts,
                       student_layers=setup.student_layers, teacher_layers=setup.teacher_layers,
                       detach_after=setup.student_layers[-1] if detach else None)
 
@@ -362,13 +383,15 @@ def _build_simkd(setup: _Setup) -> SimKD:
     teacher_tail = copy.deepcopy(tail(setup.teacher, teacher_layer))
     return SimKD(setup.name, student_layer=setup.student_layers[-1],
                  student_shape=setup.student_shapes[-1], teacher_layer=teacher_layer,
-                 teacher_shape=setup.teacher_shapes[-1], teacher_tail=teacher_tail)
+                 teacher_shape=setup.teacher_shapes[-1], teacher_tail=teacher_tail,
+                 student_layout=setup.student_layouts[-1], teacher_layout=setup.teacher_layouts[-1])
 
 
 def _build_semckd(setup: _Setup) -> SemCKD:
     return SemCKD(setup.name, student_shapes=setup.student_shapes,
                   teacher_shapes=setup.teacher_shapes, batch_size=setup.batch_size,
                   feature_weight=_weight(setup, SEMCKD_WEIGHT), kd="kd",
+                  student_layouts=setup.student_layouts, teacher_layouts=setup.teacher_layouts,
                   student_layers=setup.student_layers, teacher_layers=setup.teacher_layers)
 
 
@@ -419,36 +442,34 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own mode restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+@dataclass
+class _Probe:
+    """One dry forward of a model: tapped layers in forward order, their features, the output."""
+
+    names: list[str]
+    features: list[Tensor]
+    output: Tensor
+
+    def shapes(self) -> list[torch.Size]:
+        return [f.shape[1:] for f in self.features]
+
+    def layouts(self, sample_input: Tensor) -> list[str]:
+        return [feature_layout(f.shape[1:], sample_input.shape[-2:]) for f in self.features]
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, names: list[str], sample_input: Tensor
-           ) -> tuple[list[str], list[torch.Size], Tensor | None]:
-    """One dry forward: ``names`` sorted in forward order, their per-sample shapes, the output."""
-    fired: list[str] = []
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda module, inputs, output, n=n: fired.append(n) if n not in fired else None)
-        for n in names]
-    output = None
+def _probe(model: nn.Module, names: list[str], sample_input: Tensor, role: str) -> _Probe:
+    """One dry forward in eval mode; ``names`` sorted into forward order."""
     try:
-        with _eval_mode(model), FeatureTap(model, names) as tap:
+        with eval_mode(model), FeatureTap(model, names) as tap:
             output = model(sample_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    shapes = dict(zip(names, (f.shape[1:] for f in tap.outputs)))
-    ordered = sorted(names, key=fired.index)
-    return ordered, [shapes[n] for n in ordered], output
+        features = tap.outputs
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"the {role} ({type(model).__name__}) fails on a sample batch of shape "
+                         f"{tuple(sample_input.shape)}: {err}") from err
+    by_name = dict(zip(names, features))
+    ordered = sorted(names, key=tap.fired.index)
+    return _Probe(ordered, [by_name[n] for n in ordered], output)
 
 
 def _resolve(model: nn.Module, layers: Sequence[int | str] | None, role: str, method: str
@@ -496,15 +517,20 @@ def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
     if info.teacher_layers is not None:
         s_names = _resolve(student, student_layers, "student", name)
         t_names = _resolve(teacher, teacher_layers, "teacher", name)
-    s_names, s_shapes, s_out = _probe(student, s_names, sample_input)
-    _check_logits(s_out, num_classes, "student")
-    t_shapes: list[torch.Size] = []
+    s_probe = _probe(student, s_names, sample_input, "student")
+    _check_logits(s_probe.output, num_classes, "student")
+    t_probe = _Probe([], [], None)
     if needs_teacher:
-        t_names, t_shapes, t_out = _probe(teacher, t_names, sample_input)
-        _check_logits(t_out, num_classes, "teacher")
-    setup = _Setup(name, teacher, s_names, t_names, s_shapes, t_shapes,
-                   batch_size or sample_input.shape[0], feature_weight)
+        t_probe = _probe(teacher, t_names, sample_input, "teacher")
+        _check_logits(t_probe.output, num_classes, "teacher")
+    setup = _Setup(name, teacher, s_probe.names, t_probe.names, s_probe.shapes(),
+                   t_probe.shapes(), batch_size or sample_input.shape[0], feature_weight,
+                   s_probe.layouts(sample_input), t_probe.layouts(sample_input))
     method = entry.build(setup)
+    if method.detach_after is not None:
+        teacher_outputs = TeacherOutputs(t_probe.features,
+                                         t_probe.output if method.needs_teacher_logits else None)
+        check_gradient_split(DistillModel(student, method), sample_input, teacher_outputs)
     log.info("built method %s: student layers %s, teacher layers %s", name,
              method.student_layers, method.teacher_layers)
     return method
