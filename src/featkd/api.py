@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
+from featkd.experiment_log import experiment_logs
 from featkd.train import (
     Callback,
     ClassifierModel,
@@ -301,8 +302,9 @@ def train_teacher(
         net = _instantiate(model, seed)
         return ClassifierModel(net), net
 
-    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, callbacks=callbacks,
-                      val_set=val_set)
+    with experiment_logs(config, context.is_main) as loggers:
+        return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                          callbacks=[*callbacks, *loggers], val_set=val_set)
 
 
 def distill(
@@ -388,8 +390,10 @@ def distill(
 
     extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers}
     try:
-        return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
-                          teacher=feed, callbacks=callbacks, extra=extra, val_set=val_set)
+        with experiment_logs(config, context.is_main) as loggers:
+            return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                              teacher=feed, callbacks=[*callbacks, *loggers], extra=extra,
+                              val_set=val_set)
     finally:
         if teacher_feed is None:  # a feed passed in belongs to the caller
             feed.close()
