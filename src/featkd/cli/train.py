@@ -92,7 +92,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
     config = config_from_args(TrainConfig, args)
     if config.model is None:
-        raise CliError("give --model NAME (featkd.models.list_models())")
+        raise CliError("give --model NAME (featkd.models.list_models(), torchvision:NAME or timm:NAME)")
     _require_out(config)
     return _execute(lambda: train_teacher_from_config(config), "train-teacher")
 
