@@ -183,6 +183,32 @@ def test_functional_activations_and_reused_modules_are_tapped_per_call():
         assert not input_reaches_output(net, x, layer), layer
 
 
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.layers = nn.Sequential(*[nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+                                      for _ in range(3)])
+        self.head = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.layers(self.embed(x)).mean(1))
+
+
+def test_opaque_torch_blocks_are_layers_and_a_model_without_layers_is_refused(synthetic_train):
+    net = Encoder().eval()
+    assert generalized_layers(net) == ["layers.0", "layers.1", "layers.2"]
+    tokens = torch.randn(1, 5, 8)
+    for layer in generalized_layers(net):
+        assert not input_reaches_output(net, tokens, layer)
+    linear = nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(32 * 32, 1), nn.Flatten(),
+                           nn.Linear(3, NUM_CLASSES))
+    assert generalized_layers(linear) == ["2"]
+    with pytest.raises(ValueError, match="has no generalized layers"):
+        measure(nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(32 * 32, NUM_CLASSES)),
+                synthetic_train, progress=False)
+
+
 def test_register_block_keeps_a_branch_free_block_whole():
     class Stage(nn.Module):
         def __init__(self):

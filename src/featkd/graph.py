@@ -11,7 +11,8 @@ to the output passes through it: the output of a residual block is, nothing
 inside its branch is. Shape reads (``x.shape``, ``x.size(0)``) carry no data
 and are not paths. A **block** is a module class that merges two data paths
 in its own code (a residual add, a concatenation, a gate) in at least one of
-its calls, or a class kept whole. Generalized layers are the main-path
+its calls, a class kept whole, or a graph leaf holding two or more
+convolutions or linear layers (``nn.TransformerEncoderLayer``). Generalized layers are the main-path
 points that are, outside any block call:
 
 * the output of an activation (module or function: the ReLU family, GELU,
@@ -296,10 +297,8 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _opaque_block(module: nn.Module) -> bool:
-    """A module kept whole for its untraceable code (not torch.nn's) holding two or more
-    convolutions or linear layers: a block we cannot look into (timm's NormFreeBlock)."""
-    if module.__module__.startswith("torch."):
-        return False
+    """A graph leaf holding two or more convolutions or linear layers: a block we cannot look
+    into (timm's NormFreeBlock, nn.TransformerEncoderLayer, a module whose code cannot be traced)."""
     weights = sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules())
     return weights >= 2
 

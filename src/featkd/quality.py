@@ -726,6 +726,9 @@ def measure(
     _check_variant(variant)
     device = torch.device(device) if device is not None else torch.device("cpu")
     all_layers = generalized_layers(model)
+    if not all_layers:
+        raise ValueError(f"{type(model).__name__} has no generalized layers to measure "
+                         "(featkd.layers.generalized_layers)")
     names = all_layers if layers == "all" else resolve_layers(model, layers)
     not_gl = [name for name in names if name not in all_layers]
     if not_gl:
