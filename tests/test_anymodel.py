@@ -256,6 +256,20 @@ def test_projector_reads_a_channels_last_teacher_as_channels():
     torch.testing.assert_close(target, t_feat.permute(0, 3, 1, 2))
 
 
+def test_simkd_runs_the_traced_tail_of_a_channels_last_teacher():
+    teacher, student = model("torchvision:swin_t", seed=1), model("torchvision:resnet18")
+    x = images(4)
+    method = build_method("simkd", teacher, student, teacher_layers=["features.5.5"],
+                          student_layers=["layer4.1"], num_classes=NUM_CLASSES, sample_input=x[:2])
+    assert method.teacher_layout == "channels_last"
+    targets = OnlineTeacher(teacher, method.teacher_layers, True)(x)
+    logits, losses = DistillModel(student, method)(x, torch.arange(4) % NUM_CLASSES, targets)
+    assert logits.shape == (4, NUM_CLASSES) and set(losses) == {"ce", "kd"}
+    with torch.no_grad():
+        (feat,) = extract(teacher, x, ["features.5.5"])
+        torch.testing.assert_close(method.teacher_tail(feat), targets.logits)
+
+
 # ----------------------------------------------------------------------------- names
 
 def test_model_names_build_library_models_without_weights():
