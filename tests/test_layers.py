@@ -55,12 +55,13 @@ def test_rule_on_small_chain():
 def test_torchvision_resnet18():
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     names = generalized_layers(model)
-    # stem relu + 8 BasicBlocks; torchvision flattens functionally, so no Flatten GL
-    assert names == ["relu"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
-    assert head_index(model) == 9
+    # stem relu + 8 BasicBlocks + the representation torch.flatten makes, tapped as fc's input
+    assert names == ["relu"] + [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)] + ["fc:in"]
+    assert head_index(model) == 10
     x = torch.randn(2, 3, 64, 64)
-    feats = extract(model, x, [8, 0, "layer2.1"])
-    assert [tuple(f.shape) for f in feats] == [(2, 512, 2, 2), (2, 64, 32, 32), (2, 128, 8, 8)]
+    feats = extract(model, x, [8, 0, "layer2.1", "fc:in"])
+    assert [tuple(f.shape) for f in feats] == [(2, 512, 2, 2), (2, 64, 32, 32), (2, 128, 8, 8),
+                                               (2, 512)]
 
 
 def test_extract_matches_full_forward_and_stops_early():
@@ -125,8 +126,38 @@ def test_tail_runs_rest_of_chain():
     x = torch.randn(2, 3, 8, 8)
     (feat,) = extract(model, x, ["2"])
     torch.testing.assert_close(tail(model, "2")(feat), model(x))
-    with pytest.raises(ValueError, match="not a chain"):
-        tail(torchvision.models.resnet18(weights=None), "layer1.0")
+
+
+def test_tail_of_a_traced_model_runs_from_a_main_path_point():
+    model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for name in ["layer1.0", "layer3.1", "fc:in"]:
+            (feat,) = extract(model, x, [name])
+            torch.testing.assert_close(tail(model, name)(feat), model(x))
+    with pytest.raises(ValueError, match="not on the main path"):
+        tail(model, "layer1.0.conv2")
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.relu(self.conv(x))
+
+
+def test_untraceable_model_falls_back_to_the_chain_rule(caplog):
+    model = Untraceable()
+    with caplog.at_level("WARNING"):
+        assert generalized_layers(model) == ["relu"]
+    assert "cannot be traced" in caplog.text
+    with pytest.raises(ValueError, match="Untraceable is neither a chain"):
+        tail(model, "relu")
 
 
 def test_feature_shapes_and_layout():

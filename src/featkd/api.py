@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
+from featkd.experiment_log import experiment_logs
 from featkd.train import (
     Callback,
     ClassifierModel,
@@ -330,8 +331,9 @@ def train_teacher(
         extra["deployed_params"] = used_parameter_count(net, sample)  # the same for every run
         return ClassifierModel(net), net
 
-    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context, callbacks=callbacks,
-                      val_set=val_set, extra=extra)
+    with experiment_logs(config, context.is_main) as loggers:
+        return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                          callbacks=[*callbacks, *loggers], val_set=val_set, extra=extra)
 
 
 def distill(
@@ -448,9 +450,10 @@ def distill(
                 "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
                 "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
     try:
-        return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
-                          teacher=feed, callbacks=callbacks, extra=extra, settings=settings,
-                          val_set=val_set)
+        with experiment_logs(config, context.is_main) as loggers:
+            return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                              teacher=feed, callbacks=[*callbacks, *loggers], extra=extra,
+                              settings=settings, val_set=val_set)
     finally:
         if teacher_feed is None:  # a feed passed in belongs to the caller
             feed.close()

@@ -31,7 +31,7 @@ __all__ = [
 # Fields that change how a run executes but not what it computes: ignored when
 # deciding whether an output directory may be resumed.
 RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memory_mb", "eval_batch_size",
-                            "channels_last", "compile"})
+                            "channels_last", "compile", "log"})
 
 C = TypeVar("C", bound="RunConfig")
 
@@ -76,6 +76,8 @@ class RunConfig:
     progress: bool = _opt(True, "show tqdm progress bars (only on a terminal)")
     stop_after_epochs: int | None = _opt(None, "stop after this many epochs in this call (resume later)")
     out: str | None = _opt(None, "run directory (rerun the same command to resume)")
+    log: str = _opt("none", "experiment log besides metrics.jsonl: none, or tensorboard (<run dir>/tensorboard)",
+                    ("none", "tensorboard"))
 
     # --- files -----------------------------------------------------------------
     @classmethod
@@ -155,6 +157,8 @@ class RunConfig:
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.log != "none" and not self.out:
+            raise ValueError(f"log={self.log} writes into the run directory: set out")
         from featkd.data import list_datasets
 
         if self.data not in list_datasets():
@@ -165,7 +169,7 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Train one model with cross-entropy (``featkd train-teacher``)."""
 
-    model: str | None = _opt(None, "model name (featkd.models.list_models())")
+    model: str | None = _opt(None, "model name: featkd.models.list_models(), torchvision:NAME or timm:NAME")
     width: float = _opt(1.0, "channel width multiplier, e.g. 0.125 or 1/8")
     init_checkpoint: str | None = _opt(None, "start from these weights (file or run directory)")
 
@@ -185,10 +189,11 @@ STUDENT_LAYER_KEYWORDS = ("paper",)
 class DistillConfig(RunConfig):
     """Distil a student from a trained teacher (``featkd distill``)."""
 
-    teacher: str | None = _opt(None, "teacher model name (default: from --teacher-checkpoint's run directory)")
+    teacher: str | None = _opt(None, "teacher model: a zoo name, torchvision:NAME or timm:NAME[:key=value,...] "
+                                     "(default: from --teacher-checkpoint's run directory)")
     teacher_width: float | None = _opt(None, "teacher width (default: from its run directory, else 1)")
     teacher_checkpoint: str | None = _opt(None, "teacher weights: a file or a train-teacher run directory")
-    student: str | None = _opt(None, "student model name")
+    student: str | None = _opt(None, "student model: a zoo name, torchvision:NAME or timm:NAME[:key=value,...]")
     student_width: float = _opt(1.0, "student width multiplier")
     method: str = _opt("featkd", "distillation method (featkd.distillation.list_methods())")
     teacher_layers: str | list[int | str] | None = _opt(
@@ -252,11 +257,16 @@ def _check_width(name: str, value: float) -> None:
 
 
 def _check_model(name: str, value: str) -> None:
-    from featkd.models import list_models
+    from featkd.models import check_model_name, list_models
 
-    if value not in list_models():
+    try:
+        check_model_name(value)
+    except ValueError as err:
+        if ":" in value:
+            raise ValueError(f"{name}: {err}") from None
         role = "" if name == "model" else f"{name} "
-        raise ValueError(f"unknown {role}model {value!r}; known: {', '.join(list_models())}")
+        raise ValueError(f"unknown {role}model {value!r}; known: {', '.join(list_models())}, "
+                         "or torchvision:NAME / timm:NAME") from None
 
 
 def _is_layer_field(name: str) -> bool:

@@ -673,16 +673,17 @@ def _group_layers(sizes: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def _features(model: nn.Module, dataset, indices: Tensor, names: list[str], device: torch.device,
-              batch_size: int, bar) -> list[Tensor]:
-    """Flattened float32 host features (len(indices), D) of every layer in ``names``."""
-    from featkd.layers import extract
+              batch_size: int, bar, layouts: list[str]) -> list[Tensor]:
+    """Flattened float32 host features (len(indices), D) of every layer in ``names``
+    (maps brought channels-first from their ``layouts`` first)."""
+    from featkd.layers import extract, to_canonical
 
     out: list[Tensor] = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
         feats = extract(model, _load_images(dataset, idx).to(device), names)
         for slot, feat in enumerate(feats):
-            flat = flatten_features(feat)
+            flat = flatten_features(to_canonical(feat, layouts[slot]))
             if start == 0:
                 out.append(torch.empty(len(indices), flat.shape[1], dtype=torch.float32))
             out[slot][start : start + len(idx)] = flat.float().cpu()
@@ -720,11 +721,14 @@ def measure(
     """
     from tqdm.auto import tqdm
 
-    from featkd.layers import extract, generalized_layers, resolve_layers
+    from featkd.layers import extract, feature_layout, generalized_layers, resolve_layers, to_canonical
 
     _check_variant(variant)
     device = torch.device(device) if device is not None else torch.device("cpu")
     all_layers = generalized_layers(model)
+    if not all_layers:
+        raise ValueError(f"{type(model).__name__} has no generalized layers to measure "
+                         "(featkd.layers.generalized_layers)")
     names = all_layers if layers == "all" else resolve_layers(model, layers)
     not_gl = [name for name in names if name not in all_layers]
     if not_gl:
@@ -746,24 +750,29 @@ def measure(
     rows = []
     try:
         with torch.no_grad():
-            probe = extract(model, _load_images(dataset, subset_a[:2]).to(device), names)
+            images = _load_images(dataset, subset_a[:2]).to(device)
+            probe = extract(model, images, names)
             shapes = [list(f.shape[1:]) for f in probe]
-            dims = [flatten_features(f).shape[1] for f in probe]
+            layouts = [feature_layout(shape, images.shape[-2:]) for shape in shapes]
+            dims = [flatten_features(to_canonical(f, layout)).shape[1]
+                    for f, layout in zip(probe, layouts)]
             del probe
             groups = _group_layers([4 * (len(subset_a) + width) * d for d in dims], half_budget)
             with tqdm(total=len(groups) * (len(subset_a) + len(subset_b)), unit="img",
                       desc="quality", disable=not progress) as bar:
                 for group in groups:
                     group_names = [names[i] for i in group]
+                    group_layouts = [layouts[i] for i in group]
                     spectra: list[list[Tensor]] = [[] for _ in group]
                     for members in members_b:
                         class_feats = _features(model, dataset, members, group_names, device,
-                                                batch_size, bar)
+                                                batch_size, bar, group_layouts)
                         for slot, feats in enumerate(class_feats):
                             spectra[slot].append(class_spectrum(
                                 feats, dtype=dtype, device=device, memory_budget=half_budget))
                         del class_feats
-                    feats_a = _features(model, dataset, subset_a, group_names, device, batch_size, bar)
+                    feats_a = _features(model, dataset, subset_a, group_names, device, batch_size,
+                                        bar, group_layouts)
                     for slot, i in enumerate(group):
                         bar.set_postfix_str(f"layer {indices[i]}")
                         sample = sample_statistics(feats_a[slot], labels_a, variant=variant,

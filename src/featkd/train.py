@@ -67,7 +67,7 @@ CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 TIMING_FIELDS = ("epoch_time_s", "images_per_s")
 _FORMAT_VERSION = 1
-_SGD_LR = {"resnet": 0.05, "mobilenet": 0.05, "vgg": 0.01, "vit": 0.01}
+_SGD_LR = {"resnet": 0.05, "mobilenet": 0.05, "vgg": 0.01, "vit": 0.01, "external": 0.01}
 
 TeacherFeed = Callable[[Tensor, Tensor], Any]  # (x, sample indices) -> TeacherOutputs | None
 Callback = Callable[[dict[str, Any]], None]

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
         "quality.json and quality.png into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="zoo model name, e.g. resnet34")
+    parser.add_argument("--model", required=True,
+                        help="zoo model name (e.g. resnet34), torchvision:NAME or timm:NAME[:key=value,...]")
     parser.add_argument("--checkpoint", help="weights file or run directory (model.pt)")
     parser.add_argument("--data", required=True, help="dataset name, e.g. cifar100")
     parser.add_argument("--data-root", help="folder holding the dataset files")

@@ -108,7 +108,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     if config.model is None:
         from featkd.models import list_models
 
-        raise CliError(f"give --model NAME (known: {', '.join(list_models())})")
+        raise CliError(f"give --model NAME (known: {', '.join(list_models())}, torchvision:NAME or timm:NAME)")
     _require_out(config)
     return _execute(lambda: train_teacher_from_config(config), "train-teacher")
 

@@ -23,23 +23,26 @@ inference, which is what a run saves as ``model.pt``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featkd.layers import FeatureTap, classifier_input, resolve_layers, tail
+from featkd.layers import (
+    FeatureTap, canonical_shape, classifier_input, eval_mode, feature_layout, from_canonical,
+    resolve_layers, tail, to_canonical,
+)
 
 from .losses import (
     KD_STD_TEMPERATURE, KD_TEMPERATURE, batch_gram, ce, feature_mse, kd_loss, kd_std_loss,
     layout_dims, resize_to, semckd_loss, similarity_preserving_loss, to_layout,
 )
+from .guarantee import check_gradient_split
 from .projectors import PROJECTORS, from_layout, layout_channels, layout_size, make_projector
 from .teacher import TeacherOutputs
 
@@ -179,13 +182,18 @@ class FeatureMSE(Method):
 
     def __init__(self, name: str, *, pairs: Sequence[tuple[int, int]],
                  student_shapes: Sequence[torch.Size], teacher_shapes: Sequence[torch.Size],
-                 pair_weight: float, feature_weight: float = 1.0, **kwargs) -> None:
+                 pair_weight: float, feature_weight: float = 1.0,
+                 student_layouts: Sequence[str | None] | None = None,
+                 teacher_layouts: Sequence[str | None] | None = None, **kwargs) -> None:
         super().__init__(name, needs_teacher_features=True, **kwargs)
         self.pairs = [tuple(p) for p in pairs]
         self.pair_weight = pair_weight
         self.feature_weight = feature_weight
+        s_layouts = student_layouts or [None] * len(student_shapes)
+        t_layouts = teacher_layouts or [None] * len(teacher_shapes)
         self.projectors = nn.ModuleList(
-            make_projector(student_shapes[s], teacher_shapes[t], "single") for s, t in self.pairs)
+            make_projector(student_shapes[s], teacher_shapes[t], "single", s_layouts[s], t_layouts[t])
+            for s, t in self.pairs)
 
     def losses(self, logits, student_feats, teacher, labels):
         losses = self.logit_losses(logits, teacher, labels)
@@ -220,8 +228,13 @@ class ReusedClassifier(nn.Module):
     """
 
     def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int],
-                 classifier: nn.Module, projector: str) -> None:
+                 classifier: nn.Module, projector: str, *, student_layout: str | None = None,
+                 teacher_layout: str | None = None) -> None:
         super().__init__()
+        self.student_layout = student_layout or feature_layout(student_shape)
+        self.teacher_layout = teacher_layout or feature_layout(teacher_shape)
+        student_shape = canonical_shape(student_shape, self.student_layout)
+        teacher_shape = canonical_shape(teacher_shape, self.teacher_layout)
         self.dims = layout_dims(student_shape, teacher_shape)
         self.teacher_shape = tuple(teacher_shape)
         self.teacher_size = layout_size(teacher_shape, self.dims)
@@ -236,18 +249,19 @@ class ReusedClassifier(nn.Module):
 
     def project(self, student_feat: Tensor) -> Tensor:
         """Channels-first projection, at the smaller of the student's and the teacher's sizes."""
-        x = to_layout(student_feat, self.dims)
+        x = to_layout(to_canonical(student_feat, self.student_layout), self.dims)
         x = resize_to(x, [min(s, t) for s, t in zip(x.shape[2:], self.teacher_size)])
         return self.projector(x)
 
     def target(self, teacher_feat: Tensor, projected: Tensor) -> Tensor:
         """The teacher feature laid out and pooled like ``projected`` (what the projection must match)."""
-        return resize_to(to_layout(teacher_feat, self.dims), projected.shape[2:])
+        return resize_to(to_layout(to_canonical(teacher_feat, self.teacher_layout), self.dims),
+                         projected.shape[2:])
 
     def classify(self, projected: Tensor) -> Tensor:
         """Logits of the teacher's classifier on a projection."""
         x = resize_to(projected, self.teacher_size)
-        return self.classifier(from_layout(x, self.teacher_shape))
+        return self.classifier(from_canonical(from_layout(x, self.teacher_shape), self.teacher_layout))
 
     def forward(self, student_feat: Tensor) -> Tensor:
         return self.classify(self.project(student_feat))
@@ -362,15 +376,20 @@ class SemCKD(Method):
 
     def __init__(self, name: str, *, student_shapes: Sequence[torch.Size],
                  teacher_shapes: Sequence[torch.Size], batch_size: int,
-                 feature_weight: float = SEMCKD_WEIGHT, **kwargs) -> None:
+                 feature_weight: float = SEMCKD_WEIGHT,
+                 student_layouts: Sequence[str | None] | None = None,
+                 teacher_layouts: Sequence[str | None] | None = None, **kwargs) -> None:
         super().__init__(name, needs_teacher_features=True, **kwargs)
         self.feature_weight = feature_weight
         self.batch_size = batch_size
         self.queries = nn.ModuleList(SimilarityEmbed(batch_size) for _ in student_shapes)
         self.keys = nn.ModuleList(SimilarityEmbed(batch_size) for _ in teacher_shapes)
+        s_layouts = student_layouts or [None] * len(student_shapes)
+        t_layouts = teacher_layouts or [None] * len(teacher_shapes)
         self.projectors = nn.ModuleList(
-            nn.ModuleList(make_projector(s, t, "three") for t in teacher_shapes)
-            for s in student_shapes)
+            nn.ModuleList(make_projector(s, t, "three", s_layout, t_layout)
+                          for t, t_layout in zip(teacher_shapes, t_layouts))
+            for s, s_layout in zip(student_shapes, s_layouts))
 
     def attention(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """(B, S, T) attention of each sample's student layers over the teacher layers."""
@@ -429,6 +448,8 @@ class _Setup:
     teacher_shapes: list[torch.Size]
     batch_size: int
     feature_weight: float | None
+    student_layouts: list[str]
+    teacher_layouts: list[str]
     kd_temperature: float | None = None
     kd_weight: float | None = None
 
@@ -465,6 +486,7 @@ def _build_feature_mse(setup: _Setup, *, all_to_all: bool, kd: str | None,
     return FeatureMSE(setup.name, pairs=pairs, student_shapes=setup.student_shapes,
                       teacher_shapes=setup.teacher_shapes, pair_weight=pair_weight,
                       feature_weight=_weight(setup, 1.0), kd=kd, **setup.kd_options(),
+                      student_layouts=setup.student_layouts, teacher_layouts=setup.teacher_layouts,
                       student_layers=setup.student_layers, teacher_layers=setup.teacher_layers,
                       detach_after=setup.student_layers[-1] if detach else None)
 
@@ -481,7 +503,8 @@ def _build_simkd(setup: _Setup, *, feature_loss: bool) -> SimKD:
     teacher_layer = setup.teacher_layers[-1]
     classifier = copy.deepcopy(tail(setup.teacher, teacher_layer))
     head = ReusedClassifier(setup.student_shapes[-1], setup.teacher_shapes[-1], classifier,
-                            "bottleneck" if feature_loss else "three")
+                            "bottleneck" if feature_loss else "three",
+                            student_layout=setup.student_layouts[-1], teacher_layout=setup.teacher_layouts[-1])
     return SimKD(setup.name, student_layer=setup.student_layers[-1], teacher_layer=teacher_layer,
                  head=head, feature_loss=feature_loss, feature_weight=_weight(setup, SIMKD_WEIGHT),
                  kd=None if feature_loss else "kd", **setup.kd_options())
@@ -491,6 +514,7 @@ def _build_semckd(setup: _Setup) -> SemCKD:
     return SemCKD(setup.name, student_shapes=setup.student_shapes,
                   teacher_shapes=setup.teacher_shapes, batch_size=setup.batch_size,
                   feature_weight=_weight(setup, SEMCKD_WEIGHT), kd="kd", **setup.kd_options(),
+                  student_layouts=setup.student_layouts, teacher_layouts=setup.teacher_layouts,
                   student_layers=setup.student_layers, teacher_layers=setup.teacher_layers)
 
 
@@ -547,36 +571,34 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own mode restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+@dataclass
+class _Probe:
+    """One dry forward of a model: tapped layers in forward order, their features, the output."""
+
+    names: list[str]
+    features: list[Tensor]
+    output: Tensor
+
+    def shapes(self) -> list[torch.Size]:
+        return [f.shape[1:] for f in self.features]
+
+    def layouts(self, sample_input: Tensor) -> list[str]:
+        return [feature_layout(f.shape[1:], sample_input.shape[-2:]) for f in self.features]
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, names: list[str], sample_input: Tensor
-           ) -> tuple[list[str], list[torch.Size], Tensor | None]:
-    """One dry forward: ``names`` sorted in forward order, their per-sample shapes, the output."""
-    fired: list[str] = []
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda module, inputs, output, n=n: fired.append(n) if n not in fired else None)
-        for n in names]
-    output = None
+def _probe(model: nn.Module, names: list[str], sample_input: Tensor, role: str) -> _Probe:
+    """One dry forward in eval mode; ``names`` sorted into forward order."""
     try:
-        with _eval_mode(model), FeatureTap(model, names) as tap:
+        with eval_mode(model), FeatureTap(model, names) as tap:
             output = model(sample_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    shapes = dict(zip(names, (f.shape[1:] for f in tap.outputs)))
-    ordered = sorted(names, key=fired.index)
-    return ordered, [shapes[n] for n in ordered], output
+        features = tap.outputs
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"the {role} ({type(model).__name__}) fails on a sample batch of shape "
+                         f"{tuple(sample_input.shape)}: {err}") from err
+    by_name = dict(zip(names, features))
+    ordered = sorted(names, key=tap.fired.index)
+    return _Probe(ordered, [by_name[n] for n in ordered], output)
 
 
 def _resolve(model: nn.Module, layers: Sequence[int | str] | None, role: str, method: str
@@ -638,15 +660,21 @@ def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
     if info.teacher_layers is not None:
         s_names = _resolve(student, student_layers, "student", name)
         t_names = _resolve(teacher, teacher_layers, "teacher", name)
-    s_names, s_shapes, s_out = _probe(student, s_names, sample_input)
-    _check_logits(s_out, num_classes, "student")
-    t_shapes: list[torch.Size] = []
+    s_probe = _probe(student, s_names, sample_input, "student")
+    _check_logits(s_probe.output, num_classes, "student")
+    t_probe = _Probe([], [], None)
     if needs_teacher:
-        t_names, t_shapes, t_out = _probe(teacher, t_names, sample_input)
-        _check_logits(t_out, num_classes, "teacher")
-    setup = _Setup(name, teacher, s_names, t_names, s_shapes, t_shapes,
-                   batch_size or sample_input.shape[0], feature_weight, kd_temperature, kd_weight)
+        t_probe = _probe(teacher, t_names, sample_input, "teacher")
+        _check_logits(t_probe.output, num_classes, "teacher")
+    setup = _Setup(name, teacher, s_probe.names, t_probe.names, s_probe.shapes(),
+                   t_probe.shapes(), batch_size or sample_input.shape[0], feature_weight,
+                   s_probe.layouts(sample_input), t_probe.layouts(sample_input),
+                   kd_temperature=kd_temperature, kd_weight=kd_weight)
     method = entry.build(setup)
+    if method.detach_after is not None:
+        teacher_outputs = TeacherOutputs(t_probe.features,
+                                         t_probe.output if method.needs_teacher_logits else None)
+        check_gradient_split(DistillModel(student, method), sample_input, teacher_outputs)
     log.info("built method %s: student layers %s, teacher layers %s", name,
              method.student_layers, method.teacher_layers)
     return method
@@ -664,7 +692,7 @@ def used_parameter_count(network: nn.Module, sample_input: Tensor) -> int:
     try:
         for p in params:
             p.requires_grad_(True)
-        with _eval_mode(network), torch.enable_grad():
+        with eval_mode(network), torch.enable_grad():
             output = network(sample_input)
         grads = torch.autograd.grad(output.float().sum(), params, allow_unused=True)
     finally:

@@ -1,10 +1,10 @@
 """Projectors that map a student feature onto a teacher feature's channels.
 
 A :class:`PairProjector` owns one (student layer, teacher layer) pair: it lays
-both features out channels-first (ViT tokens (B, T, d) -> (B, d, T), vectors
--> 1x1 maps), pools the larger one to the smaller one's spatial size and
-projects the student side. Conv2d is used for map/vector pairs, Conv1d as soon
-as either side is a token sequence.
+both features out channels-first (channels-last maps (B, H, W, C) -> (B, C, H, W),
+ViT tokens (B, T, d) -> (B, d, T), vectors -> 1x1 maps), pools the larger one
+to the smaller one's spatial size and projects the student side. Conv2d is used
+for map/vector pairs, Conv1d as soon as either side is a token sequence.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import Tensor, nn
+
+from featkd.layers import canonical_shape, feature_layout, to_canonical
 
 from .losses import align_spatial, layout_dims
 
@@ -94,14 +96,21 @@ class PairProjector(nn.Module):
     """Align one (student, teacher) feature pair and project the student side.
 
     ``forward(student_feat, teacher_feat) -> (projected_student, aligned_teacher)``,
-    both channels-first with equal shapes.
+    both channels-first with equal shapes. Shapes are per sample as tapped, in
+    the given layouts (:func:`featkd.layers.feature_layout`; default: inferred
+    from the shape alone).
     """
 
     def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int],
-                 kind: str = "single") -> None:
+                 kind: str = "single", student_layout: str | None = None,
+                 teacher_layout: str | None = None) -> None:
         super().__init__()
         if kind not in PROJECTORS:
             raise ValueError(f"unknown projector {kind!r}; valid: {sorted(PROJECTORS)}")
+        self.student_layout = student_layout or feature_layout(student_shape)
+        self.teacher_layout = teacher_layout or feature_layout(teacher_shape)
+        student_shape = canonical_shape(student_shape, self.student_layout)
+        teacher_shape = canonical_shape(teacher_shape, self.teacher_layout)
         self.dims = layout_dims(student_shape, teacher_shape)
         self.student_shape = tuple(student_shape)
         self.teacher_shape = tuple(teacher_shape)
@@ -110,14 +119,16 @@ class PairProjector(nn.Module):
         self.projector = PROJECTORS[kind](in_channels, out_channels, self.dims)
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
-        student, teacher = align_spatial(student_feat, teacher_feat)
+        student, teacher = align_spatial(to_canonical(student_feat, self.student_layout),
+                                         to_canonical(teacher_feat, self.teacher_layout))
         return self.projector(student), teacher
 
 
 def make_projector(student_shape: Sequence[int], teacher_shape: Sequence[int],
-                   kind: str = "single") -> PairProjector:
+                   kind: str = "single", student_layout: str | None = None,
+                   teacher_layout: str | None = None) -> PairProjector:
     """Projector for per-sample feature shapes (no batch dim), e.g. from a dry forward.
 
     Raises ValueError when the two shapes cannot be aligned.
     """
-    return PairProjector(student_shape, teacher_shape, kind)
+    return PairProjector(student_shape, teacher_shape, kind, student_layout, teacher_layout)

@@ -1,9 +1,12 @@
-"""The paper's model zoo: ResNet, VGG-BN, MobileNetV2 and ViT for 32/64 px images.
+"""The paper's model zoo (ResNet, VGG-BN, MobileNetV2 and ViT for 32/64 px images), and any
+torchvision or timm model by name.
 
-Every model is a chain (nested ``nn.Sequential``), so running its leaf modules
-in order is its forward pass and :func:`featkd.layers.tail` can cut it.
-``width`` scales every channel count (``max(1, round(c * width))``) and the
-ViT hidden size, MLP width and head count, never the depth.
+Every zoo model is a chain (nested ``nn.Sequential``), so running its leaf
+modules in order is its forward pass. ``width`` scales every channel count
+(``max(1, round(c * width))``) and the ViT hidden size, MLP width and head
+count, never the depth. ``torchvision:NAME`` and ``timm:NAME`` (with the
+factory's ``key=value`` arguments, see :mod:`featkd.models.external`) build
+those libraries' models with random weights.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .common import check_args
+from .external import check_external, create_external, is_external
 from .imagenet import IMAGENET_MODELS, ImageNetLoadReport, load_imagenet_weights
 from .mobilenet import build_mobilenetv2
 from .resnet import build_resnet
@@ -25,6 +29,7 @@ __all__ = [
     "PAPER_STUDENT_LAYERS",
     "STANDARD_TEACHER_LAYERS",
     "ImageNetLoadReport",
+    "check_model_name",
     "create_model",
     "list_models",
     "load_imagenet_weights",
@@ -71,8 +76,11 @@ PAPER_Q_LAYERS: dict[str, dict[str, list[int]]] = {
 }
 
 # One-cycle peak learning rate (AdamW) per family; ViT-B (a fine-tuned teacher) is lower
-# than the small ViTs trained from scratch.
-_PEAK_LR = {"resnet": 0.0075, "mobilenet": 0.0075, "vgg": 0.005, "vit": 0.001}
+# than the small ViTs trained from scratch. torchvision/timm models ("external") get
+# AdamW's usual 1e-3.
+EXTERNAL_FAMILY = "external"
+_PEAK_LR = {"resnet": 0.0075, "mobilenet": 0.0075, "vgg": 0.005, "vit": 0.001,
+            EXTERNAL_FAMILY: 0.001}
 _PEAK_LR_OVERRIDES = {"vit_b": 1e-4}
 
 
@@ -87,8 +95,19 @@ def _lookup(name: str) -> tuple[str, Builder]:
     return _REGISTRY[name]
 
 
+def check_model_name(name: str) -> None:
+    """Raise ValueError unless :func:`create_model` knows ``name`` (nothing is built)."""
+    if is_external(name):
+        check_external(name)
+    else:
+        _lookup(name)
+
+
 def model_family(name: str) -> str:
-    """Family of model ``name``: "resnet", "vgg", "mobilenet" or "vit"."""
+    """Family of model ``name``: "resnet", "vgg", "mobilenet", "vit", or "external"
+    for torchvision/timm models."""
+    if is_external(name):
+        return EXTERNAL_FAMILY
     return _lookup(name)[0]
 
 
@@ -98,13 +117,22 @@ def peak_lr(name: str) -> float:
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                 width: float = 1.0) -> nn.Sequential:
-    """Build zoo model ``name`` for ``image_size``-px images with ``in_channels`` channels.
+                 width: float = 1.0) -> nn.Module:
+    """Build model ``name`` for ``image_size``-px images with ``in_channels`` channels.
 
-    Up to 32 px the CNNs use CIFAR stems (ResNet 3x3/1 without max-pool, MobileNetV2
-    stride-1 stem); above, ResNets add a 3x3/2 max-pool and MobileNetV2's stem has
-    stride 2. ViTs use patch ``image_size // 8`` (65 tokens always).
+    Zoo models: up to 32 px the CNNs use CIFAR stems (ResNet 3x3/1 without
+    max-pool, MobileNetV2 stride-1 stem); above, ResNets add a 3x3/2 max-pool
+    and MobileNetV2's stem has stride 2. ViTs use patch ``image_size // 8``
+    (65 tokens always). ``torchvision:NAME`` / ``timm:NAME[:key=value,...]``:
+    that library's factory with random weights; ``image_size`` is not passed
+    (give ``img_size=`` or ``image_size=`` in the name where the model needs
+    it) and ``width`` must be 1 (give the factory's own width arguments).
     """
-    _, builder = _lookup(name)
     check_args(num_classes, in_channels, image_size, width)
+    if is_external(name):
+        if width != 1.0:
+            raise ValueError(f"width={width} scales zoo models only; give {name.split(':')[0]}'s "
+                             "own arguments in the name instead, e.g. timm:resnet10t:channels=[16,32,64,128]")
+        return create_external(name, num_classes, in_channels)
+    _, builder = _lookup(name)
     return builder(name, num_classes, in_channels, image_size, width)
