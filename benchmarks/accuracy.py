@@ -336,10 +336,11 @@ def probe_pair(scale: Scale, pair: common.Pair, methods: list[str], train: Any, 
     q_layers = paper_q_layers(pair.teacher).get("cifar100", STANDARD_TEACHER_LAYERS[pair.teacher])
     for method in methods:
         student = common.create(pair.student, scale.student_widths[pair.student], train)
-        t_layers = q_layers if METHOD_INFO[method].teacher_layers == "q" else STANDARD_TEACHER_LAYERS[pair.teacher]
-        built = build_method(method, teacher, student, teacher_layers=t_layers,
-                             student_layers=PAPER_STUDENT_LAYERS[pair.student], num_classes=train.num_classes,
-                             sample_input=x[:2], batch_size=batch)
+        kind = METHOD_INFO[method].teacher_layers
+        t_layers = {"q": q_layers, "classifier": None}.get(kind, STANDARD_TEACHER_LAYERS[pair.teacher])
+        s_layers = None if kind == "classifier" else PAPER_STUDENT_LAYERS[pair.student]
+        built = build_method(method, teacher, student, teacher_layers=t_layers, student_layers=s_layers,
+                             num_classes=train.num_classes, sample_input=x[:2], batch_size=batch)
         features = list(built.teacher_layers) if built.needs_teacher_features else []
         outputs = OnlineTeacher(teacher, features, True)(x) if (features or built.needs_teacher_logits) else None
         timings[method] = _train_step_time(DistillModel(student, built), x, y, outputs, steps,
@@ -383,46 +384,54 @@ def _phase_wall(jobs: list[float], workers: int) -> float:
     return max(sum(jobs) / max(1, workers), max(jobs, default=0.0))
 
 
-def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], test_images: int,
-                   methods: list[str], workers: int, statistic: str = "median") -> dict[str, float]:
+def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], eval_images: int,
+                   methods: list[str], workers: int, statistic: str = "median") -> dict[str, Any]:
     """Seconds of each phase of the default suite from the probe's per-image times.
 
+    ``eval_images`` are evaluated after every epoch (the validation and test splits).
     ``<phase>_cpu_s`` sums the phase's jobs (one core each); ``wall_s`` adds up the
     phases, each taking max(total / workers, its longest job). Throughput runs last,
-    in one process. Setup costs (process start, data loading) are left out.
+    in one process. ``cells_cpu_s`` gives each (pair, regime) of the grid, the parts it
+    can be run in. Setup costs (process start, data loading) are left out.
     """
     pairs = probe["pairs"]
     quality = {t: q[statistic] for t, q in probe["quality_s"].items()}
-    jobs: dict[str, list[float]] = {"teachers": [], "quality": [], "students": []}
+    jobs: dict[str, list[float]] = {"teachers": [], "quality": [], "convergence": [], "students": []}
+    cells: dict[str, float] = {}
     for teacher in sorted({PAIRS[p].teacher for p in pairs}):
         t = pairs[next(p for p in pairs if PAIRS[p].teacher == teacher)]
         jobs["teachers"].append(scale.teacher_epochs * (sizes[scale.teacher_regime] * t["teacher_train"][statistic]
-                                                        + test_images * t["teacher_forward"][statistic]))
+                                                        + eval_images * t["teacher_forward"][statistic]))
         jobs["quality"] += [quality.get(teacher, 0.0)] * len(sizes)
     for p, t in pairs.items():
         for regime, images in sizes.items():
+            def run_cost(method: str, epochs: float) -> float:
+                return epochs * (images * t[method][statistic] + eval_images * t["student_eval"][statistic])
+
             caches = 3 * images * t["teacher_forward"][statistic]
-            runs = sum(scale.seeds * scale.epochs[regime] * (images * t[m][statistic]
-                                                             + test_images * t["student_eval"][statistic])
-                       for m in methods)
+            runs = sum(scale.seeds * run_cost(m, scale.epochs[regime]) for m in methods)
             jobs["students"].append(caches + runs)
+            cells[f"{p} {regime}"] = caches + runs
+            if "ce" in t:
+                jobs["convergence"].append(run_cost("ce", (1 + scale.convergence_factor) * scale.epochs[regime]))
     lv = pairs.get(scale.lv_pair)
     if lv is not None and all(k in lv for k in ("ce", "kd", "fitnet", "featkd")):
         images, forward = sizes[scale.lv_regime], lv["teacher_forward"][statistic]
         per_layer = (scale.lv_seeds * scale.lv_epochs * (images * lv["featkd"][statistic]
-                                                         + test_images * lv["student_eval"][statistic])
+                                                         + eval_images * lv["student_eval"][statistic])
                      + images * forward)
         layers = probe.get("lv_layers", 0)
         jobs["layer_validity"] = [quality.get(PAIRS[scale.lv_pair].teacher, 0.0)] + [per_layer] * layers
         tp = sizes[scale.tp_regime]
         jobs["throughput"] = [tp * (lv["ce"][statistic] + lv["kd"][statistic] + lv["fitnet"][statistic]
                                     + 2 * lv["featkd"][statistic] + 4 * forward)
-                              + 5 * test_images * lv["student_eval"][statistic]]
+                              + 5 * eval_images * lv["student_eval"][statistic]]
     out: dict[str, float] = {f"{phase}_cpu_s": sum(times) for phase, times in jobs.items()}
     walls = {phase: (_phase_wall(times, workers) if phase != "throughput" else sum(times))
              for phase, times in jobs.items()}
     out.update({f"{phase}_wall_s": w for phase, w in walls.items()})
-    return {**out, "cpu_s": sum(sum(t) for t in jobs.values()), "workers": workers, "wall_s": sum(walls.values())}
+    return {**out, "cpu_s": sum(sum(t) for t in jobs.values()), "workers": workers, "wall_s": sum(walls.values()),
+            "cells_cpu_s": cells}
 
 
 def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, workers: int, threads: int,
@@ -430,7 +439,7 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
     """Time everything the suite does, write probe.json and print the suite estimate."""
     torch.set_num_threads(threads)
     record = common.run_record(argv, threads, workers)
-    train, _, test = common.load_regime(scale, scale.teacher_regime)
+    train, val, test = common.load_regime(scale, scale.teacher_regime)
     probe: dict[str, Any] = {"benchmark": "probe", **record, "scale": scale.to_dict(), "steps": steps,
                              "batch_size": scale.batch_size, "pairs": {}, "quality_s": {}}
     for name in pairs:
@@ -445,7 +454,8 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
     lv_teacher = PAIRS[scale.lv_pair].teacher
     probe["lv_layers"] = len(candidate_layers(common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)))
     sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
-    probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, len(test), methods, workers, stat)
+    eval_images = len(test) + (len(val) if val is not None else 0)
+    probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat)
                          for stat in STATISTICS}
     probe["finished"] = common.now()
     probe["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -469,6 +479,8 @@ def format_probe(probe: dict[str, Any]) -> str:
         parts = ", ".join(f"{k[:-7]} {v / 60:.0f} min" for k, v in est.items() if k.endswith("_wall_s"))
         lines.append(f"suite estimate from {stat} times: {est['wall_s'] / 3600:.2f} h on {est['workers']} "
                      f"worker(s) ({parts}); {est['cpu_s'] / 3600:.2f} h of one core")
+        cells = ", ".join(f"{cell} {seconds / 3600:.1f} h" for cell, seconds in est.get("cells_cpu_s", {}).items())
+        lines.append(f"  grid parts (one core each, {stat} times): {cells}")
     return "\n".join(lines)
 
 

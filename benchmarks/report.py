@@ -703,6 +703,11 @@ def section_probe(found: dict[str, Any]) -> list[str]:
             for stat, est in d["estimate"].items()]
     lines += table(["times"] + [f"{p.replace('_', ' ')} (min)" for p in phases]
                    + [f"total (h, {next(iter(d['estimate'].values()))['workers']} workers)", "one core (h)"], rows)
+    cells = d["estimate"].get("cpu", {}).get("cells_cpu_s")
+    if cells:
+        lines += ["", "The grid runs in resumable parts, one per (pair, regime); estimated hours of one core each "
+                  "(CPU times):", ""]
+        lines += table(["part", "hours"], [[cell, f"{seconds / 3600:.1f}"] for cell, seconds in cells.items()])
     return lines + [""]
 
 
