@@ -193,3 +193,47 @@ def test_measure_scores_every_layer_with_the_probe(synthetic_train):
     assert report.select(1, "probe") == [max(report.layers, key=lambda r: (r.probe, r.index)).index]
     assert QualityReport.from_json(report.to_json()).layers[0].probe == report.layers[0].probe
     assert not math.isnan(report.layers[0].probe)
+
+
+# ------------------------------------------------------------------ the rule in distillation
+def test_auto_teacher_layers_follow_the_selection_rule(tmp_path):
+    import featkd.api as api
+    from featkd.data import get_datasets
+    from featkd.models import create_model
+
+    train, test = get_datasets("synthetic", num_classes=3, samples_per_class=8, test_per_class=4, image_size=8)
+    torch.manual_seed(0)
+    teacher = create_model("resnet34", 3, 3, 8, 1 / 16).eval()
+
+    def student():
+        return create_model("resnet9", 3, 3, 8, 1 / 16)
+
+    options = dict(method="featkd", teacher_name="resnet34", student_name="resnet9", epochs=1, batch_size=8,
+                   progress=False, device="cpu")
+    deep = api.distill(teacher, student, train, test, select_by="depth", out=str(tmp_path / "depth"), **options)
+    assert deep.extra["teacher_layers"] == [14, 15, 16, 17]
+    report = QualityReport.from_json(tmp_path / "depth" / "quality.json")
+    assert [row.index for row in report.layers] == list(range(1, 18))  # the stem GL 0 left out
+    spread = api.distill(teacher, student, train, test, select_by="bands:S", out=str(tmp_path / "bands"),
+                         **options)
+    report = QualityReport.from_json(tmp_path / "bands" / "quality.json")
+    assert spread.extra["teacher_layers"] == report.select(4, "bands:S") == report.to_dict()["selected"]["bands:S"]
+    assert [sum(lo <= t <= hi for t in spread.extra["teacher_layers"]) for lo, hi in
+            ((1, 4), (5, 8), (9, 12), (13, 17))] == [1, 1, 1, 1]
+    default = api.resolve_teacher_layers("auto", teacher, "resnet34", 4, train, device=torch.device("cpu"),
+                                         out=tmp_path / "bands", progress=False)
+    assert default == report.select(4, selection.DEFAULT_RULE)  # the saved report, read by the default rule
+
+
+def test_select_by_is_a_checked_distill_option(tmp_path, capsys):
+    from featkd.cli import main
+    from featkd.config import DistillConfig
+
+    assert DistillConfig().select_by == selection.DEFAULT_RULE
+    DistillConfig(select_by="bands:probe").validate()
+    with pytest.raises(ValueError, match="unknown selection rule 'best'"):
+        DistillConfig(select_by="best").validate()
+    status = main(["distill", "--student", "resnet9", "--teacher", "resnet34", "--select-by", "best",
+                   "--out", str(tmp_path / "run")])
+    assert status == 2 and "unknown selection rule 'best'; valid: Q" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
