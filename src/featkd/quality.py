@@ -154,7 +154,9 @@ def gram_statistics(
     fit ``chunk_budget`` bytes (``None``: about 256 MB). Products are taken in
     ``dtype``: float32 products of float32 columns (the default; no float64 copy
     of the features is made), each chunk's product added into a float64 Gram,
-    or float64 throughout. Means, norms and every accumulation are float64.
+    or float64 throughout. Each chunk is centred on an approximate column mean
+    and the Gram double-centred exactly, in float64, at the end; norms and
+    every accumulation are float64.
     """
     _check_dtype(dtype)
     device = torch.device(device) if device is not None else x.device
