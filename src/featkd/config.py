@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from featkd.selection import DEFAULT_RULE
+from featkd.selection import DEFAULT_RULE, parse_rule
 
 __all__ = [
     "DistillConfig",
@@ -234,8 +234,6 @@ class DistillConfig(RunConfig):
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.kd_weight is not None and not self.kd_weight >= 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
-        from featkd.selection import parse_rule
-
         parse_rule(self.select_by)
         from featkd.distillation import METHOD_INFO, list_methods
 
