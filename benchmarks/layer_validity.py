@@ -203,12 +203,12 @@ def teacher_quality(scale: Scale, teacher: str, run_dir: Path, work: Path, varia
     path = work / "quality" / f"lv_quality_{teacher}_{scale.lv_regime}_{variant}.json"
     if path.is_file():
         return QualityReport.from_json(path)
-    train, _ = common.load_regime(scale, scale.lv_regime)
-    model = load_teacher(run_dir, scale, train)
+    splits = common.load_regime(scale, scale.lv_regime)
+    model = load_teacher(run_dir, scale, splits.train)
     start = time.perf_counter()
-    report = measure(model, train, candidate_layers(model), variant=variant, seed=0,
+    report = measure(model, splits.train, candidate_layers(model), variant=variant, seed=0,
                      device=common.resolve_device(scale.device), subset_size=scale.quality_subset,
-                     model_name=teacher, progress=False)
+                     model_name=teacher, progress=False, probe_set=splits.val)
     report.settings["seconds"] = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     report.to_json(path)
@@ -223,7 +223,8 @@ def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, l
     from featkd.config import DistillConfig
 
     pair = PAIRS[pair_name]
-    train, test = common.load_regime(scale, scale.lv_regime)
+    splits = common.load_regime(scale, scale.lv_regime)
+    train = splits.train
     teacher = load_teacher(run_dir, scale, train)
     width = teacher_config(run_dir, scale).width
     key = config_key(entry)
@@ -232,6 +233,7 @@ def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, l
     config = DistillConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[scale.lv_regime],
         data_options=dict(scale.data_options), epochs=scale.lv_epochs, batch_size=scale.batch_size,
+        val_size=len(splits.val) if splits.val is not None else None,
         runs=scale.lv_seeds, seed=0, device=scale.device, progress=False,
         out=str(work / "layer_validity" / pair.teacher / key),
         teacher=pair.teacher, teacher_width=width, teacher_checkpoint=str(run_dir),
@@ -243,9 +245,9 @@ def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, l
     try:
         result = distill(
             teacher, lambda: common.create(pair.student, scale.student_widths[pair.student], train),
-            train, test, config=config, method=config.method, teacher_layers=config.teacher_layers,
+            train, splits.test, config=config, method=config.method, teacher_layers=config.teacher_layers,
             student_layers=config.student_layers, teacher_name=pair.teacher, student_name=pair.student,
-            teacher_feed=feed)
+            teacher_feed=feed, val_set=splits.val)
     finally:
         feed.close()
     summary = common.run_summary(result)

@@ -78,7 +78,7 @@ def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path
     teacher = tmp_path / "teacher"
     assert main(["train-teacher", "--model", "vit_et", "--width", "1/32", "--data", "synthetic",
                  "--image-size", "16", "--data-options", "num_classes:3,samples_per_class:6,in_channels:1",
-                 "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--no-progress",
+                 "--val-size", "6", "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--no-progress",
                  "--out", str(teacher)]) == 0
     out = tmp_path / "q"
     assert main(["quality", "--checkpoint", str(teacher), "--device", "cpu", "--subset-size", "12",
@@ -87,6 +87,8 @@ def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path
     assert report.model == "vit_et" and report.settings["width"] == pytest.approx(1 / 32)
     assert report.settings["image_size"] == 16 and report.settings["dataset"] == "synthetic"
     assert report.settings["num_classes"] == 3 and len(report) == 9
+    # the teacher's own training split (its validation split held out), which scores the probe
+    assert report.settings["num_train"] == 12 and "held-out split of 6 images" in report.settings["probe"]
     capsys.readouterr()
     # the size given explicitly wins: a ViT built for 32 px does not fit the 16-px weights
     assert main(["quality", "--checkpoint", str(teacher), "--image-size", "32", "--device", "cpu",

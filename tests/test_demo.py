@@ -35,6 +35,7 @@ def test_quick_demo_writes_a_report(tmp_path, capsys):
     line = (f"Teacher layers {used}, chosen by rule `{DEFAULT_RULE}` (the default); the paper's rule "
             f"(`Q`, variant paper) picks {saved.select(4, 'Q')}.")
     assert used == saved.select(4, DEFAULT_RULE) and line in printed and line in report
+    assert f"held-out split of {QUICK['val_size']} images" in saved.settings["probe"]  # never the test split
     # a report measured in another variant: the paper's choice is measured again, in the paper variant
     data = json.loads((out / "featkd" / "quality.json").read_text())
     (out / "featkd" / "quality.json").write_text(json.dumps({**data, "variant": "corrected"}))

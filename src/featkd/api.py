@@ -145,10 +145,13 @@ def resolve_teacher_layers(
     seed: int = 0,
     progress: bool = True,
     rule: str | None = None,
+    probe_set: Any = None,
 ) -> list[int | str]:
     """``"auto"`` (the k layers ``rule`` chooses, default :data:`featkd.selection.DEFAULT_RULE`,
     among :func:`featkd.selection.candidate_layers`; the quality report goes to
-    ``out/quality.json``), ``"standard"``, or a list.
+    ``out/quality.json``), ``"standard"``, or a list. ``probe_set`` (a validation split,
+    never the test split) scores the layers' linear probe; without it the probe is scored
+    on half of the training subset.
 
     With ``"auto"`` an existing ``out/quality.json`` is reused (a resumed run).
     """
@@ -162,7 +165,7 @@ def resolve_teacher_layers(
         return layers
     if spec == "auto":
         return _quality_layers(teacher, name, k, train_set, device, out, context, variant, subset_size,
-                               seed, progress, rule)
+                               seed, progress, rule, probe_set)
     if isinstance(spec, str):
         raise ValueError(f"teacher_layers must be auto, standard or a list of GL indices / names; got {spec!r}")
     return list(spec)
@@ -191,6 +194,7 @@ def _quality_layers(
     seed: int,
     progress: bool,
     rule: str | None,
+    probe_set: Any,
 ) -> list[int]:
     from featkd.quality import QualityReport, measure
     from featkd.selection import DEFAULT_RULE, candidate_layers, parse_rule
@@ -209,7 +213,8 @@ def _quality_layers(
         log.info("measuring knowledge quality of teacher layers %s on %d training images", layers,
                  len(train_set))
         report = measure(teacher, train_set.with_augment(False), layers, variant=variant, seed=seed,
-                         device=device, subset_size=subset_size, model_name=name, progress=progress)
+                         device=device, subset_size=subset_size, model_name=name, progress=progress,
+                         probe_set=probe_set)
         selected = report.select(k, rule)
         log.info("selected teacher layers by %s: %s\n%s", rule, selected, report.table(k, rule))
         if saved is not None:
@@ -433,7 +438,7 @@ def distill(
             t_spec, teacher, config.teacher, len(s_layers), train_set,
             device=device, out=out, context=context, variant=config.quality_variant,
             subset_size=config.quality_subset, seed=config.seed, progress=config.progress,
-            rule=config.select_by,
+            rule=config.select_by, probe_set=val_set,
         )
     feed = teacher_feed if teacher_feed is not None else TeacherFeed(
         teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,

@@ -127,7 +127,7 @@ def paper_q_layers(run_dir: Path, k: int, teacher_dir: Path) -> list[int]:
     report = QualityReport.from_json(run_dir / "quality.json")
     if report.variant != "paper":
         config = DistillConfig.from_yaml(run_dir / "config.yaml")
-        train, _ = load_data(config)
+        train = load_data(config).train
         channels, size, _ = train.image_shape
         teacher = create_model(config.teacher, train.num_classes, in_channels=channels, image_size=size,
                                width=config.teacher_width)

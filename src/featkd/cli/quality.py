@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
         "(trained) model on a dataset's training split; print the table and the k layers a "
         "selection rule chooses; write quality.json and quality.png into --out. With a "
         "train-teacher run directory as --checkpoint, the model, width, image size and data "
-        "come from its config.yaml unless given.",
+        "come from its config.yaml unless given (its validation split, if it held one out, "
+        "scores the linear probe).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", help="zoo model name (e.g. resnet34), torchvision:NAME or "
@@ -71,6 +72,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data_root": args.data_root or (run.data_root if data_from_run else None),
         "data_options": dict(run.data_options) if data_from_run else {},
         "train_limit": run.train_limit if data_from_run else None,
+        "val_size": run.val_size if data_from_run else None,
         "seed": run.seed if data_from_run else 0,
     }
     for key in ("model", "data"):
@@ -96,7 +98,7 @@ def _run_config(checkpoint: str | None) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the selection, write quality.json and quality.png."""
     from featkd.checkpoint import read_weights
-    from featkd.data import get_datasets
+    from featkd.data import load_splits
     from featkd.layers import resolve_layers
     from featkd.quality import measure
     from featkd.selection import parse_rule
@@ -112,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--by: {err}") from err
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     settings = run_settings(args)
-    train, _ = get_datasets(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
-                            train_limit=settings["train_limit"], seed=settings["seed"],
-                            **settings["data_options"])
+    splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
+                         train_limit=settings["train_limit"], seed=settings["seed"],
+                         val_size=settings["val_size"], **settings["data_options"])
+    train = splits.train
     channels, size, _ = train.image_shape
     model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels, size,
                                   checkpoint=weights)
@@ -127,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         model, train, layers, variant=args.variant, seed=args.seed, device=args.device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
         subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
+        probe_set=splits.val,
     )
     report.settings.update(dataset=settings["data"], width=settings["width"], image_size=size,
                            checkpoint=args.checkpoint)
