@@ -12,7 +12,8 @@ per protocol ("deepest", "matched": one teacher layer; "sets": four):
   points (single layer: the rule's top layer; sets: the rule's set);
 * against depth: Delta rho (paired bootstrap, one-sided p) and the accuracy of
   a rule's choice minus depth's choice, paired by teacher and seed (exact or
-  Monte Carlo sign-flip test, one-sided p); p < 0.05 counts as beating depth;
+  Monte Carlo sign-flip test, one-sided p); a rule beats depth when its p,
+  Holm-adjusted over the rules of the protocol, is below 0.05;
 * the held-out check: the rule with the best mean regret on all teachers but
   one, and its regret (and depth's and the paper's Q's) on that one.
 
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
+
+from stats import holm
 
 N_BOOT = 2000
 ALPHA = 0.05
@@ -323,7 +326,7 @@ def _protocol_lines(protocol: str, result: dict[str, Any], teachers: list[str]) 
         subject = "random sets (a set's score: the mean over its layers)" if protocol == "sets" else "layers"
         lines += [f"Spearman ρ between the predictor and the student's final accuracy over the {subject}, "
                   f"with a bootstrap 95 % CI; pooled: the mean over teachers; Δρ vs depth with a one-sided "
-                  f"paired-bootstrap p:", ""]
+                  f"paired-bootstrap p (unadjusted):", ""]
         rows = [[pid] + [_rho_cell(row["teachers"].get(t)) for t in teachers] + [_rho_cell(row.get("pooled"))]
                 + [f"{_signed(row['vs_depth']['diff'])} (p {_p(row['vs_depth']['p'])})" if "vs_depth" in row else "—"]
                 for pid, row in rho.items()]
@@ -331,7 +334,8 @@ def _protocol_lines(protocol: str, result: dict[str, Any], teachers: list[str]) 
     regret, vs_depth = result["regret"], result["vs_depth"]
     if any(regret.values()):
         lines += ["Regret: the accuracy of the rule's choice minus the best configuration's (points); vs depth: "
-                  "its choice minus depth's choice, paired by teacher and seed, with a one-sided sign-flip p:", ""]
+                  "its choice minus depth's choice, paired by teacher and seed, with a one-sided sign-flip p "
+                  "(unadjusted):", ""]
         rows = []
         for rule, cells in regret.items():
             mean = np.mean([c["regret"] for c in cells.values()]) if len(cells) == len(teachers) else None
@@ -340,12 +344,18 @@ def _protocol_lines(protocol: str, result: dict[str, Any], teachers: list[str]) 
                                   else "—" for t in teachers] + [_signed(mean)]
                         + [f"{_signed(test['diff'])} (p {_p(test['p'])}, {test['pairs']} pairs)" if test else "—"])
         lines += _table(["rule"] + teachers + ["mean", "vs depth's choice"], rows) + [""]
-    beat_rank = [p for p, row in rho.items() if row.get("vs_depth", {}).get("p") is not None
-                 and row["vs_depth"]["p"] < ALPHA]
-    beat_choice = [r for r, t in vs_depth.items() if t["p"] is not None and t["p"] < ALPHA]
-    lines.append(f"Beat depth (p < {ALPHA}): in ranking — {', '.join(beat_rank) or 'none'}; "
-                 f"in the choice — {', '.join(beat_choice) or 'none'}.")
+    beat_rank = beating(rho, lambda row: row.get("vs_depth", {}).get("p"))
+    beat_choice = beating(vs_depth, lambda test: test["p"])
+    lines.append(f"Beat depth (Holm-adjusted p < {ALPHA} over the rules above): in ranking — "
+                 f"{', '.join(beat_rank) or 'none'}; in the choice — {', '.join(beat_choice) or 'none'}.")
     return lines + [""]
+
+
+def beating(table: dict[str, Any], p_of: Any) -> list[str]:
+    """The names whose one-sided p, Holm-adjusted over the table's rows, is below ALPHA."""
+    names = list(table)
+    adjusted = holm([p_of(table[name]) for name in names])
+    return [name for name, p in zip(names, adjusted) if p is not None and p < ALPHA]
 
 
 def _held_out_lines(analysis: dict[str, Any]) -> list[str]:

@@ -72,6 +72,13 @@ def test_vectorised_spearman_matches_the_plain_one():
     assert np.isnan(vr.spearman_rows(np.ones(4), np.arange(4.0)))
 
 
+def test_beating_depth_is_holm_adjusted():
+    table = {"a": {"p": 0.01}, "b": {"p": 0.03}, "c": {"p": 0.04}, "d": {"p": None}}
+    assert vr.beating(table, lambda row: row["p"]) == ["a"]  # Holm: 3 x 0.01; then 2 x 0.03 = 0.06
+    assert vr.beating({"a": {"p": 0.04}}, lambda row: row["p"]) == ["a"]
+    assert vr.beating({"a": {"p": 0.04}, "b": {"p": 0.5}}, lambda row: row["p"]) == []
+
+
 def test_sign_flip_p_is_exact_for_few_pairs():
     rng = np.random.default_rng(0)
     assert vr.sign_flip_p([1.0] * 6, rng) == pytest.approx(1 / 64)  # only "all +" reaches the mean
@@ -139,7 +146,7 @@ def test_markdown_renders_every_part_and_marks_partial_results(tmp_path):
     assert "| Q/paper | +1.00 [+1.00, +1.00] | +1.00 [+1.00, +1.00] |" in text
     assert "| depth | -15.00 (GL 6) | -15.00 (GL 6) |" in text
     assert "**partial**: 13 of 15 configurations" in text
-    assert "Beat depth (p < 0.05): in ranking — Q/paper" in text
+    assert "Beat depth (Holm-adjusted p < 0.05 over the rules above): in ranking — Q/paper" in text
     assert "| sets | vit_b | Q/paper (+0.00 on resnet34, vgg19_bn) | — |" in text  # its set not finished there
     assert "### Held-out check" in text and "| deepest | resnet34 | Q/paper (+0.00 on vgg19_bn, vit_b) |" in text
     empty = tmp_path / "empty"
