@@ -541,3 +541,23 @@ def test_float32_default_agrees_with_float64_on_real_features(variant):
         exact = layer_quality(x, labels, num_train=len(train), variant=variant, **EXACT)
         assert_agrees(fast, exact, keys=("S", "I", "E", "Q"), rel=1e-4)
         assert fast["d"] == exact["d"] and fast["G"] == exact["G"]
+
+
+def test_minima_are_recomputed_exactly_from_the_closest_pairs():
+    """Two samples of different classes 0.01 apart on a large common offset: float32 products alone
+    cannot resolve that distance (their rounding is larger than 0.01^2); the exact recomputation of
+    each class's closest pairs does, as it does the smallest cosine."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat_interleave(20)
+    x = 300.0 + torch.randn(40, 256, generator=gen, dtype=torch.float64)
+    x[20] = x[0] + 0.01 / 16  # 0.01 apart: 256 coordinates of 0.01/16
+    exact = layer_quality(x, labels, num_train=100, **EXACT)
+    fast = layer_quality(x.float(), labels, num_train=100)
+    x32 = x.float().double()  # the float32 input, exactly
+    assert (x32[20] - x32[0]).norm().item() == pytest.approx(0.01, rel=1e-3)
+    assert fast["min_inter"] == pytest.approx(layer_quality(x32, labels, num_train=100, **EXACT)["min_inter"],
+                                              rel=1e-9)
+    assert exact["min_inter"] == pytest.approx(0.01 * math.sqrt(2) / 2 * math.sqrt(2), rel=1e-6)
+    assert fast["intra_min"] == pytest.approx(exact["intra_min"], rel=1e-7)
+    squared = quality._exact_pairs(x, torch.tensor([0, 3]), torch.tensor([20, 4]), torch.device("cpu"))[1]
+    assert squared.tolist() == pytest.approx([((x[0] - x[20]) ** 2).sum().item(), ((x[3] - x[4]) ** 2).sum().item()])

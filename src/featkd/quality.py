@@ -82,6 +82,7 @@ FLOAT32_BYTES = 4
 DEFAULT_DTYPE = torch.float32
 CHUNK_BYTES = 256 * 1024**2  # working size of one column chunk when no budget is given
 MIN_CHUNK_COLUMNS = 512
+REFINE_PAIRS = 16  # per class, the closest pairs whose cosine / distance minimum is recomputed exactly
 
 
 def _check_variant(variant: str) -> None:
@@ -266,7 +267,10 @@ def sample_statistics(
     """Statistics of subset A: per-class intraAvg, intraMin, interAvg (C x C), nu, minInter, G.
 
     ``feats`` (n, ...) is flattened (see :func:`flatten_features`). One Gram matrix
-    gives everything; the O(n^2) pass runs over row blocks. ``memory_budget``
+    gives everything; the O(n^2) pass runs over row blocks. The two minima (intraMin,
+    minInter) are then recomputed in float64 straight from the features for each
+    class's REFINE_PAIRS closest pairs, so that float32 products cannot blur them
+    where the pairs nearly coincide. ``memory_budget``
     (bytes, ``None``: unbounded) must hold the n x n float64 Gram; the rest of it
     sizes the column chunks and row blocks. Results do not depend on the blocking.
     """
@@ -305,9 +309,12 @@ def sample_statistics(
     cos_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     intra_min = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
     inter_sq = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
+    everyone = torch.arange(n, device=device)
     step = _row_block(n, spare)
     for c in range(num_classes):
         members = (position == c).nonzero().squeeze(1)
+        closest_cos = _Smallest()
+        closest_dist = _Smallest()
         for start in range(0, len(members), step):
             rows = members[start : start + step]
             local = torch.arange(len(rows), device=device)
@@ -318,10 +325,13 @@ def sample_statistics(
             cos_sums[c].index_add_(0, position, cos.sum(0))
             intra = cos.index_select(1, members)
             intra[local, local + start] = math.inf  # pairs i != j only
-            intra_min[c] = torch.minimum(intra_min[c], intra.amin())
+            closest_cos.add(intra, rows, members)
             sq_dist = torch.addmm(block, dist_left[rows], dist_right, beta=-2)
             sq_dist.index_fill_(1, members, math.inf)
-            inter_sq[c] = torch.minimum(inter_sq[c], sq_dist.amin())
+            closest_dist.add(sq_dist, rows, everyone)
+        # the minima, recomputed exactly (float64, straight from the features) over the closest pairs
+        intra_min[c] = _exact_pairs(feats, *closest_cos.pairs(), device)[0].min()
+        inter_sq[c] = _exact_pairs(feats, *closest_dist.pairs(), device)[1].min()
 
     counts64 = counts.to(torch.float64)
     block_sums = cos_sums.diagonal()
@@ -341,6 +351,40 @@ def sample_statistics(
         "n": n,
         "D": dim,
     }
+
+
+class _Smallest:
+    """The REFINE_PAIRS smallest entries seen so far of row blocks of a pair matrix, as (row, column)
+    sample pairs: the candidates for a minimum that is then recomputed exactly."""
+
+    def __init__(self) -> None:
+        self.values: Tensor | None = None
+        self.rows: Tensor | None = None
+        self.cols: Tensor | None = None
+
+    def add(self, block: Tensor, rows: Tensor, cols: Tensor) -> None:
+        """Offer ``block`` (len(rows), len(cols)); infinite entries (excluded pairs) never count."""
+        values, flat = block.flatten().topk(min(REFINE_PAIRS, block.numel()), largest=False)
+        found = (values, rows[flat // block.shape[1]], cols[flat % block.shape[1]])
+        if self.values is not None:
+            found = tuple(torch.cat([old, new]) for old, new in zip((self.values, self.rows, self.cols), found))
+        keep = found[0].topk(min(REFINE_PAIRS, len(found[0])), largest=False).indices
+        self.values, self.rows, self.cols = (t[keep] for t in found)
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        finite = torch.isfinite(self.values)
+        return self.rows[finite], self.cols[finite]
+
+
+def _exact_pairs(feats: Tensor, first: Tensor, second: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(|cosine|, squared distance) of the sample pairs (first[k], second[k]), in float64 from the
+    features themselves (a zero-norm sample has cosine 0)."""
+    a = feats.index_select(0, first.to(feats.device)).to(device, torch.float64)
+    b = feats.index_select(0, second.to(feats.device)).to(device, torch.float64)
+    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+    dots = (a * b).sum(1).abs_()
+    cos = torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 0.0)
+    return cos, (a - b).square_().sum(1)
 
 
 def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) -> int | None:
