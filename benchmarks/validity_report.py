@@ -9,7 +9,8 @@ per protocol ("deepest", "matched": one teacher layer; "sets": four):
   the mean over teachers (stratified bootstrap). For sets, rho is taken over
   the random subsets only (the rule sets are not a random sample);
 * regret: the accuracy of a rule's choice minus the best configuration's, in
-  points (single layer: the rule's top layer; sets: the rule's set);
+  points (single layer: the rule's top layer; sets: the rule's set, and the
+  baselines' standard layers for reference);
 * against depth: Delta rho (paired bootstrap, one-sided p) and the accuracy of
   a rule's choice minus depth's choice, paired by teacher and seed (exact or
   Monte Carlo sign-flip test, one-sided p); a rule beats depth when its p,
@@ -43,6 +44,7 @@ EXACT_FLIPS = 16  # sign-flip tests enumerate every flip up to this many pairs
 MONTE_CARLO_FLIPS = 20000
 DEPTH = "depth"
 PAPER_Q = "Q/paper"
+STANDARD = "standard"  # the baselines' evenly spread teacher layers, a fixed set
 PROTOCOL_TITLES = {
     "deepest": "One teacher layer into the student's deepest distilled layer",
     "matched": "One teacher layer into the student layer at the matching relative depth",
@@ -162,7 +164,7 @@ def sign_flip_p(differences: list[float], rng: np.random.Generator) -> float | N
 def choice(data: dict[str, Any], protocol: str, rule: str, found: Configs) -> int | None:
     """Position in ``found`` of the configuration ``rule`` chooses (None when not finished)."""
     if protocol == "sets":
-        layers = data["rule_sets"].get(rule)
+        layers = data.get("standard_set") if rule == STANDARD else data["rule_sets"].get(rule)
         return found.position(layers) if layers is not None else None
     if rule not in data["predictors"]:
         return None  # a set-building rule: one layer has no bands
@@ -189,11 +191,15 @@ def regrets(data: dict[str, Any], protocol: str, rules: list[str]) -> dict[str, 
 
 # --------------------------------------------------------------------------- the analysis
 def rules_of(teachers: dict[str, dict[str, Any]], protocol: str) -> list[str]:
-    """The rules to compare in a protocol, in the results' order (set-building ones only for sets)."""
+    """The rules to compare in a protocol, in the results' order (set-building ones only for sets,
+    with the baselines' standard layers as one more when every teacher has them)."""
     first = next(iter(teachers.values()))
     rules = list(first["rule_sets"]) if protocol == "sets" else list(first["predictors"])
-    return [r for r in rules if all(r in (d["rule_sets"] if protocol == "sets" else d["predictors"])
-                                    for d in teachers.values())]
+    rules = [r for r in rules if all(r in (d["rule_sets"] if protocol == "sets" else d["predictors"])
+                                     for d in teachers.values())]
+    if protocol == "sets" and all(d.get("standard_set") for d in teachers.values()):
+        rules.append(STANDARD)
+    return rules
 
 
 def analyse(teachers: dict[str, dict[str, Any]], n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def results_file(teacher, folder, drop=()):
             "settings": {"regime": "low", "train_images": 5000, "epochs": 8, "seeds": 2, "quality_subset": 5000},
             "teacher_run": {"width": 0.125, "final_test_acc": {"mean": 0.91}},
             "candidate_layers": CANDIDATES, "predictors": predictors, "rule_sets": rule_sets,
-            "random_sets": random_sets, "probe": "ridge on pooled features",
+            "random_sets": random_sets, "probe": "ridge on pooled features", "standard_set": [2, 3, 4, 5],
             "protocols": {"deepest": list(single), "matched": list(single), "sets": list(sets)}, "runs": runs}
     (folder / f"layer_validity_{teacher}.json").write_text(json.dumps(data))
     return data
@@ -124,6 +124,9 @@ def test_sets_use_random_subsets_for_rho_and_every_set_for_regret(results):
     assert regret["layers"] == [1, 2, 3, 5]
     assert regret["regret"] == pytest.approx(100 * (accuracy([1, 2, 3, 5], "resnet34") - best))
     assert sets["vs_depth"]["Q/paper"]["diff"] == pytest.approx(0.0)  # the same set as depth
+    standard = sets["regret"]["standard"]["vgg19_bn"]  # the baselines' layers, for reference
+    assert standard["layers"] == [2, 3, 4, 5]
+    assert standard["regret"] == pytest.approx(100 * (accuracy([2, 3, 4, 5], "vgg19_bn") - best))
 
 
 def test_held_out_check_picks_the_winner_on_the_other_teachers(results):
