@@ -82,7 +82,7 @@ FLOAT32_BYTES = 4
 DEFAULT_DTYPE = torch.float32
 CHUNK_BYTES = 256 * 1024**2  # working size of one column chunk when no budget is given
 MIN_CHUNK_COLUMNS = 512
-REFINE_PAIRS = 16  # per class, the closest pairs whose cosine / distance minimum is recomputed exactly
+REFINE_PAIRS = 16  # per class, the closest pairs (one per row) whose minimum is recomputed exactly
 
 
 def _check_variant(variant: str) -> None:
@@ -354,8 +354,9 @@ def sample_statistics(
 
 
 class _Smallest:
-    """The REFINE_PAIRS smallest entries seen so far of row blocks of a pair matrix, as (row, column)
-    sample pairs: the candidates for a minimum that is then recomputed exactly."""
+    """Candidates for the minimum of a pair matrix seen in row blocks: the smallest entry of each
+    row, kept for the REFINE_PAIRS rows where it is smallest, as (row, column) sample pairs. The
+    minimum is then recomputed exactly over them."""
 
     def __init__(self) -> None:
         self.values: Tensor | None = None
@@ -364,8 +365,8 @@ class _Smallest:
 
     def add(self, block: Tensor, rows: Tensor, cols: Tensor) -> None:
         """Offer ``block`` (len(rows), len(cols)); infinite entries (excluded pairs) never count."""
-        values, flat = block.flatten().topk(min(REFINE_PAIRS, block.numel()), largest=False)
-        found = (values, rows[flat // block.shape[1]], cols[flat % block.shape[1]])
+        row_min, at = block.min(1)  # one pass, as a plain minimum would take
+        found = (row_min, rows, cols[at])
         if self.values is not None:
             found = tuple(torch.cat([old, new]) for old, new in zip((self.values, self.rows, self.cols), found))
         keep = found[0].topk(min(REFINE_PAIRS, len(found[0])), largest=False).indices
