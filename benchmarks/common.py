@@ -107,10 +107,13 @@ class Scale:
     threads: int | None = None  # torch threads per process (None: cores / workers)
     pairs: tuple[str, ...] = tuple(PAIRS)
     # layer_validity.py
-    lv_pair: str = "resnet34-resnet9"
+    lv_pair: str = "resnet34-resnet9"  # the pair accuracy.py's probe times for its estimate
     lv_regime: str = "low"
     lv_epochs: int = 4
     lv_seeds: int = 2
+    lv_pairs: tuple[str, ...] = ("resnet34-resnet9", "vgg19_bn-vgg11_bn", "vit_b-vit_et")
+    lv_subsets: int = 20  # random 4-subsets of teacher layers per teacher
+    lv_max_layers: int | None = None  # candidate layers per teacher (None: all; evenly spread otherwise)
     # throughput.py
     tp_regime: str = "full"
 
@@ -158,6 +161,8 @@ SCALES: dict[str, Scale] = {
         threads=1,
         lv_epochs=1,
         lv_seeds=1,
+        lv_subsets=2,
+        lv_max_layers=5,
     ),
     "paper": Scale(
         name="paper",

@@ -1,19 +1,37 @@
-"""Does knowledge quality Q pick the teacher layers that distil best?
+"""Which rule picks the teacher layers that distil best? Three teachers, two protocols.
 
-One trained teacher (resnet34 at the benchmark width, the same one accuracy.py
-trains). For every generalized layer t from the first residual stage on, a
-resnet9 student is distilled with featkd from t alone (mapped to the student's
-deepest standard layer) for a short fixed budget, ``lv_seeds`` seeds. Per layer:
-Q, S, I, E and sqrt(I*E) in both variants ("paper", "corrected") on the same
-training split; the Spearman correlation of each with the student's final test
-accuracy; whether the top layer by Q is within the noise of the best layer.
+Teachers are trained ``featkd train-teacher`` run directories (``--teachers DIR``,
+default: the scale's committed teachers, ``benchmarks/teachers/<name>/``; a scale
+without committed teachers, e.g. ``--quick``, trains them in its work directory):
+resnet34 -> resnet9, vgg19_bn -> vgg11_bn, vit_b -> vit_et (the scale's
+``lv_pairs``). For each teacher, on the training split of the scale's
+``lv_regime``:
 
-    python benchmarks/layer_validity.py                  # default scale (low-data regime, 8 epochs, 2 seeds)
-    python benchmarks/layer_validity.py --layers 4,8,12,16
-    python benchmarks/layer_validity.py --quick          # seconds, synthetic data
+* predictors of every candidate GL t (GL 1 to the last before the head), all
+  from the training split: Q, S, I, E and sqrt(I*E) in both quality variants,
+  depth (t) and a linear probe's accuracy (pooled features, fitted and scored
+  on two halves of the quality subset A);
+* protocol "one layer": featkd from t alone into (i) the student's deepest
+  paper layer ("deepest") and (ii) the student layer at t's relative depth
+  ("matched": the candidate range of the teacher mapped onto student GLs
+  1 .. its deepest paper layer);
+* protocol "sets": featkd from 4 teacher layers onto the student's paper
+  layers, one-to-one in depth order: ``lv_subsets`` random 4-subsets (seeded)
+  plus the set each rule chooses and the baselines' standard layers.
 
-Resumes: each layer's runs live in ``<work>/layer_validity/gl<t>``; the results
-file ``layer_validity.json`` is rewritten after every finished layer.
+Every configuration runs ``lv_seeds`` seeds for ``lv_epochs`` epochs. Results:
+``layer_validity_<teacher>.json`` per teacher, rewritten after every finished
+configuration (``"complete": false`` until all are there); the statistics
+(Spearman rho with bootstrap CIs, regret, tests against depth, the held-out
+check) are computed from them by ``validity_report.py``.
+
+    python benchmarks/layer_validity.py                       # every teacher of the scale
+    python benchmarks/layer_validity.py --pairs vit_b-vit_et --teachers DIR
+    python benchmarks/layer_validity.py --quick               # seconds, synthetic data
+
+Resumes: each configuration's runs live in
+``<work>/layer_validity/<teacher>/<configuration>/run-<seed>``; finished runs are
+kept and skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +39,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -33,178 +52,323 @@ from common import PAIRS, Job, Scale
 
 log = logging.getLogger("benchmarks.layer_validity")
 
-METRICS = ("Q", "S", "I", "E", "sqrtIE")
 VARIANTS = ("paper", "corrected")
+QUALITY_SCORES = ("Q", "S", "I", "E", "sqrtIE")
+PLAIN_SCORES = ("depth", "probe")
+BAND_SCORES = ("Q", "S")  # quality scores also tried as bands:SCORE
+SET_SIZE = 4
+PROTOCOLS = ("deepest", "matched", "sets")
+
+
+# --------------------------------------------------------------------------- predictors and rules
+def predictor_ids() -> list[str]:
+    """Every per-layer predictor: "Q/paper", ..., "sqrtIE/corrected", "depth", "probe"."""
+    return [f"{score}/{variant}" for variant in VARIANTS for score in QUALITY_SCORES] + list(PLAIN_SCORES)
+
+
+def rule_ids() -> list[str]:
+    """Every rule tried: each predictor's top k, and bands:SCORE for some of them."""
+    bands = [f"bands:{score}/{variant}" for variant in VARIANTS for score in BAND_SCORES]
+    return predictor_ids() + bands + [f"bands:{score}" for score in PLAIN_SCORES]
+
+
+def split_rule(rule_id: str) -> tuple[str, str]:
+    """"bands:S/paper" -> ("bands:S", "paper"); "probe" -> ("probe", "paper") (variant-free)."""
+    rule, _, variant = rule_id.partition("/")
+    return rule, variant or "paper"
+
+
+def predictors(reports: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{predictor id: {GL (as text): value}} from the two variants' quality reports."""
+    out: dict[str, dict[str, float]] = {}
+    for pid in predictor_ids():
+        score, variant = split_rule(pid)
+        report = reports[variant]
+        out[pid] = {str(row.index): value for row, value in zip(report.layers, report.values(score))}
+    return out
+
+
+def rule_sets(reports: dict[str, Any], k: int = SET_SIZE) -> dict[str, list[int]]:
+    """The k teacher layers every rule chooses."""
+    out = {}
+    for rid in rule_ids():
+        rule, variant = split_rule(rid)
+        out[rid] = reports[variant].select(k, rule)
+    return out
 
 
 def candidate_layers(teacher: torch.nn.Module) -> list[int]:
-    """GL indices from the first residual stage (GL 1) up to the last one before the head."""
-    from featkd.layers import generalized_layers, head_index
+    """GL indices a rule chooses among (GL 1 to the last before the head)."""
+    from featkd.selection import candidate_layers as candidates
 
-    head = head_index(teacher) or len(generalized_layers(teacher))
-    return list(range(1, head))
-
-
-def student_layer(student_name: str) -> int:
-    """The student's deepest standard (paper) layer."""
-    from featkd.models import PAPER_STUDENT_LAYERS
-
-    return PAPER_STUDENT_LAYERS[student_name][-1]
+    return candidates(teacher)
 
 
-def layer_job(scale: Scale, layer: int, work: Path) -> dict[str, Any]:
-    """Distil the student from teacher GL ``layer`` alone; returns that layer's runs and summary."""
+def spread(items: list[int], count: int | None) -> list[int]:
+    """``count`` items evenly spread over ``items`` (all of them when count is None or larger)."""
+    if count is None or count >= len(items):
+        return list(items)
+    return sorted({items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)})
+
+
+def matched_layer(t: int, candidates: list[int], deepest: int) -> int:
+    """The student GL at teacher GL t's relative depth: the candidates' range onto GLs 1..deepest."""
+    first, last = candidates[0], candidates[-1]
+    share = (t - first) / (last - first) if last > first else 1.0
+    return int(math.floor(1 + share * (deepest - 1) + 0.5))
+
+
+def random_sets(candidates: list[int], count: int, seed: int = 0, k: int = SET_SIZE) -> list[list[int]]:
+    """``count`` distinct random k-subsets of the candidates (fewer when fewer exist), seeded."""
+    possible = math.comb(len(candidates), k)
+    rng = random.Random(seed)
+    chosen: list[list[int]] = []
+    while len(chosen) < min(count, possible):
+        subset = sorted(rng.sample(candidates, k))
+        if subset not in chosen:
+            chosen.append(subset)
+    return chosen
+
+
+def configurations(candidates: list[int], student_layers: list[int], sets: dict[str, list[list[int]]]
+                   ) -> dict[str, list[dict[str, list[int]]]]:
+    """{protocol: [{"teacher_layers", "student_layers"}, ...]} (the sets protocol without duplicates)."""
+    deepest = student_layers[-1]
+    out: dict[str, list[dict[str, list[int]]]] = {
+        "deepest": [{"teacher_layers": [t], "student_layers": [deepest]} for t in candidates],
+        "matched": [{"teacher_layers": [t], "student_layers": [matched_layer(t, candidates, deepest)]}
+                    for t in candidates],
+        "sets": [],
+    }
+    for layers in (s for group in sets.values() for s in group):
+        entry = {"teacher_layers": layers, "student_layers": list(student_layers)}
+        if entry not in out["sets"]:
+            out["sets"].append(entry)
+    return out
+
+
+def config_key(entry: dict[str, list[int]]) -> str:
+    """A configuration's name: "t12-13-14-15_s1-2-3-4"."""
+    return (f"t{'-'.join(map(str, entry['teacher_layers']))}_"
+            f"s{'-'.join(map(str, entry['student_layers']))}")
+
+
+# --------------------------------------------------------------------------- teachers
+def teacher_run_dir(scale: Scale, teacher: str, work: Path, teachers: str | None) -> Path:
+    """Where ``teacher``'s train-teacher run directory is: in ``teachers`` when given, else where
+    the scale keeps it (its committed teachers folder, or the work directory)."""
+    if teachers is not None:
+        return Path(teachers) / teacher
+    return common.teacher_dir(work, teacher, scale)
+
+
+def ensure_teacher(scale: Scale, teacher: str, work: Path, teachers: str | None, threads: int) -> Path:
+    """The teacher's run directory. A missing one is trained when the scale keeps its teachers in
+    the work directory (e.g. --quick); a committed or --teachers folder must hold it already."""
+    run_dir = teacher_run_dir(scale, teacher, work, teachers)
+    if (run_dir / "model.pt").is_file() and (run_dir / "config.yaml").is_file():
+        return run_dir
+    if teachers is None and scale.teachers_dir is None:
+        common.train_teacher_cli(scale, teacher, work, threads)
+        return run_dir
+    command = "featkd " + " ".join(common.teacher_command(scale, teacher, run_dir)[3:])
+    raise FileNotFoundError(f"no trained teacher at {run_dir} (model.pt and config.yaml): train it with "
+                            f"`{command}` or point --teachers at a folder of run directories")
+
+
+def teacher_config(run_dir: Path, scale: Scale) -> Any:
+    """The teacher's TrainConfig; its data must be the scale's."""
+    from featkd.config import TrainConfig
+
+    config = TrainConfig.from_yaml(run_dir / "config.yaml")
+    if config.data != scale.data:
+        raise ValueError(f"teacher {run_dir} was trained on {config.data}, the benchmark uses {scale.data}")
+    return config
+
+
+def load_teacher(run_dir: Path, scale: Scale, train: Any) -> torch.nn.Module:
+    """The trained teacher (eval mode, frozen) at the width its run directory records."""
+    from featkd.checkpoint import load_model_weights
+
+    config = teacher_config(run_dir, scale)
+    model = common.create(config.model, config.width, train)
+    load_model_weights(model, run_dir)
+    return model.eval().requires_grad_(False)
+
+
+def teacher_quality(scale: Scale, teacher: str, run_dir: Path, work: Path, variant: str) -> Any:
+    """Quality (with the probe) of the candidate layers on the training split; cached in work/quality."""
+    from featkd.quality import QualityReport, measure
+
+    path = work / "quality" / f"lv_quality_{teacher}_{scale.lv_regime}_{variant}.json"
+    if path.is_file():
+        return QualityReport.from_json(path)
+    splits = common.load_regime(scale, scale.lv_regime)
+    model = load_teacher(run_dir, scale, splits.train)
+    start = time.perf_counter()
+    report = measure(model, splits.train, candidate_layers(model), variant=variant, seed=0,
+                     device=common.resolve_device(scale.device), subset_size=scale.quality_subset,
+                     model_name=teacher, progress=False, probe_set=splits.val)
+    report.settings["seconds"] = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.to_json(path)
+    return report
+
+
+# --------------------------------------------------------------------------- one configuration
+def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, list[int]],
+                 work: Path) -> dict[str, Any]:
+    """Distil the student with featkd from ``entry``'s teacher layers onto its student layers."""
     from featkd.api import distill
     from featkd.config import DistillConfig
 
-    pair = PAIRS[scale.lv_pair]
-    train, _, test = common.load_regime(scale, scale.lv_regime)
-    teacher = common.load_teacher(scale, pair.teacher, work, train)
-    feed = common.SharedTeacherFeed(teacher, train, common.resolve_device(scale.device), cache_dir=work / "cache")
-    s_layer = student_layer(pair.student)
+    pair = PAIRS[pair_name]
+    splits = common.load_regime(scale, scale.lv_regime)
+    train = splits.train
+    teacher = load_teacher(run_dir, scale, train)
+    width = teacher_config(run_dir, scale).width
+    key = config_key(entry)
+    feed = common.SharedTeacherFeed(teacher, train, common.resolve_device(scale.device),
+                                    cache_dir=work / "cache")
     config = DistillConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[scale.lv_regime],
         data_options=dict(scale.data_options), epochs=scale.lv_epochs, batch_size=scale.batch_size,
+        val_size=len(splits.val) if splits.val is not None else None,
         runs=scale.lv_seeds, seed=0, device=scale.device, progress=False,
-        out=str(work / "layer_validity" / f"gl{layer}"),
-        teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
-        teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
+        out=str(work / "layer_validity" / pair.teacher / key),
+        teacher=pair.teacher, teacher_width=width, teacher_checkpoint=str(run_dir),
         student=pair.student, student_width=scale.student_widths[pair.student], method="featkd",
-        teacher_layers=[layer], student_layers=[s_layer], teacher_mode="cache",
+        teacher_layers=list(entry["teacher_layers"]), student_layers=list(entry["student_layers"]),
+        teacher_mode="cache",
     )
     start = time.perf_counter()
     try:
         result = distill(
             teacher, lambda: common.create(pair.student, scale.student_widths[pair.student], train),
-            train, test, config=config, method=config.method, teacher_layers=config.teacher_layers,
+            train, splits.test, config=config, method=config.method, teacher_layers=config.teacher_layers,
             student_layers=config.student_layers, teacher_name=pair.teacher, student_name=pair.student,
-            teacher_feed=feed)
+            teacher_feed=feed, val_set=splits.val)
     finally:
         feed.close()
-    return {"layer": layer, "student_layer": s_layer, **common.run_summary(result),
-            "wall_s": time.perf_counter() - start, "cache_builds": feed.build_seconds}
+    summary = common.run_summary(result)
+    return {"teacher": pair.teacher, "key": key, **entry,
+            "final_test_acc": summary["final_test_acc"], "final_val_acc": summary.get("final_val_acc"),
+            "test_acc_at_best_val": summary.get("test_acc_at_best_val"),
+            "seeds": {str(r["seed"]): r["final_test_acc"] for r in summary["runs"] if r["finished"]},
+            "train_time_s": summary["train_time_s"], "wall_s": time.perf_counter() - start}
 
 
-def quality_table(reports: dict[str, Any], layers: list[int]) -> dict[str, dict[str, list[float]]]:
-    """{variant: {metric: values at ``layers``}}."""
-    return {variant: {metric: [getattr(report[t], metric) for t in layers] for metric in METRICS}
-            for variant, report in reports.items()}
+# --------------------------------------------------------------------------- results
+def assemble(head: dict[str, Any], protocols: dict[str, list[dict[str, list[int]]]],
+             runs: dict[str, Any]) -> dict[str, Any]:
+    """One teacher's results file from its finished configurations (missing ones listed)."""
+    keys = {config_key(e) for entries in protocols.values() for e in entries}
+    missing = sorted(keys - set(runs))
+    return {**head, "complete": not missing, "missing": missing, "updated": common.now(),
+            "finished": common.now() if not missing else None,
+            "protocols": {name: [config_key(e) for e in entries] for name, entries in protocols.items()},
+            "runs": {key: runs[key] for key in sorted(runs) if key in keys}}
 
 
-def correlations(table: dict[str, dict[str, list[float]]], accuracy: list[float]) -> dict[str, dict[str, Any]]:
-    """Spearman correlation of every metric (both variants) with the per-layer accuracy."""
-    return {variant: {metric: common.spearman(values, accuracy) for metric, values in metrics.items()}
-            for variant, metrics in table.items()}
+def teacher_plan(scale: Scale, pair_name: str, run_dir: Path, work: Path, record: dict[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, list[dict[str, list[int]]]]]:
+    """The head of a teacher's results file (settings, predictors, sets) and its configurations."""
+    from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS
+
+    pair = PAIRS[pair_name]
+    reports = {v: teacher_quality(scale, pair.teacher, run_dir, work, v) for v in VARIANTS}
+    candidates = spread([row.index for row in reports["paper"].layers], scale.lv_max_layers)
+    reports = {v: _restricted(report, candidates) for v, report in reports.items()}
+    chosen = rule_sets(reports)
+    standard = [t for t in STANDARD_TEACHER_LAYERS.get(pair.teacher, []) if t in candidates]
+    sets = {"random": random_sets(candidates, scale.lv_subsets), "rules": list(chosen.values()),
+            "standard": [standard] if len(standard) == SET_SIZE else []}
+    student_layers = list(PAPER_STUDENT_LAYERS[pair.student])
+    protocols = configurations(candidates, student_layers, sets)
+    config = teacher_config(run_dir, scale)
+    head = {
+        "benchmark": "layer_validity", **record, "pair": pair.name, "teacher": pair.teacher,
+        "student": pair.student,
+        "settings": {"scale": scale.name, "data": scale.data, "data_options": scale.data_options,
+                     "regime": scale.lv_regime, "train_images": scale.regimes[scale.lv_regime],
+                     "epochs": scale.lv_epochs, "seeds": scale.lv_seeds, "batch_size": scale.batch_size,
+                     "random_sets": scale.lv_subsets, "max_layers": scale.lv_max_layers,
+                     "student_width": scale.student_widths[pair.student], "method": "featkd",
+                     "quality_subset": scale.quality_subset},
+        "teacher_run": {"dir": str(run_dir), "model": config.model, "width": config.width,
+                        "epochs": config.epochs, "train_limit": config.train_limit,
+                        **_teacher_accuracy(run_dir)},
+        "quality_seconds": {v: r.settings.get("seconds") for v, r in reports.items()},
+        "probe": reports["paper"].settings.get("probe"),
+        "candidate_layers": candidates, "student_layers": student_layers,
+        "matched": {str(t): matched_layer(t, candidates, student_layers[-1]) for t in candidates},
+        "predictors": predictors(reports), "rule_sets": chosen, "random_sets": sets["random"],
+        "standard_set": standard if len(standard) == SET_SIZE else None,
+    }
+    return head, protocols
 
 
-def top_layer_check(layers: list[int], values: list[float], acc: list[dict[str, Any]]) -> dict[str, Any]:
-    """Is the layer with the highest ``values`` within the noise of the most accurate layer?
+def _restricted(report: Any, layers: list[int]) -> Any:
+    """The report with only ``layers`` (rules then choose among them)."""
+    from featkd.quality import QualityReport
 
-    Noise: the combined sample std over seeds, sqrt(s_best^2 + s_top^2). Ties in
-    ``values`` go to the deeper layer (as QualityReport.select does).
-    """
-    means = [a["mean"] for a in acc]
-    top = max(range(len(layers)), key=lambda i: (-math.inf if math.isnan(values[i]) else values[i], layers[i]))
-    best = max(range(len(layers)), key=lambda i: means[i])
-    gap = 100.0 * (means[best] - means[top])
-    stds = [acc[i]["std"] for i in (best, top)]
-    noise = 100.0 * math.sqrt(sum(s * s for s in stds)) if all(s is not None for s in stds) else None
-    order = sorted(range(len(layers)), key=lambda i: -means[i])
-    return {"top_layer": layers[top], "best_layer": layers[best], "gap_points": gap, "noise_points": noise,
-            "within_noise": None if noise is None else gap <= noise,
-            "top_layer_accuracy_rank": order.index(top) + 1, "layers": len(layers)}
+    return QualityReport([row for row in report.layers if row.index in layers], variant=report.variant,
+                         model=report.model, settings=report.settings)
 
 
-def assemble(head: dict[str, Any], reports: dict[str, Any], entries: dict[int, Any],
-             layers: list[int]) -> dict[str, Any]:
-    """The results file's data from the finished layers (a partial file lists the missing ones)."""
-    done = [t for t in layers if t in entries]
-    missing = [t for t in layers if t not in entries]
-    data: dict[str, Any] = {**head, "complete": not missing, "missing_layers": missing, "updated": common.now(),
-                            "finished": common.now() if not missing else None,
-                            "layers": {str(t): entries[t] for t in done},
-                            "quality": {variant: {str(t): {m: getattr(report[t], m) for m in METRICS}
-                                                  for t in layers} for variant, report in reports.items()},
-                            "quality_selected": {variant: report.select(4) for variant, report in reports.items()}}
-    if len(done) >= 3:
-        final = [entries[t]["final_test_acc"]["mean"] for t in done]
-        table = quality_table(reports, done)
-        data["spearman_final"] = correlations(table, final)
-        data["spearman_best"] = correlations(table, [entries[t]["test_acc_at_best_val"]["mean"] for t in done])
-        acc = [entries[t]["final_test_acc"] for t in done]
-        data["top_layer"] = {variant: {m: top_layer_check(done, table[variant][m], acc) for m in METRICS}
-                             for variant in reports}
-    return data
+def _teacher_accuracy(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return {}
+    summary = common.read_json(path)
+    return {"final_test_acc": summary.get("final_test_acc"), "final_val_acc": summary.get("final_val_acc")}
 
 
-def run(scale: Scale, layers: list[int] | None, work: Path, results: Path, workers: int, threads: int,
-        argv: list[str]) -> int:
-    """Teacher, quality in both variants, one job per layer; writes layer_validity.json."""
-    pair = PAIRS[scale.lv_pair]
+def run(scale: Scale, pairs: list[str], teachers: str | None, work: Path, results: Path, workers: int,
+        threads: int, argv: list[str]) -> int:
+    """Teachers, predictors, one job per configuration; writes layer_validity_<teacher>.json."""
+    import validity_report
+
     record = common.run_record(argv, threads, workers)
-    common.train_teacher_cli(scale, pair.teacher, work, threads)
-    train = common.load_regime(scale, scale.lv_regime).train
-    teacher = common.load_teacher(scale, pair.teacher, work, train)
-    candidates = candidate_layers(teacher)
-    layers = layers or candidates
-    bad = [t for t in layers if t not in candidates]
-    if bad:
-        print(f"layer_validity.py: error: layers {bad} are not candidates; valid: {candidates}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(threads if workers <= 1 else common.default_threads(1))  # alone for now: every core
-    reports = {}
-    quality_seconds = {}
-    for variant in VARIANTS:
-        reports[variant], quality_seconds[variant] = common.quality_report(
-            scale, pair.teacher, scale.lv_regime, work, variant=variant, results=results)
-    head = {"benchmark": "layer_validity", **record,
-            "settings": {"scale": scale.name, "data": scale.data, "data_options": scale.data_options,
-                         "pair": pair.name, "regime": scale.lv_regime,
-                         "train_images": scale.regimes[scale.lv_regime], "teacher_width": scale.teacher_widths[pair.teacher],
-                         "student_width": scale.student_widths[pair.student], "epochs": scale.lv_epochs,
-                         "seeds": scale.lv_seeds, "batch_size": scale.batch_size, "method": "featkd",
-                         "student_layer": student_layer(pair.student), "quality_subset": scale.quality_subset},
-            "teacher": common.teacher_summary(scale, pair.teacher, work), "candidate_layers": layers,
-            "quality_seconds": quality_seconds}
-    path = results / "layer_validity.json"
-    entries: dict[int, Any] = {}
-    common.write_json(path, assemble(head, reports, entries, layers))
+    torch.set_num_threads(threads if workers <= 1 else common.default_threads(1))
+    plans, jobs = {}, []
+    for name in pairs:
+        teacher = PAIRS[name].teacher
+        run_dir = ensure_teacher(scale, teacher, work, teachers, threads)
+        head, protocols = teacher_plan(scale, name, run_dir, work, record)
+        plans[teacher] = {"head": head, "protocols": protocols, "runs": {},
+                          "path": results / f"layer_validity_{teacher}.json"}
+        common.write_json(plans[teacher]["path"], assemble(head, protocols, {}))
+        entries = {config_key(e): e for group in protocols.values() for e in group}
+        jobs += [Job(f"{teacher} {key}", validity_job, (scale, name, run_dir, entry, work))
+                 for key, entry in entries.items()]
 
     def on_done(name: str, outcome: Any) -> None:
         if isinstance(outcome, dict):
-            entries[outcome["layer"]] = outcome
-            common.write_json(path, assemble(head, reports, entries, layers))
+            plan = plans[outcome["teacher"]]
+            plan["runs"][outcome["key"]] = outcome
+            common.write_json(plan["path"], assemble(plan["head"], plan["protocols"], plan["runs"]))
 
-    jobs = [Job(f"layer {t}", layer_job, (scale, t, work)) for t in layers]
     outcomes = common.run_jobs(jobs, workers, threads, on_done)
-    data = assemble(head, reports, entries, layers)
-    common.write_json(path, data)
-    print(format_summary(data))
+    complete = True
+    for plan in plans.values():
+        data = assemble(plan["head"], plan["protocols"], plan["runs"])
+        common.write_json(plan["path"], data)
+        complete = complete and data["complete"]
+    print(validity_report.markdown(results))
     failed = [n for n, v in outcomes.items() if isinstance(v, Exception)]
     for name in failed:
         print(f"FAILED {name}: {outcomes[name]}", file=sys.stderr)
-    return 1 if failed or not data["complete"] else 0
-
-
-def format_summary(data: dict[str, Any]) -> str:
-    """Per-layer accuracy and the Spearman correlations as text."""
-    lines = ["GL  final acc (mean ± std)   Q(paper)   Q(corrected)"]
-    for t, entry in data["layers"].items():
-        acc = entry["final_test_acc"]
-        std = f" ± {100 * acc['std']:.2f}" if acc["std"] is not None else ""
-        lines.append(f"{t:>2}  {100 * acc['mean']:6.2f}{std:<10}  {data['quality']['paper'][t]['Q']:9.4f}"
-                     f"  {data['quality']['corrected'][t]['Q']:9.4f}")
-    for variant, values in data.get("spearman_final", {}).items():
-        cells = ", ".join(f"{m} {v:+.2f}" if v is not None else f"{m} n/a" for m, v in values.items())
-        lines.append(f"Spearman with final accuracy ({variant}): {cells}")
-    return "\n".join(lines)
+    return 1 if failed or not complete else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
-    parser.add_argument("--layers", help="comma-separated teacher GL indices (default: every candidate)")
+    parser.add_argument("--pairs", help="comma-separated teacher-student pairs (default: the scale's lv_pairs)")
+    parser.add_argument("--teachers", help="folder of train-teacher run directories, one per teacher name "
+                        "(default benchmarks/teachers; --quick: the work directory's, trained when missing)")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel processes (default: 2 on CPU with >= 2 cores, 1 on CUDA or quick)")
     return parser
@@ -216,14 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging()
     try:
         scale = common.scale_from_args(args)
-        layers = [int(t) for t in args.layers.split(",")] if args.layers else None
+        pairs = common.parse_choice(args.pairs, list(scale.lv_pairs), "pair")
     except ValueError as err:
         print(f"layer_validity.py: error: {err}", file=sys.stderr)
         return 2
     if args.seeds is not None:
         scale.lv_seeds = args.seeds
     workers, threads, work, results = common.placement(scale, args)
-    return run(scale, layers, work, results, workers, threads, [str(Path(__file__))] + argv)
+    try:
+        return run(scale, pairs, args.teachers, work, results, workers, threads, [str(Path(__file__))] + argv)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"layer_validity.py: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

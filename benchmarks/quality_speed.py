@@ -1,23 +1,31 @@
 """Speed of ``featkd.quality.layer_quality`` against its floor and a naive implementation.
 
-For every generalized layer of an untrained ``resnet34`` (width 0.25) on 5,000
-class-balanced Fashion-MNIST training images (synthetic images when the files
-are missing, said so in the results) it times
+For every generalized layer of an untrained ``resnet34`` (width 0.25; or a
+trained teacher, ``--teacher RUN_DIR``) on 5,000 class-balanced Fashion-MNIST
+training images (synthetic images when the files are missing, said so in the
+results) it times
 
-* ours:  ``layer_quality`` (variant "paper", library defaults);
-* floor: the products it cannot avoid, on the same data in the same process:
-  the n_A x n_A x D Gram plus the per-class Grams (subset B = subset A here);
+* ours:  ``layer_quality`` (variant "paper", library defaults: float32 products
+  accumulated in float64; ``--dtype float64`` for float64 throughout);
+* floor: the float32 products it cannot avoid, on the same data in the same
+  process: the n_A x n_A x D Gram plus the per-class Grams (subset B = subset A
+  here); with ``--dtype float64`` the same products in float64 as well;
 * naive: the same formula computed the way the authors' code does: a separate
   cosine matrix, the distance matrix row by row, full SVDs of the n x D
-  matrices (checked to agree with ours to 1e-4).
+  matrices, in the same precision as ours (in float64 checked to agree with
+  ours to 1e-4; in float32 its cosines lose digits to cancellation, so its
+  difference from ours is only recorded).
 
-It reports per layer and in total ours / floor (goal <= 1.5) and naive / ours
-(goal >= 5), the peak memory of each (growth of the process's peak resident
-set over its resident set before the call), and the end-to-end time of
-``featkd.quality.measure`` for all layers.
+It reports per layer and in total ours / float32 floor (goal <= 1.5) and
+naive / ours (goal >= 5), the peak memory of each (growth of the process's
+peak resident set over its resident set before the call), the end-to-end time
+of ``featkd.quality.measure`` for all layers, and (unless ``--no-compare``)
+the largest relative difference of S, I, E and Q between ours and a float64
+computation on the same features (the float32 default must stay within 1e-4).
 
     python benchmarks/quality_speed.py                       # the full run
     python benchmarks/quality_speed.py --naive-layers 16,17  # naive timed on a subset
+    python benchmarks/quality_speed.py --teacher benchmarks/teachers/resnet34   # a trained teacher
     python benchmarks/quality_speed.py --quick --out /tmp/q.json   # seconds, a smoke test
 """
 
@@ -42,10 +50,19 @@ from torch import Tensor
 from featkd.data import class_balanced_subset, get_datasets
 from featkd.layers import extract, generalized_layers
 from featkd.models import create_model
-from featkd.quality import layer_quality, measure, pad_spectra, quality_parts, spectrum_entropy
+from featkd.quality import (
+    DEFAULT_DTYPE,
+    layer_quality,
+    measure,
+    pad_spectra,
+    quality_parts,
+    spectrum_entropy,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+PARTS = ("S", "I", "E", "Q")
+TOLERANCE = 1e-4  # spec: float32 products must agree with float64 to this, relative
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,8 +71,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "synthetic"])
     parser.add_argument("--per-class", type=int, default=500, help="images per class (10 classes)")
     parser.add_argument("--width", type=float, default=0.25)
-    parser.add_argument("--dtype", default="float64", choices=sorted(DTYPES),
-                        help="product precision of ours, the floor and the naive version")
+    parser.add_argument("--teacher", help="a train-teacher run directory (model.pt, config.yaml) instead "
+                        "of the untrained resnet34")
+    parser.add_argument("--dtype", default=str(DEFAULT_DTYPE).replace("torch.", ""), choices=sorted(DTYPES),
+                        help="product precision of ours and the naive version (the floor is float32, "
+                        "and float64 too when this is float64)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the float64 computation that checks ours against it")
     parser.add_argument("--naive-layers", default="all", help="'all', 'none' or GL indices, e.g. 16,17")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of ours and the floor, alternating; the least time counts")
@@ -246,12 +268,34 @@ def _fmt(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def load_model(args: argparse.Namespace, train) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode, its description): the untrained resnet34, or the teacher of ``--teacher``."""
+    channels, size, _ = train.image_shape
+    if args.teacher is None:
+        torch.manual_seed(0)
+        model = create_model("resnet34", train.num_classes, in_channels=channels, image_size=size,
+                             width=args.width)
+        return model.eval(), f"resnet34 width {args.width}, untrained (seed 0)"
+    from featkd.checkpoint import load_model_weights
+    from featkd.config import TrainConfig
+
+    config = TrainConfig.from_yaml(Path(args.teacher) / "config.yaml")
+    model = create_model(config.model, train.num_classes, in_channels=channels, image_size=size,
+                         width=config.width)
+    load_model_weights(model, args.teacher)
+    return model.eval(), f"{config.model} width {config.width:g}, trained ({args.teacher})"
+
+
+def largest_difference(ours: dict, reference: dict) -> float:
+    """The largest relative difference of S, I, E and Q between two results."""
+    return max(abs(ours[k] - reference[k]) / max(abs(reference[k]), 1e-12) for k in PARTS)
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     dtype = DTYPES[args.dtype]
+    compare = dtype != torch.float64 and not args.no_compare
     train, data_note = load_data(args.data, args.per_class)
-    torch.manual_seed(0)
-    model = create_model("resnet34", 10, in_channels=train.image_shape[0],
-                         image_size=train.image_shape[1], width=args.width).eval()
+    model, model_note = load_model(args, train)
     names = generalized_layers(model)
     naive_layers = (list(range(len(names))) if args.naive_layers == "all" else [] if
                     args.naive_layers == "none" else [int(v) for v in args.naive_layers.split(",")])
@@ -263,13 +307,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     rows = []
     for index, (name, x) in enumerate(zip(names, feats)):
-        x_typed = x.to(dtype)
-        runs = best_of(
-            args.repeats,
-            ours=lambda: layer_quality(x, labels, num_train=num_train, dtype=dtype),
-            floor=lambda: floor_products(x_typed, labels),
-        )
-        del x_typed
+        x64 = x.double() if dtype == torch.float64 else None
+        timers = {"ours": lambda: layer_quality(x, labels, num_train=num_train, dtype=dtype),
+                  "floor": lambda: floor_products(x, labels)}
+        if x64 is not None:
+            timers["floor64"] = lambda: floor_products(x64, labels)
+        runs = best_of(args.repeats, **timers)
+        del x64
         ours, ours_s, floor_s = runs["ours"]["result"], runs["ours"]["seconds"], runs["floor"]["seconds"]
         row = {
             "index": index, "name": name, "D": x.shape[1],
@@ -280,20 +324,41 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             "ours_peak_mb": runs["ours"]["peak_mb"], "floor_peak_mb": runs["floor"]["peak_mb"],
             "S": ours["S"], "I": ours["I"], "E": ours["E"], "Q": ours["Q"],
         }
+        if "floor64" in runs:
+            row.update(floor64_s=runs["floor64"]["seconds"], floor64_cpu_s=runs["floor64"]["cpu_seconds"],
+                       ours_over_floor64=_ratio(ours_s, runs["floor64"]["seconds"]))
+        if compare:
+            f64_s, _, exact, f64_cpu = timed(lambda: layer_quality(x, labels, num_train=num_train,
+                                                                   dtype=torch.float64))
+            row.update(float64_s=f64_s, float64_cpu_s=f64_cpu,
+                       max_rel_diff_vs_float64=largest_difference(ours, exact))
         if index in naive_layers:
             naive_s, naive_mb, naive, naive_cpu = timed(lambda: naive_quality(x, labels, num_train, dtype))
-            check_agreement(ours, naive, index)
+            if dtype == torch.float64:
+                check_agreement(ours, naive, index)
             row.update(naive_s=naive_s, naive_cpu_s=naive_cpu, naive_peak_mb=naive_mb,
+                       naive_max_rel_diff=largest_difference(naive, ours),
                        naive_over_ours=_ratio(naive_s, ours_s),
                        naive_over_ours_cpu=_ratio(naive_cpu, row["ours_cpu_s"]))
         rows.append(row)
         print(f"layer {index:2d} D={x.shape[1]:6d} ours {ours_s:7.2f}s floor {floor_s:7.2f}s"
+              + (f" float64 {row['float64_s']:7.2f}s (max rel diff {row['max_rel_diff_vs_float64']:.1e})"
+                 if compare else "")
               + (f" naive {row['naive_s']:8.2f}s" if "naive_s" in row else ""), file=sys.stderr)
     del feats
 
     totals = {key: sum(r[key] for r in rows) for key in ("ours_s", "floor_s", "ours_cpu_s", "floor_cpu_s")}
     totals["ours_over_floor"] = _ratio(totals["ours_s"], totals["floor_s"])
     totals["ours_over_floor_cpu"] = _ratio(totals["ours_cpu_s"], totals["floor_cpu_s"])
+    if compare:
+        totals["float64_s"] = sum(r["float64_s"] for r in rows)
+        totals["float64_cpu_s"] = sum(r["float64_cpu_s"] for r in rows)
+        totals["float64_over_ours"] = _ratio(totals["float64_s"], totals["ours_s"])
+        totals["max_rel_diff_vs_float64"] = max(r["max_rel_diff_vs_float64"] for r in rows)
+        totals["within_tolerance"] = totals["max_rel_diff_vs_float64"] <= TOLERANCE
+    if dtype == torch.float64:
+        totals["floor64_s"] = sum(r["floor64_s"] for r in rows)
+        totals["ours_over_floor64"] = _ratio(totals["ours_s"], totals["floor64_s"])
     timed_rows = [r for r in rows if "naive_s" in r]
     if timed_rows:
         for clock in ("s", "cpu_s"):
@@ -313,7 +378,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "command": "python benchmarks/quality_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
         "data": data_note,
-        "model": f"resnet34 width {args.width}, untrained (seed 0)",
+        "model": model_note,
         "n_a": len(subset), "num_classes": 10, "num_train": num_train, "variant": "paper",
         "dtype": args.dtype,
         "timing": f"wall clock and process CPU time (all threads); ours and floor: least of "
@@ -326,7 +391,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         "layers": rows,
         "totals": totals,
         "peak_memory_mb": peaks,
-        "goals": {"ours_over_floor": "<= 1.5", "naive_over_ours": ">= 5"},
+        "floor": "float32 products" + (" (and float64 products: floor64)" if dtype == torch.float64 else ""),
+        "goals": {"ours_over_floor": "<= 1.5", "naive_over_ours": ">= 5",
+                  "max_rel_diff_vs_float64": f"<= {TOLERANCE:g}"},
     }
     if not args.skip_measure:
         measure_s, measure_mb, report, measure_cpu = timed(lambda: measure(
@@ -341,13 +408,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """A BENCHMARKS.md section from a result dict."""
+    """A BENCHMARKS.md section from a result dict (older files, with a float64 floor only, too)."""
     t = result["totals"]
+    floor = result.get("floor", f"{result['dtype']} products")
+    compared = "max_rel_diff_vs_float64" in t
     lines = [
         "## Knowledge-quality speed (`benchmarks/quality_speed.py`)",
         "",
         f"`{result['command']}` — {result['model']}, {result['n_a']} images of {result['data']}, "
-        f"variant paper, {result['dtype']} products; {result['machine']['cpu_count']} CPUs, "
+        f"variant paper, {result['dtype']} products (ours), floor: {floor}; "
+        f"{result['machine']['cpu_count']} CPUs, "
         f"{result['machine']['torch_threads']} torch threads, torch {result['machine']['torch']}. "
         f"Timing: {result['timing']}. Load average (1/5/15 min) at start "
         f"{'/'.join(f'{v:.1f}' for v in result['machine']['load_average'])}, at end "
@@ -356,19 +426,30 @@ def markdown(result: dict) -> str:
         "",
         "Wall-clock seconds (CPU seconds in brackets):",
         "",
-        "| GL | D | ours | floor | ours/floor | naive | naive/ours | ours peak MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| GL | D | ours | floor | ours/floor | naive | naive/ours | ours peak MB |"
+        + (" max rel. diff. vs float64 |" if compared else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if compared else ""),
     ]
     for r in result["layers"]:
         naive = (f"{r['naive_s']:.1f} ({r['naive_cpu_s']:.1f}) | {_fmt(r['naive_over_ours'], 1)} "
                  f"({_fmt(r['naive_over_ours_cpu'], 1)})" if "naive_s" in r else "– | –")
         peak = f"{r['ours_peak_mb']:.0f}" if r["ours_peak_mb"] is not None else "–"
+        diff = f" {r['max_rel_diff_vs_float64']:.1e} |" if compared else ""
         lines.append(f"| {r['index']} | {r['D']} | {r['ours_s']:.2f} ({r['ours_cpu_s']:.2f}) | "
                      f"{r['floor_s']:.2f} ({r['floor_cpu_s']:.2f}) | {_fmt(r['ours_over_floor'], 2)} "
-                     f"({_fmt(r['ours_over_floor_cpu'], 2)}) | {naive} | {peak} |")
+                     f"({_fmt(r['ours_over_floor_cpu'], 2)}) | {naive} | {peak} |{diff}")
     lines += ["", f"Total: ours {t['ours_s']:.1f} s ({t['ours_cpu_s']:.1f}), floor {t['floor_s']:.1f} s "
                   f"({t['floor_cpu_s']:.1f}), ours/floor **{_fmt(t['ours_over_floor'], 2)}** "
                   f"({_fmt(t['ours_over_floor_cpu'], 2)}) (goal <= 1.5)."]
+    if "ours_over_floor64" in t:
+        lines.append(f"Against the float64 products: {t['floor64_s']:.1f} s, ours/float64 floor "
+                     f"{_fmt(t['ours_over_floor64'], 2)}.")
+    if compared:
+        verdict = "within" if t["within_tolerance"] else "**outside**"
+        lines.append(f"Float64 throughout on the same features: {t['float64_s']:.1f} s "
+                     f"({t['float64_cpu_s']:.1f}), {_fmt(t['float64_over_ours'], 2)}x ours; the largest relative "
+                     f"difference of S, I, E or Q from it is {t['max_rel_diff_vs_float64']:.1e}, {verdict} "
+                     f"the spec's 1e-4.")
     if "naive_over_ours" in t:
         lines.append(f"Naive on layers {result['naive_layers']}: {t['naive_s_on_naive_layers']:.1f} s "
                      f"vs ours {t['ours_s_on_naive_layers']:.1f} s, naive/ours "

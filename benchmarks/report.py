@@ -23,6 +23,7 @@ from typing import Any
 
 import common
 import stats
+import validity_report
 from common import BASELINES, METHODS
 
 CONVERGENCE_TOLERANCE = 0.3  # validation points a longer ce run may still gain for the budget to count as enough
@@ -733,6 +734,7 @@ def render(results: Path, out: Path, test: str = "welch") -> str:
     lines += section_layers(found, results, out_dir)
     lines += section_accuracy(found, analysed)
     lines += section_layer_validity(found)
+    lines.append(validity_report.markdown(results))
     lines += section_throughput(found)
     lines += section_quality_speed(found)
     lines += section_further(results, out_dir)

@@ -135,7 +135,7 @@ BAD = [
     ([*QUALITY, "--layers", "-9"], "layer index -9 out of range: resnet9 has 6"),
     ([*QUALITY, "--variant", "best"], "argument --variant: invalid choice: 'best'"),
     ([*QUALITY, "--k", "0"], "--k must be at least 1"),
-    (["quality", "--data", "synthetic"], "the following arguments are required: --model"),
+    (["quality", "--data", "synthetic"], "give --model (or a train-teacher run directory as --checkpoint)"),
     # demo
     (["demo", "--quick", "--methods", "featkd,magic"], "unknown method(s) ['magic']"),
     (["demo", "--quick", "--epochs", "0"], "epochs and teacher epochs must be >= 1"),

@@ -55,3 +55,44 @@ def test_missing_files_give_one_line_error(tmp_path, capsys, extra):
     err = capsys.readouterr().err.strip()
     assert err.startswith("featkd quality: error:") and len(err.splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_selection_rule_and_precision_options(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(BASE + ["--by", "bands:S", "--k", "2", "--dtype", "float64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = QualityReport.from_json(out / "quality.json")
+    assert f"selected by bands:S (k=2): {','.join(map(str, report.select(2, 'bands:S')))}" in printed
+    assert report.settings["dtype"] == "float64" and report.has_probe and "probe" in printed.splitlines()[0]
+    assert main(BASE + ["--out", str(out)]) == 0
+    assert QualityReport.from_json(out / "quality.json").settings["dtype"] == "float32"  # the default
+    capsys.readouterr()
+    assert main(BASE + ["--by", "stages:S", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--by: unknown selection rule 'stages:S'; valid: Q, S" in err and "bands:probe" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path, capsys):
+    """A ViT teacher trained at 16 px (patch 2) only loads when measured at its own size."""
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", "--model", "vit_et", "--width", "1/32", "--data", "synthetic",
+                 "--image-size", "16", "--data-options", "num_classes:3,samples_per_class:6,in_channels:1",
+                 "--val-size", "6", "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--no-progress",
+                 "--out", str(teacher)]) == 0
+    out = tmp_path / "q"
+    assert main(["quality", "--checkpoint", str(teacher), "--device", "cpu", "--subset-size", "12",
+                 "--k", "2", "--out", str(out)]) == 0
+    report = QualityReport.from_json(out / "quality.json")
+    assert report.model == "vit_et" and report.settings["width"] == pytest.approx(1 / 32)
+    assert report.settings["image_size"] == 16 and report.settings["dataset"] == "synthetic"
+    assert report.settings["num_classes"] == 3 and len(report) == 9
+    # the teacher's own training split (its validation split held out), which scores the probe
+    assert report.settings["num_train"] == 12 and "held-out split of 6 images" in report.settings["probe"]
+    capsys.readouterr()
+    # the size given explicitly wins: a ViT built for 32 px does not fit the 16-px weights
+    assert main(["quality", "--checkpoint", str(teacher), "--image-size", "32", "--device", "cpu",
+                 "--subset-size", "12", "--out", str(tmp_path / "q32")]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert main(["quality", "--data", "synthetic", "--out", str(tmp_path / "none")]) == 2
+    assert "give --model" in capsys.readouterr().err

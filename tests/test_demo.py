@@ -1,13 +1,14 @@
 """``featkd demo`` at a reduced size, and the shipped YAML configs."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from featkd.cli import main
-from featkd.cli.demo import QUICK, DemoPlan
+from featkd.cli.demo import QUICK, DemoPlan, paper_q_layers
 from featkd.config import DistillConfig, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -25,6 +26,20 @@ def test_quick_demo_writes_a_report(tmp_path, capsys):
     assert "## Results" in report and "| teacher |" in report and "wall (s)" in report
     assert "Selected teacher layers" in report and "featkd/quality.png" in report
     assert (out / "curves.png").stat().st_size > 1000 and (out / "featkd" / "quality.png").is_file()
+    # the default rule's choice is printed beside the paper's Q choice
+    from featkd.quality import QualityReport
+    from featkd.selection import DEFAULT_RULE
+
+    saved = QualityReport.from_json(out / "featkd" / "quality.json")
+    used = json.loads((out / "featkd" / "results.json").read_text())["teacher_layers"]
+    line = (f"Teacher layers {used}, chosen by rule `{DEFAULT_RULE}` (the default); the paper's rule "
+            f"(`Q`, variant paper) picks {saved.select(4, 'Q')}.")
+    assert used == saved.select(4, DEFAULT_RULE) and line in printed and line in report
+    assert f"held-out split of {QUICK['val_size']} images" in saved.settings["probe"]  # never the test split
+    # a report measured in another variant: the paper's choice is measured again, in the paper variant
+    data = json.loads((out / "featkd" / "quality.json").read_text())
+    (out / "featkd" / "quality.json").write_text(json.dumps({**data, "variant": "corrected"}))
+    assert paper_q_layers(out / "featkd", 4, out / "teacher") == saved.select(4, "Q")
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):

@@ -6,7 +6,8 @@ and data from a :class:`featkd.config.TrainConfig` / :class:`DistillConfig`, as
 the command line does.
 
 Layer lists: ``teacher_layers="auto"`` measures knowledge quality on the
-training split and keeps the ``len(student_layers)`` best layers by Q;
+training split and keeps the ``len(student_layers)`` layers that the selection
+rule ``select_by`` chooses (default :data:`featkd.selection.DEFAULT_RULE`);
 ``"standard"`` is the paper's evenly spread list for the teacher
 (``featkd.models.STANDARD_TEACHER_LAYERS``) and ``student_layers="paper"`` the
 paper's fixed student layers (``PAPER_STUDENT_LAYERS``). For models outside
@@ -143,8 +144,14 @@ def resolve_teacher_layers(
     subset_size: int = 5000,
     seed: int = 0,
     progress: bool = True,
+    rule: str | None = None,
+    probe_set: Any = None,
 ) -> list[int | str]:
-    """``"auto"`` (top-k by quality Q, written to ``out/quality.json``), ``"standard"``, or a list.
+    """``"auto"`` (the k layers ``rule`` chooses, default :data:`featkd.selection.DEFAULT_RULE`,
+    among :func:`featkd.selection.candidate_layers`; the quality report goes to
+    ``out/quality.json``), ``"standard"``, or a list. ``probe_set`` (a validation split,
+    never the test split) scores the layers' linear probe; without it the probe is scored
+    on half of the training subset.
 
     With ``"auto"`` an existing ``out/quality.json`` is reused (a resumed run).
     """
@@ -158,7 +165,7 @@ def resolve_teacher_layers(
         return layers
     if spec == "auto":
         return _quality_layers(teacher, name, k, train_set, device, out, context, variant, subset_size,
-                               seed, progress)
+                               seed, progress, rule, probe_set)
     if isinstance(spec, str):
         raise ValueError(f"teacher_layers must be auto, standard or a list of GL indices / names; got {spec!r}")
     return list(spec)
@@ -186,25 +193,33 @@ def _quality_layers(
     subset_size: int,
     seed: int,
     progress: bool,
+    rule: str | None,
+    probe_set: Any,
 ) -> list[int]:
     from featkd.quality import QualityReport, measure
+    from featkd.selection import DEFAULT_RULE, candidate_layers, parse_rule
 
+    rule = parse_rule(rule or DEFAULT_RULE).name
     context = context or DistContext(device=device)
     saved = out / QUALITY_FILE if out is not None else None
     if saved is not None and saved.is_file():
         report = QualityReport.from_json(saved)
-        if report.variant == variant and report.settings.get("n_a", 0) <= subset_size:
+        if (report.variant == variant and report.settings.get("n_a", 0) <= subset_size
+                and rule in report.rules()):
             log.info("teacher layers from %s", saved)
-            return report.select(k)
+            return report.select(k, rule)
     if context.is_main:
-        log.info("measuring knowledge quality of every teacher layer on %d training images", len(train_set))
-        report = measure(teacher, train_set.with_augment(False), "all", variant=variant, seed=seed,
-                         device=device, subset_size=subset_size, model_name=name, progress=progress)
-        selected = report.select(k)
-        log.info("selected teacher layers by Q: %s\n%s", selected, report.table(k))
+        layers = candidate_layers(teacher, k)
+        log.info("measuring knowledge quality of teacher layers %s on %d training images", layers,
+                 len(train_set))
+        report = measure(teacher, train_set.with_augment(False), layers, variant=variant, seed=seed,
+                         device=device, subset_size=subset_size, model_name=name, progress=progress,
+                         probe_set=probe_set)
+        selected = report.select(k, rule)
+        log.info("selected teacher layers by %s: %s\n%s", rule, selected, report.table(k, rule))
         if saved is not None:
             report.to_json(saved, k)
-            _try_plot(report, out / QUALITY_PLOT, k)
+            _try_plot(report, out / QUALITY_PLOT, k, rule)
     else:
         selected = None
     if context.distributed:
@@ -214,9 +229,9 @@ def _quality_layers(
     return selected
 
 
-def _try_plot(report: Any, path: Path, k: int) -> None:
+def _try_plot(report: Any, path: Path, k: int, rule: str) -> None:
     try:
-        report.plot(path, k)
+        report.plot(path, k, rule)
     except ImportError as err:  # matplotlib missing: the JSON still holds everything
         log.warning("quality plot skipped: %s", err)
 
@@ -423,6 +438,7 @@ def distill(
             t_spec, teacher, config.teacher, len(s_layers), train_set,
             device=device, out=out, context=context, variant=config.quality_variant,
             subset_size=config.quality_subset, seed=config.seed, progress=config.progress,
+            rule=config.select_by, probe_set=val_set,
         )
     feed = teacher_feed if teacher_feed is not None else TeacherFeed(
         teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,

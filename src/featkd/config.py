@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from featkd.selection import DEFAULT_RULE, parse_rule
+
 __all__ = [
     "DistillConfig",
     "RunConfig",
@@ -213,6 +215,8 @@ class DistillConfig(RunConfig):
     quality_subset: int = _opt(5000, "teacher_layers=auto: size of the class-balanced subset A")
     kd_temperature: float | None = _opt(None, "KD temperature T (default: the method's, 4; kd_std 2)")
     kd_weight: float | None = _opt(None, "factor on the T^2-scaled KD term (default: the method's, 1; kd_std 9)")
+    select_by: str = _opt(DEFAULT_RULE, "teacher_layers=auto: the selection rule: Q, S, I, E, sqrtIE, depth, "
+                          "probe, or bands:SCORE (the best layer by SCORE in each depth band)")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
@@ -230,6 +234,7 @@ class DistillConfig(RunConfig):
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.kd_weight is not None and not self.kd_weight >= 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        parse_rule(self.select_by)
         from featkd.distillation import METHOD_INFO, list_methods
 
         if self.method not in list_methods():

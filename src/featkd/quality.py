@@ -14,7 +14,14 @@ The metric is a chain of small pure tensor functions:
 
 :func:`layer_quality` runs the chain on one layer's features; :func:`measure`
 draws the subsets, extracts features layer group by layer group within a
-memory budget and returns a :class:`QualityReport`.
+memory budget and returns a :class:`QualityReport`. Besides S, I, E and Q,
+``measure`` scores every layer with a cheap linear probe
+(:func:`probe_accuracy` on :func:`pool_features` of the same subset A), a
+predictor the selection rules of :mod:`featkd.selection` can use.
+
+Products are float32 accumulated into float64 by default
+(:data:`DEFAULT_DTYPE`); every function takes ``dtype=torch.float64`` for
+float64 throughout.
 
 Both variants take 0 * ln 0 = 0. The authors' released code meant to, but its
 guard constant underflows in float32, so there a class with an exact zero in
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "DEFAULT_DTYPE",
     "DEFAULT_MEMORY_BUDGET",
     "GramStatistics",
     "LayerQuality",
@@ -49,6 +57,9 @@ __all__ = [
     "layer_quality",
     "measure",
     "pad_spectra",
+    "pool_features",
+    "probe_accuracy",
+    "probe_halves",
     "quality_parts",
     "sample_statistics",
     "spectrum_entropy",
@@ -57,7 +68,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("paper", "corrected")
-SELECT_BY = ("Q", "S", "I", "E", "sqrtIE")
+SELECT_BY = ("Q", "S", "I", "E", "sqrtIE")  # the quality parts a report holds per layer
+PROBE_RIDGE = 1e-2  # ridge penalty of the linear probe, relative to the mean eigenvalue of its Gram
 MAX_FEATURE_DIM = 262_144
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 CLASS_ENERGY = 0.95  # d_c: share of a class spectrum kept
@@ -65,8 +77,12 @@ GLOBAL_ENERGY = 0.90  # G in the corrected variant
 THRESHOLD_SLACK = 1e-9  # absorbs rounding in cumulative ratios that hit a threshold exactly
 ZERO_SPREAD = 1e-24  # centred energy below this share of the raw energy is rounding: no spread
 FLOAT64_BYTES = 8
-CHUNK_BYTES = 128 * 1024**2  # working size of one column chunk when no budget is given
+FLOAT32_BYTES = 4
+#: product precision of every quality computation unless a caller asks for float64
+DEFAULT_DTYPE = torch.float32
+CHUNK_BYTES = 256 * 1024**2  # working size of one column chunk when no budget is given
 MIN_CHUNK_COLUMNS = 512
+REFINE_PAIRS = 16  # per class, the closest pairs (one per row) whose minimum is recomputed exactly
 
 
 def _check_variant(variant: str) -> None:
@@ -101,10 +117,11 @@ class GramStatistics:
     """Everything subset A's statistics need from the features X (n x D).
 
     With the column mean mu and Z = X - mu: ``centred`` = Z Z^T (the
-    double-centred Gram), ``cross`` = Z mu, ``mean_sq`` = |mu|^2 and
-    ``sq_norms`` = |x_i|^2. The plain Gram is
-    X X^T = centred + cross_i + cross_j + mean_sq; distances come from the
-    centred Gram, where cancellation is milder.
+    double-centred Gram), ``sq_norms`` = |x_i|^2, and ``cross`` and ``mean_sq``
+    restore the plain Gram X X^T = centred + cross_i + cross_j + mean_sq
+    (``cross`` is Z mu up to a constant shared by every sample, ``mean_sq``
+    |mu|^2 up to twice that constant). Distances come from the centred Gram,
+    where cancellation is milder.
     """
 
     centred: Tensor
@@ -116,7 +133,7 @@ class GramStatistics:
 def _column_chunk(n: int, dim: int, budget: int | None, dtype: torch.dtype) -> int:
     """Columns per chunk: its working copies fit ``budget`` bytes, or about CHUNK_BYTES without
     a budget (wide enough for efficient products, light on memory)."""
-    per_column = n * (FLOAT64_BYTES + (4 if dtype == torch.float32 else 0))
+    per_column = 2 * n * (FLOAT32_BYTES if dtype == torch.float32 else FLOAT64_BYTES)  # chunk + centred
     if budget is None:
         columns = max(CHUNK_BYTES // per_column, MIN_CHUNK_COLUMNS)
     else:
@@ -127,17 +144,20 @@ def _column_chunk(n: int, dim: int, budget: int | None, dtype: torch.dtype) -> i
 def gram_statistics(
     x: Tensor,
     *,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     device: torch.device | str | None = None,
     chunk_budget: int | None = None,
 ) -> GramStatistics:
     """The centred Gram matrix and the terms that restore the plain one.
 
     ``x`` (n, D) may live on another device than ``device`` (default: its own);
-    it is moved and promoted ``D``-chunk by ``D``-chunk, the chunk sized so its
-    working copies fit ``chunk_budget`` bytes (``None``: about 128 MB). Products are
-    taken in ``dtype`` (float64, or float32 accumulated into float64); means,
-    norms and the accumulation are float64.
+    it is moved ``D``-chunk by ``D``-chunk, the chunk sized so its working copies
+    fit ``chunk_budget`` bytes (``None``: about 256 MB). Products are taken in
+    ``dtype``: float32 products of float32 columns (the default; no float64 copy
+    of the features is made), each chunk's product added into a float64 Gram,
+    or float64 throughout. Each chunk is centred on an approximate column mean
+    and the Gram double-centred exactly, in float64, at the end; norms and
+    every accumulation are float64.
     """
     _check_dtype(dtype)
     device = torch.device(device) if device is not None else x.device
@@ -147,19 +167,37 @@ def gram_statistics(
     sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
     mean_sq = torch.zeros((), dtype=torch.float64, device=device)
     step = _column_chunk(n, dim, chunk_budget, dtype)
+    ones = torch.full((n,), 1 / n, dtype=dtype, device=device)
     for start in range(0, dim, step):
-        cols = x[:, start : start + step].to(device=device, dtype=torch.float64, copy=True)
-        sq_norms += torch.linalg.vector_norm(cols, dim=1).square()
-        mu = cols.mean(0)
-        cols -= mu
-        cross += cols @ mu
+        cols = x[:, start : start + step].to(device=device, dtype=dtype)
+        sq_norms += torch.linalg.vector_norm(cols, dim=1, dtype=torch.float64).square()
+        mu = ones @ cols  # about the column mean: the exact centring comes at the end
+        low = cols - mu  # a new tensor: the caller's features are never changed
+        cross += (low @ mu).to(torch.float64)
+        mu = mu.to(torch.float64)
         mean_sq += mu @ mu
         if dtype == torch.float64:
-            centred.addmm_(cols, cols.T)
+            centred.addmm_(low, low.T)
         else:
-            low = cols.to(dtype)
             centred += low @ low.T
+    _centre_exactly(centred, cross, mean_sq)
     return GramStatistics(centred, cross, mean_sq, sq_norms)
+
+
+def _centre_exactly(centred: Tensor, cross: Tensor, mean_sq: Tensor) -> None:
+    """Double-centre, in place, a Gram taken about an approximate mean; the plain Gram is kept.
+
+    Each chunk is centred on an approximate column mean m (one cheap product, in
+    the product precision), so Z = X - m has column means near, not at, zero.
+    H (Z Z^T) H with H = I - 11^T/n is the Gram about the exact mean whatever m
+    was; ``cross`` and ``mean_sq`` absorb the difference, so that
+    centred + cross_i + cross_j + mean_sq is still X X^T.
+    """
+    row_mean = centred.mean(1)
+    grand_mean = row_mean.mean()
+    centred.sub_(row_mean[:, None]).sub_(row_mean[None, :]).add_(grand_mean)
+    cross += row_mean
+    mean_sq -= grand_mean
 
 
 # ------------------------------------------------------------ subset A
@@ -223,13 +261,16 @@ def sample_statistics(
     *,
     variant: str = "paper",
     memory_budget: int | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     device: torch.device | str | None = None,
 ) -> dict:
     """Statistics of subset A: per-class intraAvg, intraMin, interAvg (C x C), nu, minInter, G.
 
     ``feats`` (n, ...) is flattened (see :func:`flatten_features`). One Gram matrix
-    gives everything; the O(n^2) pass runs over row blocks. ``memory_budget``
+    gives everything; the O(n^2) pass runs over row blocks. The two minima (intraMin,
+    minInter) are then recomputed in float64 straight from the features for each
+    class's REFINE_PAIRS closest pairs, so that float32 products cannot blur them
+    where the pairs nearly coincide. ``memory_budget``
     (bytes, ``None``: unbounded) must hold the n x n float64 Gram; the rest of it
     sizes the column chunks and row blocks. Results do not depend on the blocking.
     """
@@ -268,9 +309,12 @@ def sample_statistics(
     cos_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     intra_min = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
     inter_sq = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
+    everyone = torch.arange(n, device=device)
     step = _row_block(n, spare)
     for c in range(num_classes):
         members = (position == c).nonzero().squeeze(1)
+        closest_cos = _Smallest()
+        closest_dist = _Smallest()
         for start in range(0, len(members), step):
             rows = members[start : start + step]
             local = torch.arange(len(rows), device=device)
@@ -281,10 +325,13 @@ def sample_statistics(
             cos_sums[c].index_add_(0, position, cos.sum(0))
             intra = cos.index_select(1, members)
             intra[local, local + start] = math.inf  # pairs i != j only
-            intra_min[c] = torch.minimum(intra_min[c], intra.amin())
+            closest_cos.add(intra, rows, members)
             sq_dist = torch.addmm(block, dist_left[rows], dist_right, beta=-2)
             sq_dist.index_fill_(1, members, math.inf)
-            inter_sq[c] = torch.minimum(inter_sq[c], sq_dist.amin())
+            closest_dist.add(sq_dist, rows, everyone)
+        # the minima, recomputed exactly (float64, straight from the features) over the closest pairs
+        intra_min[c] = _exact_pairs(feats, *closest_cos.pairs(), device)[0].min()
+        inter_sq[c] = _exact_pairs(feats, *closest_dist.pairs(), device)[1].min()
 
     counts64 = counts.to(torch.float64)
     block_sums = cos_sums.diagonal()
@@ -304,6 +351,41 @@ def sample_statistics(
         "n": n,
         "D": dim,
     }
+
+
+class _Smallest:
+    """Candidates for the minimum of a pair matrix seen in row blocks: the smallest entry of each
+    row, kept for the REFINE_PAIRS rows where it is smallest, as (row, column) sample pairs. The
+    minimum is then recomputed exactly over them."""
+
+    def __init__(self) -> None:
+        self.values: Tensor | None = None
+        self.rows: Tensor | None = None
+        self.cols: Tensor | None = None
+
+    def add(self, block: Tensor, rows: Tensor, cols: Tensor) -> None:
+        """Offer ``block`` (len(rows), len(cols)); infinite entries (excluded pairs) never count."""
+        row_min, at = block.min(1)  # one pass, as a plain minimum would take
+        found = (row_min, rows, cols[at])
+        if self.values is not None:
+            found = tuple(torch.cat([old, new]) for old, new in zip((self.values, self.rows, self.cols), found))
+        keep = found[0].topk(min(REFINE_PAIRS, len(found[0])), largest=False).indices
+        self.values, self.rows, self.cols = (t[keep] for t in found)
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        finite = torch.isfinite(self.values)
+        return self.rows[finite], self.cols[finite]
+
+
+def _exact_pairs(feats: Tensor, first: Tensor, second: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(|cosine|, squared distance) of the sample pairs (first[k], second[k]), in float64 from the
+    features themselves (a zero-norm sample has cosine 0)."""
+    a = feats.index_select(0, first.to(feats.device)).to(device, torch.float64)
+    b = feats.index_select(0, second.to(feats.device)).to(device, torch.float64)
+    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+    dots = (a * b).sum(1).abs_()
+    cos = torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 0.0)
+    return cos, (a - b).square_().sum(1)
 
 
 def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) -> int | None:
@@ -327,7 +409,7 @@ def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) 
 def class_spectrum(
     feats: Tensor,
     *,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     device: torch.device | str | None = None,
     memory_budget: int | None = None,
 ) -> Tensor:
@@ -359,7 +441,7 @@ def class_spectra(
     feats: Tensor,
     labels: Tensor,
     *,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     device: torch.device | str | None = None,
     memory_budget: int | None = None,
 ) -> Tensor:
@@ -466,7 +548,7 @@ def layer_quality(
     num_train: int,
     variant: str = "paper",
     memory_budget: int | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     device: torch.device | str | None = None,
 ) -> dict:
     """Knowledge quality of one layer from its features on subsets A and B.
@@ -491,12 +573,81 @@ def layer_quality(
                          num_train=num_train, variant=variant)
 
 
+# ------------------------------------------------------------ linear probe
+
+
+def pool_features(feats: Tensor) -> Tensor:
+    """(n, ...) -> (n, C): a map (n, C, H, W) averaged over its positions, a token matrix
+    (n, T, d) over its tokens; vectors are only flattened."""
+    if feats.dim() == 4:
+        return feats.mean((2, 3))
+    if feats.dim() == 3:
+        return feats.mean(1)
+    return feats.reshape(len(feats), -1)
+
+
+def probe_halves(labels: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two class-balanced halves (positions into ``labels``) drawn with ``seed``; the odd
+    sample of a class goes to the second half."""
+    generator = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for c in torch.unique(labels):
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        first.append(members[: len(members) // 2])
+        second.append(members[len(members) // 2 :])
+    return torch.cat(first).sort().values, torch.cat(second).sort().values
+
+
+def probe_accuracy(
+    fit_feats: Tensor,
+    fit_labels: Tensor,
+    eval_feats: Tensor,
+    eval_labels: Tensor,
+    *,
+    ridge: float = PROBE_RIDGE,
+) -> float:
+    """Accuracy on the eval samples of a ridge-regression classifier fitted on the fit samples.
+
+    Features (n, C), e.g. from :func:`pool_features`, are standardised with the fit
+    samples' mean and std (constant features left at 0); the targets are one-hot;
+    the penalty is ``ridge`` times the mean eigenvalue of the fit Gram. float64, no
+    loop over samples.
+    """
+    x = fit_feats.reshape(len(fit_feats), -1).double()
+    z = eval_feats.reshape(len(eval_feats), -1).to(x)
+    if x.shape[1] != z.shape[1]:
+        raise ValueError(f"fit features have {x.shape[1]} dimensions, eval features {z.shape[1]}")
+    classes, fit_index = torch.unique(fit_labels.to(x.device), return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError("the probe needs at least 2 classes among the fit samples")
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    x, z = (x - mean) / std, (z - mean) / std
+    targets = F.one_hot(fit_index, len(classes)).double()
+    prior = targets.mean(0)
+    gram = x.T @ x
+    penalty = ridge * gram.diagonal().mean().clamp(min=torch.finfo(gram.dtype).tiny)
+    weights = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
+                                 x.T @ (targets - prior))
+    predicted = classes[(z @ weights + prior).argmax(1)]
+    return float((predicted == eval_labels.to(predicted.device)).double().mean())
+
+
+def _cross_probe(pooled: Tensor, labels: Tensor, seed: int) -> float:
+    """Mean accuracy of the probe fitted on one half of a subset and scored on the other, both ways."""
+    first, second = probe_halves(labels, seed)
+    return 0.5 * (probe_accuracy(pooled[first], labels[first], pooled[second], labels[second])
+                  + probe_accuracy(pooled[second], labels[second], pooled[first], labels[first]))
+
+
 # ------------------------------------------------------------ the report
 
 
 @dataclass
 class LayerQuality:
-    """One layer's row: GL index, module name, per-sample shape, D, the parts and intermediates."""
+    """One layer's row: GL index, module name, per-sample shape, D, the parts and intermediates,
+    and the linear probe's accuracy (None when not measured)."""
 
     index: int
     name: str
@@ -508,6 +659,7 @@ class LayerQuality:
     sqrtIE: float
     Q: float
     stats: dict = field(default_factory=dict)
+    probe: float | None = None
 
 
 @dataclass
@@ -529,32 +681,45 @@ class QualityReport:
                 return row
         raise KeyError(f"layer {index} was not measured; measured: {[r.index for r in self.layers]}")
 
+    @property
+    def has_probe(self) -> bool:
+        """Whether every row holds a probe accuracy."""
+        return bool(self.layers) and all(row.probe is not None for row in self.layers)
+
     def values(self, by: str = "Q") -> list[float]:
-        """One value per row (S, I, E, sqrtIE or Q), in depth order."""
-        if by not in SELECT_BY:
-            raise ValueError(f"unknown criterion {by!r}; valid: {', '.join(SELECT_BY)}")
+        """One score per row, in depth order: Q, S, I, E, sqrtIE, depth (the GL index) or probe."""
+        from featkd.selection import SCORES
+
+        if by not in SCORES:
+            raise ValueError(f"unknown score {by!r}; valid: {', '.join(SCORES)}")
+        if by == "depth":
+            return [float(row.index) for row in self.layers]
+        if by == "probe" and not self.has_probe:
+            raise ValueError("this quality report holds no probe accuracies (measured by an older "
+                             "featkd): measure it again to select by probe")
         return [getattr(row, by) for row in self.layers]
 
-    def select(self, k: int = 4, by: str = "Q") -> list[int]:
-        """GL indices of the k layers with the highest ``by``, in depth order; ties go deeper."""
-        values = self.values(by)
-        if not 1 <= k <= len(self.layers):
-            raise ValueError(f"k must be between 1 and {len(self.layers)} (layers measured), got {k}")
-        ranked = sorted(
-            zip(values, (row.index for row in self.layers)),
-            key=lambda pair: (-math.inf if math.isnan(pair[0]) else pair[0], pair[1]),
-            reverse=True,
-        )
-        return sorted(index for _, index in ranked[:k])
+    def select(self, k: int = 4, by: str | None = None) -> list[int]:
+        """GL indices chosen by rule ``by`` (default :data:`featkd.selection.DEFAULT_RULE`), in
+        depth order: e.g. "Q" (the k highest Q; ties go deeper) or "bands:S" (see featkd.selection)."""
+        from featkd.selection import DEFAULT_RULE, select
+
+        return select(self, k, by or DEFAULT_RULE)
+
+    def rules(self) -> list[str]:
+        """The rules this report can apply (rules needing the probe only when it was measured)."""
+        from featkd.selection import parse_rule, rule_names
+
+        return [name for name in rule_names() if self.has_probe or parse_rule(name).score != "probe"]
 
     def to_dict(self, k: int = 4) -> dict:
-        """Plain data; ``selected`` holds the best min(k, layers) layers by every criterion."""
+        """Plain data; ``selected`` holds the min(k, layers) layers of every rule it can apply."""
         k = min(k, len(self.layers))
         return {
             "variant": self.variant,
             "model": self.model,
             "settings": self.settings,
-            "selected": {by: self.select(k, by) for by in SELECT_BY} if k else {},
+            "selected": {rule: self.select(k, rule) for rule in self.rules()} if k else {},
             "layers": [asdict(row) for row in self.layers],
         }
 
@@ -576,36 +741,41 @@ class QualityReport:
         return cls(rows, variant=data["variant"], model=data.get("model"),
                    settings=data.get("settings", {}))
 
-    def table(self, k: int = 4, by: str = "Q") -> str:
-        """The per-layer table as text; ``*`` marks the selected layers."""
+    def table(self, k: int = 4, by: str | None = None) -> str:
+        """The per-layer table as text; ``*`` marks the layers rule ``by`` selects."""
         selected = set(self.select(min(k, len(self.layers)), by)) if self.layers else set()
+        columns = ["S", "I", "E", "sqrtIE", "Q"] + (["probe"] if self.has_probe else [])
         header = f"{'GL':>3}  {'module':<16} {'shape':<14} {'D':>8} " + " ".join(
-            f"{name:>8}" for name in SELECT_BY[1:] + ("Q",)
+            f"{name:>8}" for name in columns
         )
         lines = [header]
         for row in self.layers:
             shape = "x".join(str(s) for s in row.shape)
-            values = " ".join(f"{getattr(row, name):8.4f}" for name in SELECT_BY[1:] + ("Q",))
+            values = " ".join(f"{getattr(row, name):8.4f}" for name in columns)
             mark = " *" if row.index in selected else ""
             lines.append(f"{row.index:>3}  {row.name:<16} {shape:<14} {row.D:>8} {values}{mark}")
         return "\n".join(lines)
 
-    def plot(self, path: str | Path, k: int = 4, by: str = "Q") -> None:
-        """PNG of S, I, E and Q against GL index; the k layers selected by ``by`` are marked."""
+    def plot(self, path: str | Path, k: int = 4, by: str | None = None) -> None:
+        """PNG of S, I, E and Q (and the probe) against GL index; rule ``by``'s k layers are marked."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from featkd.selection import DEFAULT_RULE
+
+        by = by or DEFAULT_RULE
         index = [row.index for row in self.layers]
         selected = self.select(min(k, len(self.layers)), by)
-        fig, axes = plt.subplots(4, 1, figsize=(7, 8), sharex=True)
-        for ax, name in zip(axes, ("S", "I", "E", "Q")):
+        names = ["S", "I", "E", "Q"] + (["probe"] if self.has_probe else [])
+        fig, axes = plt.subplots(len(names), 1, figsize=(7, 2 * len(names)), sharex=True)
+        for ax, name in zip(axes, names):
             values = self.values(name)
             ax.plot(index, values, marker="o", color="tab:blue")
             chosen = [v for i, v in zip(index, values) if i in selected]
             ax.scatter(selected, chosen, s=90, facecolors="none", edgecolors="tab:red",
-                       linewidths=2, zorder=3, label=f"top {len(selected)} by {by}")
+                       linewidths=2, zorder=3, label=f"{len(selected)} layers by {by}")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
         axes[0].legend(loc="best", fontsize=8)
@@ -673,22 +843,31 @@ def _group_layers(sizes: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def _features(model: nn.Module, dataset, indices: Tensor, names: list[str], device: torch.device,
-              batch_size: int, bar, layouts: list[str]) -> list[Tensor]:
-    """Flattened float32 host features (len(indices), D) of every layer in ``names``
-    (maps brought channels-first from their ``layouts`` first)."""
+              batch_size: int, bar, layouts: list[str], *,
+              keep_flat: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+    """Float32 host features of every layer in ``names`` (maps brought channels-first from their
+    ``layouts`` first): flattened (len(indices), D), an empty list without ``keep_flat``, and
+    pooled (len(indices), C) (see :func:`pool_features`)."""
     from featkd.layers import extract, to_canonical
 
-    out: list[Tensor] = []
+    flat_out: list[Tensor] = []
+    pooled_out: list[Tensor] = []
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
         feats = extract(model, _load_images(dataset, idx).to(device), names)
         for slot, feat in enumerate(feats):
-            flat = flatten_features(to_canonical(feat, layouts[slot]))
+            feat = to_canonical(feat, layouts[slot])
+            pooled = pool_features(feat)
+            flat = flatten_features(feat) if keep_flat else None
             if start == 0:
-                out.append(torch.empty(len(indices), flat.shape[1], dtype=torch.float32))
-            out[slot][start : start + len(idx)] = flat.float().cpu()
+                pooled_out.append(torch.empty(len(indices), pooled.shape[1], dtype=torch.float32))
+                if keep_flat:
+                    flat_out.append(torch.empty(len(indices), flat.shape[1], dtype=torch.float32))
+            pooled_out[slot][start : start + len(idx)] = pooled.float().cpu()
+            if keep_flat:
+                flat_out[slot][start : start + len(idx)] = flat.float().cpu()
         bar.update(len(idx))
-    return out
+    return flat_out, pooled_out
 
 
 def measure(
@@ -703,9 +882,10 @@ def measure(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     subset_size: int = 5000,
     per_class_b: int = 500,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     model_name: str | None = None,
     progress: bool = True,
+    probe_set=None,
 ) -> QualityReport:
     """Knowledge quality of ``layers`` (GL indices or names, or "all") of ``model`` on ``dataset``.
 
@@ -718,6 +898,12 @@ def measure(
     half of ``memory_budget`` bytes, the forward pass stopped after the group's
     deepest layer; subset B runs class by class. The other half bounds each
     layer's computation.
+
+    Every layer also gets a linear probe's accuracy (:func:`probe_accuracy` on
+    its pooled features): fitted on one class-balanced half of subset A and
+    scored on the other, both ways, averaged; or, when ``probe_set`` (a
+    held-out split of the training data, never the test split) is given, fitted
+    on subset A and scored on every image of ``probe_set``.
     """
     from tqdm.auto import tqdm
 
@@ -739,6 +925,9 @@ def measure(
         dataset = dataset.with_augment(False)
 
     labels = _dataset_labels(dataset)
+    if probe_set is not None and hasattr(probe_set, "with_augment"):
+        probe_set = probe_set.with_augment(False)
+    probe_labels = _dataset_labels(probe_set) if probe_set is not None else None
     subset_a, subset_b = _draw_subsets(labels, subset_size, per_class_b, seed)
     labels_a = labels[subset_a]
     members_b = [subset_b[labels[subset_b] == c] for c in torch.unique(labels[subset_b])]
@@ -758,21 +947,24 @@ def measure(
                     for f, layout in zip(probe, layouts)]
             del probe
             groups = _group_layers([4 * (len(subset_a) + width) * d for d in dims], half_budget)
-            with tqdm(total=len(groups) * (len(subset_a) + len(subset_b)), unit="img",
+            held_out = len(probe_labels) if probe_labels is not None else 0
+            with tqdm(total=len(groups) * (len(subset_a) + len(subset_b) + held_out), unit="img",
                       desc="quality", disable=not progress) as bar:
                 for group in groups:
                     group_names = [names[i] for i in group]
                     group_layouts = [layouts[i] for i in group]
                     spectra: list[list[Tensor]] = [[] for _ in group]
                     for members in members_b:
-                        class_feats = _features(model, dataset, members, group_names, device,
-                                                batch_size, bar, group_layouts)
+                        class_feats, _ = _features(model, dataset, members, group_names, device,
+                                                   batch_size, bar, group_layouts)
                         for slot, feats in enumerate(class_feats):
                             spectra[slot].append(class_spectrum(
                                 feats, dtype=dtype, device=device, memory_budget=half_budget))
                         del class_feats
-                    feats_a = _features(model, dataset, subset_a, group_names, device, batch_size,
-                                        bar, group_layouts)
+                    feats_a, pooled_a = _features(model, dataset, subset_a, group_names, device,
+                                                  batch_size, bar, group_layouts)
+                    probes = _probes(pooled_a, labels_a, seed, model, probe_set, probe_labels,
+                                     group_names, group_layouts, device, batch_size, bar)
                     for slot, i in enumerate(group):
                         bar.set_postfix_str(f"layer {indices[i]}")
                         sample = sample_statistics(feats_a[slot], labels_a, variant=variant,
@@ -780,7 +972,7 @@ def measure(
                         feats_a[slot] = None  # free as we go
                         entropy = spectrum_entropy(pad_spectra(spectra[slot], width), variant=variant)
                         parts = quality_parts(sample, entropy, num_train=len(labels), variant=variant)
-                        rows.append(_row(indices[i], names[i], shapes[i], parts))
+                        rows.append(_row(indices[i], names[i], shapes[i], parts, probes[slot]))
                         logger.debug("layer %d (%s): S %.4f I %.4f E %.4f Q %.4f", indices[i],
                                      names[i], parts["S"], parts["I"], parts["E"], parts["Q"])
     finally:
@@ -792,12 +984,28 @@ def measure(
         "n_b": len(subset_b),
         "num_classes": len(members_b),
         "dtype": str(dtype).replace("torch.", ""),
+        "probe": ("ridge on pooled features, fitted on one half of subset A and scored on the "
+                  "other, both ways" if probe_set is None else
+                  f"ridge on pooled features, fitted on subset A, scored on a held-out split of "
+                  f"{len(probe_labels)} images"),
     }
     return QualityReport(rows, variant=variant, model=model_name or type(model).__name__,
                          settings=settings)
 
 
-def _row(index: int, name: str, shape: list[int], parts: dict) -> LayerQuality:
+def _probes(pooled_a: list[Tensor], labels_a: Tensor, seed: int, model: nn.Module, probe_set,
+            probe_labels: Tensor | None, names: list[str], layouts: list[str], device: torch.device,
+            batch_size: int, bar) -> list[float]:
+    """The probe accuracy of every layer of a group (see :func:`measure`)."""
+    if probe_set is None:
+        return [_cross_probe(pooled, labels_a, seed) for pooled in pooled_a]
+    _, pooled_held = _features(model, probe_set, torch.arange(len(probe_labels)), names, device,
+                               batch_size, bar, layouts, keep_flat=False)
+    return [probe_accuracy(fit, labels_a, held, probe_labels) for fit, held in zip(pooled_a, pooled_held)]
+
+
+def _row(index: int, name: str, shape: list[int], parts: dict, probe: float | None) -> LayerQuality:
     stats = {key: value for key, value in parts.items() if key not in SELECT_BY}
     return LayerQuality(index=index, name=name, shape=shape, D=parts["D"], S=parts["S"],
-                        I=parts["I"], E=parts["E"], sqrtIE=parts["sqrtIE"], Q=parts["Q"], stats=stats)
+                        I=parts["I"], E=parts["E"], sqrtIE=parts["sqrtIE"], Q=parts["Q"], stats=stats,
+                        probe=probe)

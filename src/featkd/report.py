@@ -189,21 +189,27 @@ def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
     """Markdown for a run's quality.json: selected layers, the plot and the per-layer table."""
     from featkd.quality import QualityReport
 
+    from featkd.selection import PAPER_RULE
+
     report = QualityReport.from_json(run.path / "quality.json")
     k = len((run.results or {}).get("teacher_layers") or []) or 4
+    rule = run.config.get("select_by") or PAPER_RULE  # runs from before select_by used Q
     plot = run.path / "quality.png"
     if not plot.is_file():
-        report.plot(plot, k)
+        report.plot(plot, k, rule)
     teacher = run.config.get("teacher") or report.model
+    chosen = f"Selected teacher layers ({k} by rule `{rule}`, in depth order): **{report.select(k, rule)}**"
+    if report.variant == "paper" and rule != PAPER_RULE:
+        chosen += f"; the paper's rule (`{PAPER_RULE}`, variant paper) picks {report.select(k, PAPER_RULE)}"
     lines = [
         f"## Knowledge quality of the teacher ({teacher}, variant `{report.variant}`)",
         "",
-        f"Selected teacher layers (top {k} by Q, in depth order): **{report.select(k)}**",
+        chosen,
         "",
         f"![per-layer S, I, E and Q]({_relative(plot, out_dir)})",
         "",
         "```",
-        report.table(k),
+        report.table(k, rule),
         "```",
         "",
     ]

@@ -1,7 +1,8 @@
 """``featkd demo``: the whole pipeline on the bundled digits data, in a few minutes on a CPU.
 
 1. train a teacher (ResNet34, narrow) with cross-entropy;
-2. measure the knowledge quality Q of every teacher layer and pick the best 4;
+2. measure the knowledge quality of every teacher layer and pick 4 by the
+   default selection rule (printed beside the paper's Q choice);
 3. distil a small student (ResNet9, narrower) with ``featkd`` and train the
    baselines (``ce``, ``kd``, ``fitnet``) on the same data, budget and seed;
 4. print the comparison and write ``report.md`` (table, curves, quality plot).
@@ -23,7 +24,7 @@ from typing import Any
 
 from featkd.cli.common import CliError
 
-__all__ = ["DemoPlan", "QUICK", "add_parser", "run", "run_demo"]
+__all__ = ["DemoPlan", "QUICK", "add_parser", "paper_q_layers", "run", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ QUICK = dict(image_size=8, train_limit=100, val_size=20, teacher_width=0.0625, t
 def add_parser(subparsers: Any) -> None:
     """Register ``featkd demo``."""
     parser = subparsers.add_parser(
-        "demo", help="train a teacher, select layers by Q, distil a student and compare (digits, CPU)",
+        "demo", help="train a teacher, select its layers, distil a student and compare (digits, CPU)",
         description="Train a teacher on the bundled digits data, measure the knowledge quality of its "
                     "layers, distil a small student with featkd and the baselines, and write a report.",
     )
@@ -112,6 +113,30 @@ def plan_from_args(args: argparse.Namespace) -> DemoPlan:
     return plan
 
 
+def paper_q_layers(run_dir: Path, k: int, teacher_dir: Path) -> list[int]:
+    """The ``k`` teacher layers the paper's rule (Q, variant paper) picks for a distill run:
+    read from its quality.json when that was measured in the paper variant, else measured again
+    with the run's data and settings."""
+    from featkd.api import load_data
+    from featkd.checkpoint import load_model_weights
+    from featkd.config import DistillConfig
+    from featkd.models import create_model
+    from featkd.quality import QualityReport, measure
+    from featkd.selection import PAPER_RULE, candidate_layers
+
+    report = QualityReport.from_json(run_dir / "quality.json")
+    if report.variant != "paper":
+        config = DistillConfig.from_yaml(run_dir / "config.yaml")
+        train = load_data(config).train
+        channels, size, _ = train.image_shape
+        teacher = create_model(config.teacher, train.num_classes, in_channels=channels, image_size=size,
+                               width=config.teacher_width)
+        load_model_weights(teacher, teacher_dir)
+        report = measure(teacher, train, candidate_layers(teacher, k), variant="paper", seed=config.seed,
+                         subset_size=config.quality_subset, progress=False)
+    return report.select(k, PAPER_RULE)
+
+
 def run(args: argparse.Namespace) -> int:
     """``featkd demo``."""
     plan = plan_from_args(args)
@@ -129,6 +154,7 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
     from featkd.api import distill_from_config, train_teacher_from_config
     from featkd.config import DistillConfig, TrainConfig
     from featkd.report import comparison_rows, load_run, markdown_table, write_report
+    from featkd.selection import PAPER_RULE
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -141,6 +167,7 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
     train_teacher_from_config(teacher_config)
     timings["teacher"] = time.perf_counter() - step
 
+    choice = None
     for i, method in enumerate(plan.methods, start=2):
         step = time.perf_counter()
         run_dir = out / method
@@ -151,8 +178,14 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
             student=plan.student, student_width=plan.student_width, method=method, epochs=plan.epochs,
             quality_subset=plan.quality_subset, out=str(run_dir), **_common(plan, progress),
         )
-        distill_from_config(config)
+        result = distill_from_config(config)
         timings[method] = time.perf_counter() - step
+        if (run_dir / "quality.json").is_file() and choice is None:
+            layers = result.extra["teacher_layers"]
+            choice = (f"Teacher layers {layers}, chosen by rule `{config.select_by}` (the default); the "
+                      f"paper's rule (`{PAPER_RULE}`, variant paper) picks "
+                      f"{paper_q_layers(run_dir, len(layers), teacher_dir)}.")
+            print(choice, flush=True)
 
     runs = [load_run(teacher_dir, "teacher")] + [load_run(out / m, m) for m in plan.methods]
     rows = comparison_rows(runs)
@@ -166,7 +199,7 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
         f"AdamW + one-cycle, no augmentation; {plan.val_size or 0} training images held out for validation.",
         "",
         f"Wall time of the whole demo: {total:.0f} s (this call; resumed steps are not re-run).",
-    ]
+    ] + (["", choice] if choice else [])
     report = write_report(out, runs, title="featkd demo", notes=notes, rows=rows)
     columns = ["run", "model", "method", "teacher layers", "final acc", "acc at best val epoch", "params",
                "wall (s)"]

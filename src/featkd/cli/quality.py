@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,75 +18,131 @@ logger = logging.getLogger(__name__)
 
 def add_parser(subparsers) -> None:
     """Register the ``quality`` sub-command."""
-    from featkd.quality import SELECT_BY, VARIANTS
+    from featkd.quality import VARIANTS
+    from featkd.selection import DEFAULT_RULE, PAPER_RULE
 
     parser = subparsers.add_parser(
         "quality",
         help="measure the knowledge quality Q = S + sqrt(I*E) of a model's layers",
-        description="Measure S, I, E and Q for the generalized layers of a (trained) model on "
-        "a dataset's training split; print the table and the k best layers; write "
-        "quality.json and quality.png into --out.",
+        description="Measure S, I, E, Q and a linear probe's accuracy for the generalized layers of a "
+        "(trained) model on a dataset's training split; print the table and the k layers a "
+        "selection rule chooses; write quality.json and quality.png into --out. With a "
+        "train-teacher run directory as --checkpoint, the model, width, image size and data "
+        "come from its config.yaml unless given (its validation split, if it held one out, "
+        "scores the linear probe).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True,
-                        help="zoo model name (e.g. resnet34), torchvision:NAME or timm:NAME[:key=value,...]")
-    parser.add_argument("--checkpoint", help="weights file or run directory (model.pt)")
-    parser.add_argument("--data", required=True, help="dataset name, e.g. cifar100")
+    parser.add_argument("--model", help="zoo model name (e.g. resnet34), torchvision:NAME or "
+                        "timm:NAME[:key=value,...] (default: the run directory's)")
+    parser.add_argument("--checkpoint", help="weights file or run directory (model.pt, config.yaml)")
+    parser.add_argument("--data", help="dataset name, e.g. cifar100 (default: the run directory's)")
     parser.add_argument("--data-root", help="folder holding the dataset files")
-    parser.add_argument("--width", type=float, default=1.0, help="model width multiplier")
+    parser.add_argument("--width", type=float, help="model width multiplier (default: the run "
+                        "directory's, else 1)")
+    parser.add_argument("--image-size", type=int, help="image size in pixels (default: the run "
+                        "directory's, else the dataset's)")
     parser.add_argument("--layers", default="all", help="'all' or GL indices/module names, e.g. 3,7,13")
     parser.add_argument("--variant", choices=VARIANTS, default="paper")
     parser.add_argument("--k", type=int, default=4, help="number of layers to select")
-    parser.add_argument("--by", choices=SELECT_BY, default="Q", help="criterion for the selection")
+    parser.add_argument("--by", default=DEFAULT_RULE, metavar="RULE",
+                        help=f"selection rule: Q, S, I, E, sqrtIE, depth, probe or bands:SCORE (the best "
+                        f"layer by SCORE in each of k depth bands); {PAPER_RULE} with --variant paper "
+                        "is the paper's")
     parser.add_argument("--out", default="runs/quality", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets A and B")
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--memory-gb", type=float, default=4.0, help="host memory budget (GB)")
-    parser.add_argument("--float32", action="store_true",
-                        help="float32 products accumulated in float64 (faster, slightly less exact)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="product precision: float32 accumulated in float64 (fast on any GPU and "
+                        "CPU, within 1e-4 of float64), or float64 throughout")
     parser.set_defaults(func=run)
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Model, width, image size and data: the options given, else the run directory's config.yaml."""
+    run = _run_config(args.checkpoint)
+    data_from_run = run is not None and args.data is None
+    settings = {
+        "model": args.model or (run.model if run is not None else None),
+        "width": args.width if args.width is not None else (run.width if run is not None else 1.0),
+        "image_size": args.image_size if args.image_size is not None else (run.image_size if run is not None else None),
+        "data": args.data or (run.data if run is not None else None),
+        "data_root": args.data_root or (run.data_root if data_from_run else None),
+        "data_options": dict(run.data_options) if data_from_run else {},
+        "train_limit": run.train_limit if data_from_run else None,
+        "val_size": run.val_size if data_from_run else None,
+        "seed": run.seed if data_from_run else 0,
+    }
+    for key in ("model", "data"):
+        if settings[key] is None:
+            raise CliError(f"give --{key} (or a train-teacher run directory as --checkpoint)")
+    return settings
+
+
+def _run_config(checkpoint: str | None) -> Any:
+    """The TrainConfig of a train-teacher run directory, or None for a file or another kind of run."""
+    from featkd.config import TrainConfig
+
+    if not checkpoint or not (Path(checkpoint) / "config.yaml").is_file():
+        return None
+    try:
+        return TrainConfig.from_yaml(Path(checkpoint) / "config.yaml")
+    except ValueError as err:
+        logger.warning("%s/config.yaml is not a train-teacher config (%s): using the options only",
+                       checkpoint, str(err).splitlines()[0])
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the selection, write quality.json and quality.png."""
     from featkd.checkpoint import read_weights
-    from featkd.data import get_datasets
+    from featkd.data import load_splits
     from featkd.layers import resolve_layers
     from featkd.quality import measure
+    from featkd.selection import parse_rule
 
     layers = parse_layers(args.layers)
     if isinstance(layers, str) and layers != "all":
         raise CliError(f"--layers {layers!r} is not valid here: give 'all' or GL indices/names")
     if args.k < 1:
         raise CliError(f"--k must be at least 1, got {args.k}")
+    try:
+        rule = parse_rule(args.by)
+    except ValueError as err:
+        raise CliError(f"--by: {err}") from err
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
-    train, _ = get_datasets(args.data, root=args.data_root)
+    settings = run_settings(args)
+    splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
+                         train_limit=settings["train_limit"], seed=settings["seed"],
+                         val_size=settings["val_size"], **settings["data_options"])
+    train = splits.train
     channels, size, _ = train.image_shape
-    model = build_model_from_args(args.model, args.width, train.num_classes, channels, size,
+    model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels, size,
                                   checkpoint=weights)
     if layers != "all":
         try:
-            resolve_layers(model, layers, model_name=args.model)
+            resolve_layers(model, layers, model_name=settings["model"])
         except (IndexError, ValueError) as err:
             raise CliError(str(err)) from err
     report = measure(
         model, train, layers, variant=args.variant, seed=args.seed, device=args.device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
-        subset_size=args.subset_size, dtype=torch.float32 if args.float32 else torch.float64,
-        model_name=args.model,
+        subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
+        probe_set=splits.val,
     )
-    report.settings.update(dataset=args.data, width=args.width, checkpoint=args.checkpoint)
+    report.settings.update(dataset=settings["data"], width=settings["width"], image_size=size,
+                           checkpoint=args.checkpoint)
     k = min(args.k, len(report))
     if k < args.k:
         logger.warning("only %d layers measured: selecting %d", len(report), k)
-    selected = report.select(k, args.by)
-    print(report.table(k, args.by))
-    print(f"selected by {args.by} (k={k}): {','.join(str(i) for i in selected)}")
+    selected = report.select(k, rule.name)
+    print(report.table(k, rule.name))
+    print(f"selected by {rule.name} (k={k}): {','.join(str(i) for i in selected)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "quality.json", k=k)
-    report.plot(out / "quality.png", k=k, by=args.by)
+    report.plot(out / "quality.png", k=k, by=rule.name)
     print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
     return 0

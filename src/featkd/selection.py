@@ -1,0 +1,157 @@
+"""Rules that choose the teacher layers to distil from.
+
+A rule has a name usable on the command line (``featkd quality --by RULE``,
+``featkd distill --teacher-layers auto --select-by RULE``) and in configs:
+
+* ``SCORE``: the k layers with the highest score, in depth order. Scores:
+  ``Q``, ``S``, ``I``, ``E``, ``sqrtIE`` (knowledge quality and its parts, in
+  the variant the report was measured in), ``depth`` (the GL index: deeper
+  is better) and ``probe`` (the accuracy of a linear probe on the layer's
+  pooled features, fitted and scored on two halves of the training subset).
+* ``bands:SCORE``: the candidate layers, in depth order, cut into k bands of
+  (nearly) equal size; the best layer by SCORE in each band. A set that spans
+  the teacher's depth, as the student's fixed layers span the student's.
+
+Ties break towards the deeper layer; a missing score (NaN) ranks last. Each
+rule is a small pure function of (layers, scores, k).
+
+:data:`DEFAULT_RULE` is what ``auto`` uses; :data:`PAPER_RULE` (with the
+"paper" quality variant) reproduces the paper's choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "BUILDERS",
+    "DEFAULT_RULE",
+    "PAPER_RULE",
+    "Rule",
+    "SCORES",
+    "band_edges",
+    "bands",
+    "candidate_layers",
+    "parse_rule",
+    "rule_names",
+    "select",
+    "set_score",
+    "top_k",
+]
+
+#: the rule ``--teacher-layers auto`` uses unless told otherwise
+DEFAULT_RULE = "Q"
+#: the paper's rule: Q (measured in the "paper" variant) reproduces its choices
+PAPER_RULE = "Q"
+SCORES = ("Q", "S", "I", "E", "sqrtIE", "depth", "probe")
+
+
+# ------------------------------------------------------------------ set builders
+def _rank_key(value: float, layer: int) -> tuple[float, int]:
+    """Sort key, best first when sorted in reverse: higher score, then deeper layer; NaN last."""
+    return (-math.inf if math.isnan(value) else value, layer)
+
+
+def top_k(layers: Sequence[int], scores: Sequence[float], k: int) -> list[int]:
+    """The ``k`` layers with the highest scores, in depth order; ties go to the deeper layer."""
+    _check_k(layers, scores, k)
+    ranked = sorted(zip(scores, layers), key=lambda pair: _rank_key(*pair), reverse=True)
+    return sorted(layer for _, layer in ranked[:k])
+
+
+def band_edges(count: int, k: int) -> list[tuple[int, int]]:
+    """(start, stop) positions of ``k`` consecutive bands of nearly equal size over ``count`` items."""
+    if not 1 <= k <= count:
+        raise ValueError(f"k must be between 1 and {count} (the layers to choose from), got {k}")
+    cuts = [b * count // k for b in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def bands(layers: Sequence[int], scores: Sequence[float], k: int) -> list[int]:
+    """The best layer by score in each of ``k`` depth bands of the layers (sorted by depth)."""
+    _check_k(layers, scores, k)
+    order = sorted(range(len(layers)), key=lambda i: layers[i])
+    chosen = []
+    for start, stop in band_edges(len(order), k):
+        band = order[start:stop]
+        chosen.append(max(band, key=lambda i: _rank_key(scores[i], layers[i])))
+    return [layers[i] for i in chosen]
+
+
+BUILDERS: dict[str, Callable[[Sequence[int], Sequence[float], int], list[int]]] = {
+    "top": top_k,
+    "bands": bands,
+}
+
+
+def _check_k(layers: Sequence[int], scores: Sequence[float], k: int) -> None:
+    if len(layers) != len(scores):
+        raise ValueError(f"{len(layers)} layers but {len(scores)} scores")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct, got {list(layers)}")
+    if not 1 <= k <= len(layers):
+        raise ValueError(f"k must be between 1 and {len(layers)} (layers measured), got {k}")
+
+
+# ------------------------------------------------------------------ named rules
+@dataclass(frozen=True)
+class Rule:
+    """A score and the way a set is built from it ("top": the k best; "bands": the best per band)."""
+
+    score: str
+    build: str = "top"
+
+    @property
+    def name(self) -> str:
+        return self.score if self.build == "top" else f"{self.build}:{self.score}"
+
+    def choose(self, layers: Sequence[int], scores: Sequence[float], k: int) -> list[int]:
+        """The rule's ``k`` layers given every candidate layer's score."""
+        return BUILDERS[self.build](layers, scores, k)
+
+
+def rule_names() -> list[str]:
+    """Every valid rule name."""
+    return [Rule(score, build).name for build in BUILDERS for score in SCORES]
+
+
+def parse_rule(text: str | Rule) -> Rule:
+    """``"S"`` -> Rule("S"), ``"bands:S"`` -> Rule("S", "bands"); ValueError naming the valid ones."""
+    if isinstance(text, Rule):
+        return text
+    build, sep, score = str(text).strip().rpartition(":")
+    build = build if sep else "top"
+    if build not in BUILDERS or score not in SCORES or (sep and build == "top"):
+        raise ValueError(f"unknown selection rule {text!r}; valid: {', '.join(rule_names())}")
+    return Rule(score, build)
+
+
+def select(report: Any, k: int, rule: str | Rule = DEFAULT_RULE) -> list[int]:
+    """GL indices ``rule`` chooses among the layers of ``report`` (a QualityReport), in depth order."""
+    rule = parse_rule(rule)
+    layers = [row.index for row in report.layers]
+    chosen = rule.choose(layers, report.values(rule.score), k)
+    return sorted(chosen)
+
+
+def set_score(scores: dict[int, float], layers: Sequence[int]) -> float:
+    """The score of a set of layers: the mean of its layers' scores."""
+    return sum(scores[t] for t in layers) / len(layers)
+
+
+# ------------------------------------------------------------------ candidates
+def candidate_layers(model: Any, k: int = 1) -> list[int]:
+    """GL indices a rule chooses among: GL 1 to the last GL before the head.
+
+    GL 0 (the stem, or a ViT's input embedding) and GLs inside the classifier head
+    (VGG's fully connected layers) are left out; every GL when fewer than ``k`` remain.
+    """
+    from featkd.layers import generalized_layers, head_index
+
+    count = len(generalized_layers(model))
+    head = min(head_index(model), count)
+    layers = list(range(1, head))
+    return layers if len(layers) >= k else list(range(count))
