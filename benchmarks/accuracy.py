@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 import common
-from common import METHODS, PAIRS, Job, Scale
+from common import PAIRS, Job, Scale
 
 log = logging.getLogger("benchmarks.accuracy")
 
@@ -46,19 +46,21 @@ CACHE_BUDGET_BYTES = 6 * 2**30
 
 # --------------------------------------------------------------------------- method order and layers
 def method_order(methods: list[str]) -> list[str]:
-    """``methods`` grouped by the teacher outputs they need (logits, standard layers, classifier input, Q layers).
+    """``methods`` (comparison rows) grouped by the teacher outputs they need (logits, standard layers,
+    classifier input, Q layers, the default rule's layers).
 
     Consecutive methods then share one teacher cache; ce comes first.
     """
     from featkd.distillation import METHOD_INFO
 
     def group(name: str) -> int:
-        info = METHOD_INFO[name]
+        info = METHOD_INFO[common.row_method(name)]
         if not info.teacher_features:
             return 0
-        return {"standard": 1, "classifier": 2}.get(info.teacher_layers, 3)
+        return {"standard": 1, "classifier": 2}.get(info.teacher_layers, 3 + (name == "featkd_default"))
 
-    return sorted(methods, key=lambda name: (group(name), METHODS.index(name)))
+    order = common.rows()
+    return sorted(methods, key=lambda name: (group(name), order.index(name)))
 
 
 def paper_q_layers(teacher: str) -> dict[str, list[int]]:
@@ -69,15 +71,19 @@ def paper_q_layers(teacher: str) -> dict[str, list[int]]:
 
 
 def layer_lists(scale: Scale, pair: common.Pair, regime: str, work: Path) -> dict[str, Any]:
-    """Student layers, standard teacher layers, our Q selection and the paper's."""
+    """Student layers, standard teacher layers, our Q selection (the paper's rule), the default
+    rule's selection and the paper's published choice."""
     from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS
+    from featkd.selection import DEFAULT_RULE, PAPER_RULE
 
     student_layers = PAPER_STUDENT_LAYERS[pair.student]
     report, seconds = common.quality_report(scale, pair.teacher, regime, work)
     return {
         "student": list(student_layers),
         "standard": list(STANDARD_TEACHER_LAYERS[pair.teacher]),
-        "q_selected": report.select(len(student_layers)),
+        "q_selected": report.select(len(student_layers), PAPER_RULE),
+        "default_rule": DEFAULT_RULE,
+        "default_selected": report.select(len(student_layers), DEFAULT_RULE),
         "q_variant": report.variant,
         "q_values": {str(row.index): row.Q for row in report.layers},
         "q_seconds": seconds,
@@ -109,11 +115,12 @@ def pair_results_path(results: Path, pair: str, regime: str) -> Path:
 def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]) -> dict[str, Any]:
     """Write one pair/regime results file; ``complete`` when every method has all its seeds."""
     seeds = head["settings"]["seeds"]
-    done = [m for m in METHODS if _finished(methods.get(m), seeds)]
-    missing = [m for m in METHODS if m not in done]
+    rows = common.rows()
+    done = [m for m in rows if _finished(methods.get(m), seeds)]
+    missing = [m for m in rows if m not in done]
     data = {**head, "complete": not missing, "missing": missing, "updated": common.now(),
             "finished": common.now() if not missing else None,
-            "methods": {m: methods[m] for m in METHODS if m in methods}, **derived(methods)}
+            "methods": {m: methods[m] for m in rows if m in methods}, **derived(methods)}
     common.write_json(path, data)
     return data
 
@@ -144,26 +151,27 @@ def settings_of(scale: Scale, pair: common.Pair, regime: str) -> dict[str, Any]:
         "teacher": pair.teacher, "teacher_width": scale.teacher_widths[pair.teacher],
         "teacher_epochs": scale.teacher_epochs, "teacher_lr": scale.teacher_lrs.get(pair.teacher, "recipe"),
         "student": pair.student, "student_width": scale.student_widths[pair.student],
-        "epochs": scale.epochs[regime], "seeds": scale.seeds, "batch_size": scale.batch_size,
+        "epochs": scale.epochs[regime], "eval_every": scale.eval_every.get(regime, 1), "seeds": scale.seeds,
+        "batch_size": scale.batch_size,
         "optimizer": "adamw one-cycle (pct_start 0.3), per-family peak lr", "augment": False,
         "teacher_outputs": "cached once per layer list (un-augmented training set)",
         "quality_subset": scale.quality_subset, "quality_variant": scale.quality_variant,
     }
 
 
-def distill_config(scale: Scale, pair: common.Pair, regime: str, method: str, work: Path,
+def distill_config(scale: Scale, pair: common.Pair, regime: str, row: str, work: Path,
                    teacher_layers: list[int] | None) -> Any:
-    """The DistillConfig of one method's runs (``featkd distill`` would take the same options)."""
+    """The DistillConfig of one comparison row's runs (``featkd distill`` would take the same options)."""
     from featkd.config import DistillConfig
 
     return DistillConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime], val_size=scale.val_size,
         data_options=dict(scale.data_options), epochs=scale.epochs[regime], batch_size=scale.batch_size,
-        runs=scale.seeds, seed=0, device=scale.device, progress=False,
-        out=str(work / "runs" / pair.name / regime / method),
+        eval_every=scale.eval_every.get(regime, 1), runs=scale.seeds, seed=0, device=scale.device, progress=False,
+        out=str(work / "runs" / pair.name / regime / row),
         teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
         teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
-        student=pair.student, student_width=scale.student_widths[pair.student], method=method,
+        student=pair.student, student_width=scale.student_widths[pair.student], method=common.row_method(row),
         teacher_layers=teacher_layers, student_layers="paper", teacher_mode="cache",
         quality_subset=scale.quality_subset, quality_variant=scale.quality_variant,
     )
@@ -198,12 +206,14 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
         return common.create(pair.student, scale.student_widths[pair.student], train)
 
     try:
-        for method in method_order(methods):
-            if _finished(done.get(method), scale.seeds):
-                log.info("%s %s %s: finished earlier, kept", pair.name, regime, method)
+        for row in method_order(methods):
+            if _finished(done.get(row), scale.seeds):
+                log.info("%s %s %s: finished earlier, kept", pair.name, regime, row)
                 continue
-            q_method = METHOD_INFO[method].teacher_layers == "q"
-            config = distill_config(scale, pair, regime, method, work, layers["q_selected"] if q_method else None)
+            method = common.row_method(row)
+            q_layers = layers["default_selected" if row == "featkd_default" else "q_selected"]
+            config = distill_config(scale, pair, regime, row, work,
+                                    q_layers if METHOD_INFO[method].teacher_layers == "q" else None)
             start = time.perf_counter()
             try:
                 result = distill(teacher, student, train, test, config=config, method=method,
@@ -211,15 +221,14 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
                                  teacher_name=pair.teacher, student_name=pair.student, teacher_feed=feed,
                                  val_set=val)
             except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
-                log.exception("%s %s %s failed", pair.name, regime, method)
-                done[method] = {"error": f"{type(err).__name__}: {err}"}
+                log.exception("%s %s %s failed", pair.name, regime, row)
+                done[row] = {"error": f"{type(err).__name__}: {err}"}
             else:
-                done[method] = {**common.run_summary(result), "wall_s": time.perf_counter() - start,
-                                "teacher_layers": result.extra.get("teacher_layers"),
-                                "student_layers": result.extra.get("student_layers"),
-                                "config": config.to_dict()}
-                log.info("%s %s %-12s final %s", pair.name, regime, method,
-                         _format(done[method]["final_test_acc"]))
+                done[row] = {**common.run_summary(result), "wall_s": time.perf_counter() - start,
+                             "method": method, "teacher_layers": result.extra.get("teacher_layers"),
+                             "student_layers": result.extra.get("student_layers"),
+                             "config": config.to_dict()}
+                log.info("%s %s %-12s final %s", pair.name, regime, row, _format(done[row]["final_test_acc"]))
             data = write_pair_results(path, head, done)
     finally:
         feed.close()
@@ -243,8 +252,8 @@ def job_costs(scale: Scale, methods: list[str], probe_path: Path) -> dict[tuple[
         for regime, images in scale.regimes.items():
             volume = (images or 50000) * scale.epochs[regime]
             timings = probe.get(pair)
-            if timings and all(m in timings for m in methods):
-                costs[(pair, regime)] = volume * sum(timings[m]["cpu"] for m in methods)
+            if timings and all(common.row_method(m) in timings for m in methods):
+                costs[(pair, regime)] = volume * sum(timings[common.row_method(m)]["cpu"] for m in methods)
             else:
                 costs[(pair, regime)] = volume * (2.0 if PAIRS[pair].teacher == "vit_b" else 1.0)
     return costs
@@ -334,7 +343,7 @@ def probe_pair(scale: Scale, pair: common.Pair, methods: list[str], train: Any, 
     full = OnlineTeacher(teacher, [], True)
     timings["teacher_forward"] = _per_image(_time_steps(lambda: full(x), steps), batch)
     q_layers = paper_q_layers(pair.teacher).get("cifar100", STANDARD_TEACHER_LAYERS[pair.teacher])
-    for method in methods:
+    for method in dict.fromkeys(common.row_method(m) for m in methods):
         student = common.create(pair.student, scale.student_widths[pair.student], train)
         kind = METHOD_INFO[method].teacher_layers
         t_layers = {"q": q_layers, "classifier": None}.get(kind, STANDARD_TEACHER_LAYERS[pair.teacher])
@@ -405,15 +414,19 @@ def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], e
         jobs["quality"] += [quality.get(teacher, 0.0)] * len(sizes)
     for p, t in pairs.items():
         for regime, images in sizes.items():
+            evaluations = 1 / scale.eval_every.get(regime, 1)
+
             def run_cost(method: str, epochs: float) -> float:
-                return epochs * (images * t[method][statistic] + eval_images * t["student_eval"][statistic])
+                return epochs * (images * t[method][statistic]
+                                 + evaluations * eval_images * t["student_eval"][statistic])
 
             caches = 3 * images * t["teacher_forward"][statistic]
-            runs = sum(scale.seeds * run_cost(m, scale.epochs[regime]) for m in methods)
+            runs = sum(scale.seeds * run_cost(common.row_method(m), scale.epochs[regime]) for m in methods)
             jobs["students"].append(caches + runs)
             cells[f"{p} {regime}"] = caches + runs
             if "ce" in t:
-                jobs["convergence"].append(run_cost("ce", (1 + scale.convergence_factor) * scale.epochs[regime]))
+                factor = scale.convergence_factor.get(regime, 2.0)
+                jobs["convergence"].append(run_cost("ce", (1 + factor) * scale.epochs[regime]))
     lv = pairs.get(scale.lv_pair)
     if lv is not None and all(k in lv for k in ("ce", "kd", "fitnet", "featkd")):
         images, forward = sizes[scale.lv_regime], lv["teacher_forward"][statistic]
@@ -491,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_common_arguments(parser)
     parser.add_argument("--pairs", help=f"comma-separated pairs or all ({', '.join(PAIRS)})")
     parser.add_argument("--regimes", help="comma-separated regimes or all (default scale: full, low)")
-    parser.add_argument("--methods", help=f"comma-separated methods or all ({', '.join(METHODS)})")
+    parser.add_argument("--methods", help=f"comma-separated methods (comparison rows) or all "
+                                          f"({', '.join(common.rows())})")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel processes (default: 2 on CPU with >= 2 cores, 1 on CUDA or quick)")
     parser.add_argument("--probe", action="store_true", help="time the steps and estimate the suite; trains nothing")
@@ -508,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = common.scale_from_args(args)
         pairs = common.parse_choice(args.pairs, scale.pairs, "pair")
         regimes = common.parse_choice(args.regimes, list(scale.regimes), "regime")
-        methods = common.parse_choice(args.methods, METHODS, "method")
+        methods = common.parse_choice(args.methods, common.rows(), "method")
     except ValueError as err:
         print(f"accuracy.py: error: {err}", file=sys.stderr)
         return 2

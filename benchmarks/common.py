@@ -52,6 +52,20 @@ RESULTS_DIR = BENCH_DIR / "results"
 #: every method of the comparison, in the spec's table order
 METHODS = ("ce", "kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd",
            "featkd", "featkd_ce", "featkd_ce_kd", "featkd_std")
+
+
+def rows() -> tuple[str, ...]:
+    """The rows of the comparison: every method, plus ``featkd_default`` (featkd on the layers of
+    the default selection rule) when that rule is not the paper's, whose row ``featkd`` is."""
+    from featkd.selection import DEFAULT_RULE, PAPER_RULE
+
+    return METHODS + (("featkd_default",) if DEFAULT_RULE != PAPER_RULE else ())
+
+
+def row_method(row: str) -> str:
+    """The distillation method of a comparison row."""
+    return "featkd" if row == "featkd_default" else row
+
 #: the logit-based baselines the ARI compares featkd with
 BASELINES = ("kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd")
 ARI_MIN_GAIN = 0.5  # percentage points over ce a baseline needs to enter the ARI
@@ -98,7 +112,10 @@ class Scale:
     val_size: int | None = None  # validation images held out of the training split (fixed seed 0)
     teacher_augment: bool = False  # random crop + flip while training the teachers
     teachers_dir: str | None = None  # committed teachers (repo-relative); None: <work>/teachers
-    convergence_factor: float = 2.0  # the convergence check's long budget, x the student epochs
+    # the convergence check's long budget per regime, x the student epochs (1.5-2x)
+    convergence_factor: dict[str, float] = field(default_factory=dict)
+    # evaluate the validation and test splits every N epochs per regime (default 1; the last always)
+    eval_every: dict[str, int] = field(default_factory=dict)
     data_root: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
     quality_subset: int = 5000
@@ -135,9 +152,11 @@ SCALES: dict[str, Scale] = {
         teacher_widths={"resnet34": 1 / 8, "vgg19_bn": 1 / 8, "vit_b": 1 / 16},
         student_widths={"resnet9": 1 / 16, "vgg11_bn": 1 / 16, "mobilenetv2": 1 / 16, "vit_et": 1 / 8},
         teacher_epochs=30,
-        epochs={"full": 15, "low": 40},
+        epochs={"full": 15, "low": 160},
         seeds=3,
         val_size=5000,
+        convergence_factor={"full": 2.0, "low": 1.5},
+        eval_every={"low": 4},
         teacher_augment=True,
         teachers_dir="benchmarks/teachers",
         quality_subset=5000,
@@ -534,12 +553,15 @@ def quality_path(work: Path, teacher: str, regime: str, variant: str) -> Path:
 
 def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant: str | None = None,
                    results: Path | None = None) -> tuple[Any, float]:
-    """Knowledge quality of every GL of the trained ``teacher`` on ``regime``'s training split.
+    """Knowledge quality of the trained ``teacher``'s candidate layers on ``regime``'s training split.
 
-    Cached in ``work/quality``; a copy of the JSON and the Q plot (top 4 marked) go to
-    ``results``. Returns (report, seconds the measurement took).
+    The layers and the linear probe's scoring split are those of ``--teacher-layers auto``
+    (:func:`featkd.selection.candidate_layers`, the validation split). Cached in
+    ``work/quality``; a copy of the JSON and the Q plot (top 4 marked) go to ``results``.
+    Returns (report, seconds the measurement took).
     """
     from featkd.quality import QualityReport, measure
+    from featkd.selection import candidate_layers
 
     variant = variant or scale.quality_variant
     path = quality_path(work, teacher, regime, variant)
@@ -548,12 +570,13 @@ def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant:
         report = QualityReport.from_json(path)
         seconds = read_json(timing)["seconds"] if timing.is_file() else 0.0
     else:
-        train = load_regime(scale, regime).train
-        model = load_teacher(scale, teacher, work, train)
+        splits = load_regime(scale, regime)
+        model = load_teacher(scale, teacher, work, splits.train)
         device = resolve_device(scale.device)
         start = time.perf_counter()
-        report = measure(model, train, "all", variant=variant, seed=0, device=device,
-                         subset_size=scale.quality_subset, model_name=teacher, progress=False)
+        report = measure(model, splits.train, candidate_layers(model, 4), variant=variant, seed=0,
+                         device=device, subset_size=scale.quality_subset, model_name=teacher,
+                         progress=False, probe_set=splits.val)
         seconds = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
         report.to_json(path)
@@ -650,7 +673,7 @@ def run_summary(result: Any) -> dict[str, Any]:
     runs = []
     for run in result.runs:
         info = run.to_dict()
-        info["test_acc_per_epoch"] = [r["test_acc"] for r in run.history]
+        info["test_acc_per_epoch"] = [r.get("test_acc") for r in run.history]
         info["val_acc_per_epoch"] = [r.get("val_acc") for r in run.history]
         runs.append(info)
     finished = [r for r in runs if r["finished"]]

@@ -3,7 +3,7 @@
 For every pair's student and every regime, the student is trained alone with
 cross-entropy (exactly the grid's ``ce`` recipe: same data, validation split,
 optimizer, schedule and seed 0) twice: for the scale's epochs, and for
-``convergence_factor`` times as many (default 2x). The budget counts as converged
+the regime's ``convergence_factor`` times as many (1.5x or 2x). The budget counts as converged
 when the longer run's final validation accuracy is at most 0.3 points higher;
 the test accuracies are reported beside it but decide nothing. One results file
 per (pair, regime): ``convergence_<pair>_<regime>.json``.
@@ -35,8 +35,9 @@ CONVERGED_POINTS = 0.3  # largest gain in validation accuracy (points) the longe
 
 
 def long_epochs(scale: Scale, regime: str) -> int:
-    """The longer budget of the check: ``convergence_factor`` x the regime's epochs (rounded)."""
-    return max(scale.epochs[regime] + 1, round(scale.convergence_factor * scale.epochs[regime]))
+    """The longer budget of the check: the regime's ``convergence_factor`` (default 2) x its epochs."""
+    factor = scale.convergence_factor.get(regime, 2.0)
+    return max(scale.epochs[regime] + 1, round(factor * scale.epochs[regime]))
 
 
 def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path)
     config = TrainConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime], val_size=scale.val_size,
         data_options=dict(scale.data_options), epochs=epochs, batch_size=scale.batch_size, runs=1, seed=0,
+        eval_every=scale.eval_every.get(regime, 1),
         device=scale.device, progress=False, model=pair.student, width=width,
         out=str(work / "convergence" / pair.student / regime / f"epochs-{epochs}"),
     )
@@ -58,8 +60,8 @@ def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path)
                            val_set=val)
     run = result.runs[0]
     return {"epochs": epochs, "final_val_acc": run.final_val_acc, "final_test_acc": run.final_test_acc,
-            "val_acc_per_epoch": [r["val_acc"] for r in run.history],
-            "test_acc_per_epoch": [r["test_acc"] for r in run.history],
+            "val_acc_per_epoch": [r.get("val_acc") for r in run.history],
+            "test_acc_per_epoch": [r.get("test_acc") for r in run.history],
             "run_dir": config.out, "wall_s": time.perf_counter() - start, "finished": result.finished}
 
 

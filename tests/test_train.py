@@ -398,7 +398,7 @@ def test_report_from_run_directories(tmp_path, data):
     for name in ("a", "b"):
         api.train_teacher(dropout_net, train, test, out=str(tmp_path / name), epochs=2, lr=0.01, **FAST)
     runs = find_runs(tmp_path)
-    assert [r.name for r in runs] == ["a", "b"] and len(runs[0].mean_curve("test_acc")) == 2
+    assert [r.name for r in runs] == ["a", "b"] and runs[0].mean_curve("test_acc")[0] == [1, 2]
     path = write_report(tmp_path, title="two runs")
     text = path.read_text()
     assert "# two runs" in text and "| a |" in text and "curves.png" in text
@@ -464,3 +464,21 @@ def test_compile_option_trains_through_torch_compile(data, monkeypatch):
     assert result.finished and 0.0 <= result.runs[0].final_test_acc <= 1.0
     assert len(compiled) == 1 and isinstance(compiled[0], ClassifierModel)
     assert TrainConfig(compile=True).differences(TrainConfig()) == []   # a runtime option: resumable
+
+
+def test_eval_every_evaluates_some_epochs_and_the_last_and_picks_among_them(tmp_path):
+    from featkd.data import load_splits
+    from featkd.report import load_run
+
+    train, val, test = load_splits("synthetic", num_classes=3, samples_per_class=12, test_per_class=4,
+                                   image_size=8, val_size=9)
+    result = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test, val_set=val,
+                               model_name="resnet9", epochs=5, eval_every=2, out=str(tmp_path / "run"), **FAST)
+    records = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in records if "test_acc" in r] == [2, 4, 5]
+    assert [r["epoch"] for r in records if "val_acc" in r] == [2, 4, 5]
+    run = result.runs[0]
+    assert run.final_test_acc == records[-1]["test_acc"] and run.best_val_epoch in (2, 4, 5)
+    assert load_run(tmp_path / "run").mean_curve("test_acc")[0] == [2, 4, 5]
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=0).validate()

@@ -72,6 +72,7 @@ class RunConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _opt("auto", "mixed precision: auto (bf16 on CUDA), bf16 or none", ("auto", "bf16", "none"))
     eval_batch_size: int = _opt(512, "batch size for evaluation")
+    eval_every: int = _opt(1, "evaluate the validation and test splits every N epochs (and after the last)")
     channels_last: bool = _opt(True, "run models with convolutions in the channels-last memory format "
                                "(faster on CPUs and GPUs)")
     compile: bool = _opt(False, "compile the training forward with torch.compile")
@@ -138,7 +139,7 @@ class RunConfig:
             if choices and isinstance(value, str) and value not in choices:
                 if not _is_layer_field(f.name):
                     raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
-        for name in ("epochs", "batch_size", "runs", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "runs", "eval_batch_size", "eval_every"):
             _check_positive(name, getattr(self, name))
         for name in ("image_size", "train_limit", "val_size", "stop_after_epochs"):
             if getattr(self, name) is not None:

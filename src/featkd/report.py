@@ -59,11 +59,16 @@ class RunRecord:
     def method(self) -> str:
         return self.config["method"] if self.is_distill else "ce (train-teacher)"
 
-    def mean_curve(self, key: str) -> list[float]:
-        """Per-epoch mean of ``key`` over the seeds that reached that epoch."""
-        curves = [[r[key] for r in h if key in r] for h in self.histories.values()]
-        length = max((len(c) for c in curves), default=0)
-        return [_mean([c[e] for c in curves if len(c) > e]) for e in range(length)]
+    def mean_curve(self, key: str) -> tuple[list[int], list[float]]:
+        """(epochs, means): the epochs at which some seed recorded ``key`` (evaluations may run only
+        every few epochs) and the mean of ``key`` over those seeds."""
+        values: dict[int, list[float]] = {}
+        for history in self.histories.values():
+            for record in history:
+                if key in record:
+                    values.setdefault(record["epoch"], []).append(record[key])
+        epochs = sorted(values)
+        return epochs, [_mean(values[e]) for e in epochs]
 
 
 def _width(width: float) -> str:
@@ -168,11 +173,9 @@ def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
 
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        acc, loss = run.mean_curve("test_acc"), run.mean_curve("loss")
-        epochs = range(1, len(acc) + 1)
         label = f"{run.name} ({run.method})"
-        acc_ax.plot(epochs, acc, marker=".", label=label)
-        loss_ax.plot(epochs, loss, marker=".", label=label)
+        acc_ax.plot(*run.mean_curve("test_acc"), marker=".", label=label)
+        loss_ax.plot(*run.mean_curve("loss"), marker=".", label=label)
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
     loss_ax.set(xlabel="epoch", ylabel="training loss (sum of named losses)", title="training loss", yscale="log")
     for ax in (acc_ax, loss_ax):

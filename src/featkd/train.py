@@ -343,7 +343,7 @@ class RunResult:
 
     @property
     def final_test_acc(self) -> float:
-        return self.history[-1]["test_acc"] if self.history else float("nan")
+        return self.history[-1].get("test_acc", float("nan")) if self.history else float("nan")
 
     @property
     def final_val_acc(self) -> float | None:
@@ -351,11 +351,10 @@ class RunResult:
 
     @property
     def best_val_epoch(self) -> int | None:
-        """1-based epoch of the highest validation accuracy; None without a validation split."""
-        accs = [r.get("val_acc") for r in self.history]
-        if not accs or None in accs:
-            return None
-        return accs.index(max(accs)) + 1
+        """1-based epoch of the highest validation accuracy among the evaluated epochs (the earliest
+        on ties); None without a validation split."""
+        evaluated = [(r["val_acc"], -r["epoch"]) for r in self.history if r.get("val_acc") is not None]
+        return -max(evaluated)[1] if evaluated else None
 
     @property
     def best_val_acc(self) -> float | None:
@@ -638,8 +637,9 @@ class Trainer:
         if ctx.distributed:
             dist.all_reduce(stats)
         count = float(stats[-1])
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         accuracy = {f"{split}_acc": evaluate(model, split_loader, device, cfg.amp, memory_format)
-                    for split, split_loader in eval_loaders.items()}
+                    for split, split_loader in eval_loaders.items() if evaluated}
         record: dict[str, Any] = {"seed": seed, "epoch": epoch + 1}
         record.update({f"loss_{n}": float(stats[i]) / count for i, n in enumerate(names)})
         record["loss"] = sum(float(stats[i]) for i in range(len(names))) / count
@@ -651,9 +651,10 @@ class Trainer:
             epoch_time_s=time.perf_counter() - start,
         )
         val = f" val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
+        test = f" test acc {record['test_acc']:.4f}" if "test_acc" in record else ""
         (log.info if ctx.is_main else log.debug)(
-            "seed %d epoch %d/%d: loss %.4f train acc %.4f%s test acc %.4f lr %.2e (%.0f img/s, %.1f s)",
-            seed, epoch + 1, cfg.epochs, record["loss"], record["train_acc"], val, record["test_acc"],
+            "seed %d epoch %d/%d: loss %.4f train acc %.4f%s%s lr %.2e (%.0f img/s, %.1f s)",
+            seed, epoch + 1, cfg.epochs, record["loss"], record["train_acc"], val, test,
             record["lr"], record["images_per_s"], record["epoch_time_s"],
         )
         return record
