@@ -19,7 +19,9 @@ resnet34 -> resnet9, vgg19_bn -> vgg11_bn, vit_b -> vit_et (the scale's
   layers, one-to-one in depth order: ``lv_subsets`` random 4-subsets (seeded)
   plus the set each rule chooses and the baselines' standard layers.
 
-Every configuration runs ``lv_seeds`` seeds for ``lv_epochs`` epochs. Results:
+Every configuration runs ``lv_seeds`` seeds for ``lv_epochs`` epochs, evaluated
+after the last; the statistics use the final validation accuracy (held out of
+the training data; the test accuracy is recorded beside it). Results:
 ``layer_validity_<teacher>.json`` per teacher, rewritten after every finished
 configuration (``"complete": false`` until all are there); the statistics
 (Spearman rho with bootstrap CIs, regret, tests against depth, the held-out
@@ -233,7 +235,7 @@ def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, l
     config = DistillConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[scale.lv_regime],
         data_options=dict(scale.data_options), epochs=scale.lv_epochs, batch_size=scale.batch_size,
-        val_size=len(splits.val) if splits.val is not None else None,
+        val_size=len(splits.val) if splits.val is not None else None, eval_every=scale.lv_epochs,
         runs=scale.lv_seeds, seed=0, device=scale.device, progress=False,
         out=str(work / "layer_validity" / pair.teacher / key),
         teacher=pair.teacher, teacher_width=width, teacher_checkpoint=str(run_dir),
@@ -255,6 +257,7 @@ def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, l
             "final_test_acc": summary["final_test_acc"], "final_val_acc": summary.get("final_val_acc"),
             "test_acc_at_best_val": summary.get("test_acc_at_best_val"),
             "seeds": {str(r["seed"]): r["final_test_acc"] for r in summary["runs"] if r["finished"]},
+            "val_seeds": {str(r["seed"]): r["final_val_acc"] for r in summary["runs"] if r["finished"]},
             "train_time_s": summary["train_time_s"], "wall_s": time.perf_counter() - start}
 
 

@@ -4,7 +4,9 @@ Reads ``layer_validity_<teacher>.json`` (written by ``layer_validity.py``) and,
 per protocol ("deepest", "matched": one teacher layer; "sets": four):
 
 * rho: Spearman's rank correlation between a predictor (the layer's score; a
-  set's mean score) and the student's final test accuracy (mean over seeds),
+  set's mean score) and the student's final validation accuracy (mean over
+  seeds; the validation split is held out of the training data, so the rule
+  chosen from these numbers is chosen without the test split),
   per teacher with a bootstrap 95 % CI (configurations resampled), pooled as
   the mean over teachers (stratified bootstrap). For sets, rho is taken over
   the random subsets only (the rule sets are not a random sample);
@@ -38,6 +40,8 @@ from scipy.stats import rankdata
 from stats import holm
 
 N_BOOT = 2000
+ACCURACY = "final_val_acc"  # what every statistic ranks by: never the test split
+SEED_ACCURACY = "val_seeds"
 ALPHA = 0.05
 SEED = 0
 EXACT_FLIPS = 16  # sign-flip tests enumerate every flip up to this many pairs
@@ -72,8 +76,8 @@ class Configs:
     """The finished configurations of one protocol of one teacher."""
 
     layers: list[list[int]]  # teacher layers of each configuration
-    accuracy: np.ndarray  # mean final test accuracy over seeds (fraction)
-    seeds: list[dict[str, float]]  # final test accuracy per seed
+    accuracy: np.ndarray  # mean final validation accuracy over seeds (fraction)
+    seeds: list[dict[str, float]]  # final validation accuracy per seed
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -86,12 +90,12 @@ class Configs:
 def configs(data: dict[str, Any], protocol: str, only: list[list[int]] | None = None) -> Configs:
     """The protocol's finished configurations (those whose teacher layers are in ``only`` when given)."""
     rows = [data["runs"][key] for key in data["protocols"].get(protocol, []) if key in data["runs"]]
-    rows = [r for r in rows if r["final_test_acc"]["mean"] is not None]
+    rows = [r for r in rows if (r.get(ACCURACY) or {}).get("mean") is not None]
     if only is not None:
         rows = [r for r in rows if sorted(r["teacher_layers"]) in [sorted(s) for s in only]]
     return Configs([sorted(r["teacher_layers"]) for r in rows],
-                   np.array([r["final_test_acc"]["mean"] for r in rows], dtype=float),
-                   [r["seeds"] for r in rows])
+                   np.array([r[ACCURACY]["mean"] for r in rows], dtype=float),
+                   [r[SEED_ACCURACY] for r in rows])
 
 
 def scores(data: dict[str, Any], predictor: str, layers: list[list[int]]) -> np.ndarray:
@@ -330,7 +334,7 @@ def _protocol_lines(protocol: str, result: dict[str, Any], teachers: list[str]) 
     rho = result["rho"]
     if rho and any(row["teachers"] for row in rho.values()):
         subject = "random sets (a set's score: the mean over its layers)" if protocol == "sets" else "layers"
-        lines += [f"Spearman ρ between the predictor and the student's final accuracy over the {subject}, "
+        lines += [f"Spearman ρ between the predictor and the student's final validation accuracy over the {subject}, "
                   f"with a bootstrap 95 % CI; pooled: the mean over teachers; Δρ vs depth with a one-sided "
                   f"paired-bootstrap p (unadjusted):", ""]
         rows = [[pid] + [_rho_cell(row["teachers"].get(t)) for t in teachers] + [_rho_cell(row.get("pooled"))]
