@@ -160,7 +160,7 @@ SCALES: dict[str, Scale] = {
         teacher_augment=True,
         teachers_dir="benchmarks/teachers",
         quality_subset=5000,
-        lv_epochs=24,  # at 8 the two seeds of one configuration differed by up to 10 points
+        lv_epochs=24,  # at 8 the students were far from trained and the seeds differed more than the layers
     ),
     "quick": Scale(
         name="quick",
