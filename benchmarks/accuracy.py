@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 import common
+import layer_validity
 from common import PAIRS, Job, Scale
 
 log = logging.getLogger("benchmarks.accuracy")
@@ -430,11 +431,11 @@ def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], e
     lv = pairs.get(scale.lv_pair)
     if lv is not None and all(k in lv for k in ("ce", "kd", "fitnet", "featkd")):
         images, forward = sizes[scale.lv_regime], lv["teacher_forward"][statistic]
-        per_layer = (scale.lv_seeds * scale.lv_epochs * (images * lv["featkd"][statistic]
-                                                         + eval_images * lv["student_eval"][statistic])
-                     + images * forward)
-        layers = probe.get("lv_layers", 0)
-        jobs["layer_validity"] = [quality.get(PAIRS[scale.lv_pair].teacher, 0.0)] + [per_layer] * layers
+        run = scale.lv_epochs * images * lv["featkd"][statistic] + eval_images * lv["student_eval"][statistic]
+        layers = probe.get("lv_layers", 0)  # one teacher's configurations: every layer twice, the sets
+        configs = ([scale.lv_seeds * run + images * forward] * (2 * layers + scale.lv_subsets)
+                   + [scale.lv_rule_seeds * run + images * forward] * (len(layer_validity.rule_ids()) + 1))
+        jobs["layer_validity"] = [quality.get(PAIRS[scale.lv_pair].teacher, 0.0)] + configs
         tp = sizes[scale.tp_regime]
         jobs["throughput"] = [tp * (lv["ce"][statistic] + lv["kd"][statistic] + lv["fitnet"][statistic]
                                     + 2 * lv["featkd"][statistic] + 4 * forward)
@@ -462,10 +463,8 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
         for teacher in sorted({PAIRS[p].teacher for p in pairs}):
             log.info("probing knowledge quality of %s on %d images", teacher, scale.quality_subset)
             probe["quality_s"][teacher] = probe_quality(scale, teacher, train)
-    from layer_validity import candidate_layers
-
     lv_teacher = PAIRS[scale.lv_pair].teacher
-    probe["lv_layers"] = len(candidate_layers(common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)))
+    probe["lv_layers"] = len(layer_validity.candidate_layers(common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)))
     sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
     eval_images = len(test) + (len(val) if val is not None else 0)
     probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat)

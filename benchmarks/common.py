@@ -128,6 +128,7 @@ class Scale:
     lv_regime: str = "low"
     lv_epochs: int = 4
     lv_seeds: int = 2
+    lv_rule_seeds: int = 5  # seeds of the sets the rules choose (the default rule's test pairs them)
     lv_pairs: tuple[str, ...] = ("resnet34-resnet9", "vgg19_bn-vgg11_bn", "vit_b-vit_et")
     lv_subsets: int = 20  # random 4-subsets of teacher layers per teacher
     lv_max_layers: int | None = None  # candidate layers per teacher (None: all; evenly spread otherwise)
@@ -180,6 +181,7 @@ SCALES: dict[str, Scale] = {
         threads=1,
         lv_epochs=1,
         lv_seeds=1,
+        lv_rule_seeds=2,
         lv_subsets=2,
         lv_max_layers=5,
     ),

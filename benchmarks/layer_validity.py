@@ -19,7 +19,8 @@ resnet34 -> resnet9, vgg19_bn -> vgg11_bn, vit_b -> vit_et (the scale's
   layers, one-to-one in depth order: ``lv_subsets`` random 4-subsets (seeded)
   plus the set each rule chooses and the baselines' standard layers.
 
-Every configuration runs ``lv_seeds`` seeds for ``lv_epochs`` epochs, evaluated
+Every configuration runs ``lv_seeds`` seeds (the sets a rule chooses:
+``lv_rule_seeds``) for ``lv_epochs`` epochs, evaluated
 after the last; the statistics use the final validation accuracy (held out of
 the training data; the test accuracy is recorded beside it). Results:
 ``layer_validity_<teacher>.json`` per teacher, rewritten after every finished
@@ -219,8 +220,9 @@ def teacher_quality(scale: Scale, teacher: str, run_dir: Path, work: Path, varia
 
 # --------------------------------------------------------------------------- one configuration
 def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, list[int]],
-                 work: Path) -> dict[str, Any]:
-    """Distil the student with featkd from ``entry``'s teacher layers onto its student layers."""
+                 work: Path, seeds: int) -> dict[str, Any]:
+    """Distil the student with featkd from ``entry``'s teacher layers onto its student layers,
+    ``seeds`` runs (seeds 0, 1, ...)."""
     from featkd.api import distill
     from featkd.config import DistillConfig
 
@@ -236,7 +238,7 @@ def validity_job(scale: Scale, pair_name: str, run_dir: Path, entry: dict[str, l
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[scale.lv_regime],
         data_options=dict(scale.data_options), epochs=scale.lv_epochs, batch_size=scale.batch_size,
         val_size=len(splits.val) if splits.val is not None else None, eval_every=scale.lv_epochs,
-        runs=scale.lv_seeds, seed=0, device=scale.device, progress=False,
+        runs=seeds, seed=0, device=scale.device, progress=False,
         out=str(work / "layer_validity" / pair.teacher / key),
         teacher=pair.teacher, teacher_width=width, teacher_checkpoint=str(run_dir),
         student=pair.student, student_width=scale.student_widths[pair.student], method="featkd",
@@ -294,7 +296,8 @@ def teacher_plan(scale: Scale, pair_name: str, run_dir: Path, work: Path, record
         "student": pair.student,
         "settings": {"scale": scale.name, "data": scale.data, "data_options": scale.data_options,
                      "regime": scale.lv_regime, "train_images": scale.regimes[scale.lv_regime],
-                     "epochs": scale.lv_epochs, "seeds": scale.lv_seeds, "batch_size": scale.batch_size,
+                     "epochs": scale.lv_epochs, "seeds": scale.lv_seeds, "rule_seeds": scale.lv_rule_seeds,
+                     "batch_size": scale.batch_size,
                      "random_sets": scale.lv_subsets, "max_layers": scale.lv_max_layers,
                      "student_width": scale.student_widths[pair.student], "method": "featkd",
                      "quality_subset": scale.quality_subset},
@@ -309,6 +312,12 @@ def teacher_plan(scale: Scale, pair_name: str, run_dir: Path, work: Path, record
         "standard_set": standard if len(standard) == SET_SIZE else None,
     }
     return head, protocols
+
+
+def chosen_sets(head: dict[str, Any]) -> list[list[int]]:
+    """The sets a rule (or the baselines) chose: they run ``lv_rule_seeds`` seeds, so that a rule can
+    beat depth's choice in a paired test (2 seeds on 3 teachers allow no p below 1/64)."""
+    return list(head["rule_sets"].values()) + ([head["standard_set"]] if head["standard_set"] else [])
 
 
 def _restricted(report: Any, layers: list[int]) -> Any:
@@ -343,7 +352,10 @@ def run(scale: Scale, pairs: list[str], teachers: str | None, work: Path, result
                           "path": results / f"layer_validity_{teacher}.json"}
         common.write_json(plans[teacher]["path"], assemble(head, protocols, {}))
         entries = {config_key(e): e for group in protocols.values() for e in group}
-        jobs += [Job(f"{teacher} {key}", validity_job, (scale, name, run_dir, entry, work))
+        chosen = {config_key({"teacher_layers": layers, "student_layers": head["student_layers"]})
+                  for layers in chosen_sets(head)}
+        jobs += [Job(f"{teacher} {key}", validity_job, (scale, name, run_dir, entry, work,
+                                                        scale.lv_rule_seeds if key in chosen else scale.lv_seeds))
                  for key, entry in entries.items()]
 
     def on_done(name: str, outcome: Any) -> None:

@@ -49,6 +49,7 @@ MONTE_CARLO_FLIPS = 20000
 DEPTH = "depth"
 PAPER_Q = "Q/paper"
 STANDARD = "standard"  # the baselines' evenly spread teacher layers, a fixed set
+TEACHERS_NEEDED = 3  # the default rule is decided on three complete teachers, not fewer
 PROTOCOL_TITLES = {
     "deepest": "One teacher layer into the student's deepest distilled layer",
     "matched": "One teacher layer into the student layer at the matching relative depth",
@@ -285,6 +286,50 @@ def held_out(choices: dict[str, dict[str, Any]], rules: list[str]) -> list[dict[
     return rows
 
 
+def default_verdict(teachers: dict[str, dict[str, Any]], analysis: dict[str, Any]) -> dict[str, Any]:
+    """The rule ``auto`` should use, by the criterion fixed before the results were in.
+
+    Depth (the deepest four) is the default unless rules beat depth's choice in
+    the sets protocol (what ``auto`` does): paired sign-flip test over teachers
+    and seeds, Holm-adjusted over the protocol's rules, p < ALPHA. Among those,
+    the one with the best mean regret. Decided only with TEACHERS_NEEDED
+    complete teachers; ``floor`` is the smallest Holm-adjusted p the pairs allow.
+    """
+    complete = sorted(t for t, d in teachers.items() if d.get("complete"))
+    tests = {r: t for r, t in analysis["sets"]["vs_depth"].items() if r != STANDARD}
+    pairs = max((t["pairs"] for t in tests.values()), default=0)
+    floor = min(1.0, len(tests) / 2 ** pairs) if pairs and pairs <= EXACT_FLIPS else None
+    verdict: dict[str, Any] = {"complete": complete, "rules": len(tests), "pairs": pairs, "floor": floor}
+    if len(complete) < TEACHERS_NEEDED:
+        return {**verdict, "rule": None, "beat_depth": []}
+    winners = beating(tests, lambda test: test["p"])
+    regret = analysis["sets"]["regret"]
+    mean = {r: float(np.mean([c["regret"] for c in regret[r].values()])) for r in winners}
+    return {**verdict, "rule": max(winners, key=lambda r: mean[r]) if winners else DEPTH, "beat_depth": winners}
+
+
+def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
+    from featkd.selection import DEFAULT_RULE
+
+    lines = ["### The default rule", "",
+             f"Criterion, fixed before the results: depth (the deepest four candidate layers) unless rules beat "
+             f"depth's choice of four in the sets protocol (Holm-adjusted p < {ALPHA}); then the one of them with "
+             f"the best mean regret. Decided on {TEACHERS_NEEDED} complete teachers.", ""]
+    floor = verdict["floor"]
+    if floor is not None:
+        lines += [f"With {verdict['pairs']} (teacher, seed) pairs and {verdict['rules']} rules, the smallest "
+                  f"Holm-adjusted p attainable is {floor:.3g}"
+                  + (": no rule can beat depth at this number of seeds." if floor >= ALPHA else ".")]
+    if verdict["rule"] is None:
+        lines.append(f"**Undecided**: {len(verdict['complete'])} of {TEACHERS_NEEDED} teachers complete "
+                     f"({', '.join(verdict['complete']) or 'none'}). featkd's `DEFAULT_RULE` is `{DEFAULT_RULE}`.")
+    else:
+        agrees = "matches" if verdict["rule"].split("/")[0] == DEFAULT_RULE else "**does not match**"
+        lines.append(f"Verdict: **{verdict['rule']}** (rules beating depth: {', '.join(verdict['beat_depth']) or 'none'}); "
+                     f"featkd's `DEFAULT_RULE` (`{DEFAULT_RULE}`) {agrees} it.")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- Markdown
 def _signed(value: float | None, fmt: str = "+.2f") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
@@ -325,7 +370,8 @@ def _setup(teachers: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(f"- {d['pair']}: teacher width {run.get('width', '?')}{acc_text}; {len(d['candidate_layers'])} "
                      f"candidate GLs {d['candidate_layers'][0]}–{d['candidate_layers'][-1]}, "
                      f"{len(d['random_sets'])} random sets; {s['regime']} regime ({s['train_images']} images), "
-                     f"{s['epochs']} epochs, {s['seeds']} seeds; {state}.")
+                     f"{s['epochs']} epochs, {s['seeds']} seeds ({s.get('rule_seeds', s['seeds'])} for the sets "
+                     f"the rules choose); {state}.")
     return lines
 
 
@@ -404,6 +450,7 @@ def markdown(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> str:
     for protocol in PROTOCOL_TITLES:
         lines += _protocol_lines(protocol, analysis[protocol], names)
     lines += _held_out_lines(analysis)
+    lines += _verdict_lines(default_verdict(teachers, analysis))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -287,7 +287,10 @@ def test_layer_validity_quick(quick):
     assert all(s in sets for s in data["random_sets"] + list(data["rule_sets"].values()))
     assert [runs[k]["student_layers"] for k in data["protocols"]["deepest"]] == [[4]] * 5
     assert [runs[k]["student_layers"] for k in data["protocols"]["matched"]] == [[1], [2], [3], [3], [4]]
-    assert all(set(runs[k]["seeds"]) == {"0"} for k in runs)
+    chosen = [layer_validity.config_key({"teacher_layers": s, "student_layers": data["student_layers"]})
+              for s in layer_validity.chosen_sets(data)]
+    assert chosen and all(set(runs[k]["seeds"]) == set(runs[k]["val_seeds"]) == {"0", "1"} for k in chosen)
+    assert all(set(runs[k]["seeds"]) == {"0"} for k in runs if k not in chosen)  # quick: lv_seeds 1
     # the report's rho over the layers, against an independent implementation
     import validity_report
 

@@ -36,18 +36,18 @@ def run_entry(layers, teacher, seed_offsets=(0.0, 0.002)):
             "final_test_acc": common.mean_std(list(test.values())), "seeds": test}
 
 
-def results_file(teacher, folder, drop=()):
+def results_file(teacher, folder, drop=(), seed_offsets=(0.0, 0.002), depth_set=(3, 4, 5, 6)):
     """A results file: Q/paper ranks layers exactly as the accuracy does, S/paper in reverse."""
     truth = {t: accuracy([t], teacher) for t in CANDIDATES}
     predictors = {"Q/paper": {str(t): truth[t] for t in CANDIDATES},
                   "S/paper": {str(t): -truth[t] for t in CANDIDATES},
                   "depth": {str(t): float(t) for t in CANDIDATES},
                   "probe": {str(t): [0.3, 0.1, 0.4, 0.2, 0.6, 0.5][t - 1] for t in CANDIDATES}}
-    rule_sets = {"Q/paper": [3, 4, 5, 6], "S/paper": [1, 2, 3, 4], "depth": [3, 4, 5, 6],
+    rule_sets = {"Q/paper": [3, 4, 5, 6], "S/paper": [1, 2, 3, 4], "depth": list(depth_set),
                  "probe": [1, 3, 5, 6], "bands:S/paper": [1, 2, 3, 5]}
     random_sets = [[1, 2, 3, 4], [1, 2, 5, 6], [2, 3, 4, 5], [1, 4, 5, 6], [2, 4, 5, 6], [1, 3, 4, 6]]
-    single = {f"t{t}": run_entry([t], teacher) for t in CANDIDATES}
-    sets = {f"set{'-'.join(map(str, s))}": run_entry(s, teacher)
+    single = {f"t{t}": run_entry([t], teacher, seed_offsets) for t in CANDIDATES}
+    sets = {f"set{'-'.join(map(str, s))}": run_entry(s, teacher, seed_offsets)
             for s in random_sets + list(rule_sets.values())}
     runs = {k: v for k, v in {**single, **sets}.items() if k not in drop}
     data = {"benchmark": "layer_validity", "teacher": teacher, "pair": f"{teacher}-{TEACHERS[teacher]}",
@@ -159,3 +159,33 @@ def test_markdown_renders_every_part_and_marks_partial_results(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "No results yet: run `python benchmarks/layer_validity.py`" in vr.markdown(empty)
+
+
+def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(tmp_path):
+    for teacher in ("resnet34", "vgg19_bn"):
+        results_file(teacher, tmp_path)
+    results_file("vit_b", tmp_path, drop=("t4",))
+    teachers = vr.load(tmp_path)
+    verdict = vr.default_verdict(teachers, vr.analyse(teachers, n_boot=50))
+    assert verdict["rule"] is None and verdict["complete"] == ["resnet34", "vgg19_bn"]
+    assert "**Undecided**: 2 of 3 teachers complete (resnet34, vgg19_bn)" in vr.markdown(tmp_path, n_boot=50)
+
+    # three complete teachers, 2 seeds: Q's set is depth's; nothing can win (4 rules / 2^6 pairs > 0.05)
+    results_file("vit_b", tmp_path)
+    teachers = vr.load(tmp_path)
+    verdict = vr.default_verdict(teachers, vr.analyse(teachers, n_boot=50))
+    assert verdict["rule"] == "depth" and verdict["beat_depth"] == []
+    assert verdict["floor"] == pytest.approx(4 / 64)
+    text = vr.markdown(tmp_path, n_boot=50)
+    assert "smallest Holm-adjusted p attainable is 0.0625: no rule can beat depth" in text
+    assert "Verdict: **depth** (rules beating depth: none)" in text
+
+    # 3 seeds and a poor depth set [1, 2, 5, 6] (0.6625): the sets of Q (0.7875), S (0.675) and probe
+    # (0.6875) beat it in all 9 pairs (p = 1/512, Holm at most 4/512), bands:S (0.65) does not; Q has
+    # the best regret and wins
+    for teacher in TEACHERS:
+        results_file(teacher, tmp_path, seed_offsets=(0.0, 0.002, 0.004), depth_set=(1, 2, 5, 6))
+    teachers = vr.load(tmp_path)
+    verdict = vr.default_verdict(teachers, vr.analyse(teachers, n_boot=50))
+    assert verdict["beat_depth"] == ["Q/paper", "S/paper", "probe"] and verdict["rule"] == "Q/paper"
+    assert "Verdict: **Q/paper** (rules beating depth: Q/paper, S/paper, probe)" in vr.markdown(tmp_path, n_boot=50)
