@@ -4,6 +4,7 @@ import pytest
 
 from featkd.cli import main
 from featkd.quality import QualityReport
+from featkd.selection import DEFAULT_RULE
 
 BASE = ["quality", "--model", "resnet9", "--width", "0.0625", "--data", "synthetic", "--device", "cpu"]
 
@@ -18,11 +19,11 @@ def test_quality_command_prints_table_and_writes_files(tmp_path, capsys):
     assert len([line for line in lines[1:7] if line.rstrip().endswith("*")]) == 2
     report = QualityReport.from_json(out / "quality.json")
     selected = report.select(2)
-    assert f"selected by Q (k=2): {selected[0]},{selected[1]}" in printed
+    assert f"selected by {DEFAULT_RULE} (k=2): {selected[0]},{selected[1]}" in printed  # auto's rule
     assert [row.index for row in report.layers] == list(range(6))  # resnet9: 6 GLs
     data = json.loads((out / "quality.json").read_text())
     assert data["variant"] == "corrected" and data["model"] == "resnet9"
-    assert data["selected"]["Q"] == selected and data["settings"]["dataset"] == "synthetic"
+    assert data["selected"][DEFAULT_RULE] == selected and data["settings"]["dataset"] == "synthetic"
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
