@@ -448,9 +448,10 @@ def make_report(q_values):
 
 def test_select_orders_by_depth_and_breaks_ties_deeper():
     report = make_report([0.5, 0.9, 0.2, 0.9, 0.7, float("nan")])
-    assert report.select(2) == [1, 3]
-    assert report.select(3) == [1, 3, 4]
-    assert make_report([0.3, 0.3, 0.3, 0.3]).select(2) == [2, 3]  # ties go deeper
+    assert report.select(2, by="Q") == [1, 3]
+    assert report.select(3, by="Q") == [1, 3, 4]
+    assert make_report([0.3, 0.3, 0.3, 0.3]).select(2, by="Q") == [2, 3]  # ties go deeper
+    assert report.select(2) == [4, 5]  # the default rule, depth: the deepest
     assert report.select(2, by="S") == [4, 5]
     assert report.select(1, by="I") == [0]
     assert report.select(2, by="sqrtIE") == [4, 5]  # all equal: the deepest
@@ -473,7 +474,7 @@ def test_json_round_trip_table_and_plot(tmp_path):
     for source in (text, path, str(path)):
         back = QualityReport.from_json(source)
         assert back == report
-    table = report.table(k=2)
+    table = report.table(k=2, by="Q")
     lines = table.splitlines()
     assert len(lines) == 5 and "sqrtIE" in lines[0]
     assert lines[2].endswith("*") and lines[4].endswith("*") and not lines[1].endswith("*")
