@@ -314,6 +314,19 @@ def teacher_plan(scale: Scale, pair_name: str, run_dir: Path, work: Path, record
     return head, protocols
 
 
+def kept_runs(path: Path, head: dict[str, Any], protocols: dict[str, list[dict[str, list[int]]]]
+              ) -> dict[str, Any]:
+    """The finished configurations of an earlier results file with the same settings and sets, so
+    that a restarted run never writes a file with fewer results than it found."""
+    if not path.is_file():
+        return {}
+    earlier = common.read_json(path)
+    same = all(earlier.get(key) == head.get(key) for key in ("settings", "candidate_layers", "student_layers",
+                                                             "rule_sets", "random_sets", "standard_set"))
+    keys = {config_key(e) for entries in protocols.values() for e in entries}
+    return {k: v for k, v in earlier.get("runs", {}).items() if k in keys} if same else {}
+
+
 def chosen_sets(head: dict[str, Any]) -> list[list[int]]:
     """The sets a rule (or the baselines) chose: they run ``lv_rule_seeds`` seeds, so that a rule can
     beat depth's choice in a paired test (2 seeds on 3 teachers allow no p below 1/64)."""
@@ -348,9 +361,10 @@ def run(scale: Scale, pairs: list[str], teachers: str | None, work: Path, result
         teacher = PAIRS[name].teacher
         run_dir = ensure_teacher(scale, teacher, work, teachers, threads)
         head, protocols = teacher_plan(scale, name, run_dir, work, record)
-        plans[teacher] = {"head": head, "protocols": protocols, "runs": {},
-                          "path": results / f"layer_validity_{teacher}.json"}
-        common.write_json(plans[teacher]["path"], assemble(head, protocols, {}))
+        path = results / f"layer_validity_{teacher}.json"
+        plans[teacher] = {"head": head, "protocols": protocols, "runs": kept_runs(path, head, protocols),
+                          "path": path}
+        common.write_json(plans[teacher]["path"], assemble(head, protocols, plans[teacher]["runs"]))
         entries = {config_key(e): e for group in protocols.values() for e in group}
         chosen = {config_key({"teacher_layers": layers, "student_layers": head["student_layers"]})
                   for layers in chosen_sets(head)}

@@ -372,3 +372,17 @@ def test_probe_quick_estimates_the_suite(quick):
     assert all(t["min"] <= t["median"] for t in timings.values())
     estimate = probe["estimate"]["median"]
     assert estimate["students_cpu_s"] > 0 and estimate["wall_s"] == pytest.approx(estimate["cpu_s"] / estimate["workers"])
+
+
+def test_a_restarted_layer_validity_run_keeps_the_results_it_finds(tmp_path):
+    head = {"settings": {"epochs": 24, "seeds": 2}, "candidate_layers": [1, 2], "student_layers": [4],
+            "rule_sets": {"depth": [2]}, "random_sets": [], "standard_set": None}
+    protocols = {"deepest": [{"teacher_layers": [1], "student_layers": [4]},
+                             {"teacher_layers": [2], "student_layers": [4]}]}
+    path = tmp_path / "layer_validity_t.json"
+    assert layer_validity.kept_runs(path, head, protocols) == {}  # no file yet
+    runs = {"t1_s4": {"final_val_acc": {"mean": 0.5}}, "t9_s4": {"final_val_acc": {"mean": 0.9}}}
+    common.write_json(path, {**head, "runs": runs})
+    assert layer_validity.kept_runs(path, head, protocols) == {"t1_s4": runs["t1_s4"]}  # t9: no longer planned
+    other = {**head, "settings": {"epochs": 8, "seeds": 2}}
+    assert layer_validity.kept_runs(path, other, protocols) == {}  # other settings: nothing kept
