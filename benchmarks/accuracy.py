@@ -398,7 +398,8 @@ def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], e
                    methods: list[str], workers: int, statistic: str = "median") -> dict[str, Any]:
     """Seconds of each phase of the default suite from the probe's per-image times.
 
-    ``eval_images`` are evaluated after every epoch (the validation and test splits).
+    ``eval_images`` (the validation and test splits) are evaluated every ``eval_every``-th
+    epoch of the grid and the convergence check, once per layer-validity run.
     ``<phase>_cpu_s`` sums the phase's jobs (one core each); ``wall_s`` adds up the
     phases, each taking max(total / workers, its longest job). Throughput runs last,
     in one process. ``cells_cpu_s`` gives each (pair, regime) of the grid, the parts it
@@ -464,7 +465,8 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
             log.info("probing knowledge quality of %s on %d images", teacher, scale.quality_subset)
             probe["quality_s"][teacher] = probe_quality(scale, teacher, train)
     lv_teacher = PAIRS[scale.lv_pair].teacher
-    probe["lv_layers"] = len(layer_validity.candidate_layers(common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)))
+    lv_model = common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)
+    probe["lv_layers"] = len(layer_validity.candidate_layers(lv_model))
     sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
     eval_images = len(test) + (len(val) if val is not None else 0)
     probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat)

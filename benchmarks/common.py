@@ -53,6 +53,10 @@ RESULTS_DIR = BENCH_DIR / "results"
 METHODS = ("ce", "kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd",
            "featkd", "featkd_ce", "featkd_ce_kd", "featkd_std")
 
+#: the logit-based baselines the ARI compares featkd with
+BASELINES = ("kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd")
+ARI_MIN_GAIN = 0.5  # percentage points over ce a baseline needs to enter the ARI
+
 
 def rows() -> tuple[str, ...]:
     """The rows of the comparison: every method, plus ``featkd_default`` (featkd on the layers of
@@ -65,10 +69,6 @@ def rows() -> tuple[str, ...]:
 def row_method(row: str) -> str:
     """The distillation method of a comparison row."""
     return "featkd" if row == "featkd_default" else row
-
-#: the logit-based baselines the ARI compares featkd with
-BASELINES = ("kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd")
-ARI_MIN_GAIN = 0.5  # percentage points over ce a baseline needs to enter the ARI
 
 
 # --------------------------------------------------------------------------- settings

@@ -178,7 +178,7 @@ def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(t
     assert verdict["floor"] == pytest.approx(4 / 64)
     text = vr.markdown(tmp_path, n_boot=50)
     assert "smallest Holm-adjusted p attainable is 0.0625: no rule can beat depth" in text
-    assert "Verdict: **depth** (rules beating depth: none)" in text
+    assert "Verdict: **depth** (rules beating depth: none); featkd's `DEFAULT_RULE` (`depth`) matches it." in text
 
     # 3 seeds and a poor depth set [1, 2, 5, 6] (0.6625): the sets of Q (0.7875), S (0.675) and probe
     # (0.6875) beat it in all 9 pairs (p = 1/512, Holm at most 4/512), bands:S (0.65) does not; Q has
@@ -188,4 +188,6 @@ def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(t
     teachers = vr.load(tmp_path)
     verdict = vr.default_verdict(teachers, vr.analyse(teachers, n_boot=50))
     assert verdict["beat_depth"] == ["Q/paper", "S/paper", "probe"] and verdict["rule"] == "Q/paper"
-    assert "Verdict: **Q/paper** (rules beating depth: Q/paper, S/paper, probe)" in vr.markdown(tmp_path, n_boot=50)
+    text = vr.markdown(tmp_path, n_boot=50)
+    assert "Verdict: **Q/paper** (rules beating depth: Q/paper, S/paper, probe)" in text
+    assert "(`depth`) **does not match** it." in text
