@@ -1,7 +1,8 @@
 """Write BENCHMARKS.md from the results files in benchmarks/results (never typed by hand).
 
 Reads accuracy_<pair>_<regime>.json, convergence_<pair>_<regime>.json,
-layer_validity.json, throughput.json, quality_speed.json, probe.json and the
+layer_validity_<teacher>.json (via validity_report.py), the earlier
+one-file layer_validity.json, throughput.json, quality_speed.json, probe.json and the
 quality_*.json/png files the benchmark scripts wrote; renders the tables and
 computes every verdict from the per-seed numbers (benchmarks/stats.py).
 Missing or partial results are shown as such, never filled in.
@@ -204,11 +205,14 @@ def method_of_test(test: str) -> str:
             "featkd_default vs featkd where it was run), never against the best of several on the test set.")
 
 
-def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellStats], test: str) -> list[str]:
+def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellStats], test: str,
+                    rule_line: str | None = None) -> list[str]:
     cells = found["accuracy"]
     lines = ["## Summary", ""]
+    rule = [rule_line, ""] if rule_line else []
     if not cells:
-        return lines + ["No accuracy results yet: run `python benchmarks/accuracy.py` (see benchmarks/README.md).", ""]
+        return lines + ["No accuracy results yet: run `python benchmarks/accuracy.py` (see benchmarks/README.md).",
+                        ""] + rule
     lines += [method_of_test(test), ""]
     lines += sensitivity_lines(analysed)
     lines += overview_table(cells, analysed)
@@ -217,6 +221,7 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     lines += convergence_summary(found.get("convergence", {}))
     lines += gap_summary(cells)
     lines += layer_validity_summary(found.get("layer_validity"))
+    lines += rule
     missing = [f"{p} {r}" for p, r in expected_cells(cells) if (p, r) not in cells]
     partial = [f"{p} {r} ({', '.join(d['missing'])})" for (p, r), d in cells.items() if not d.get("complete")]
     if missing:
@@ -592,10 +597,11 @@ def comparison_cells(c: stats.Comparison | None, holm: float | None) -> list[str
 
 
 def section_layer_validity(found: dict[str, Any]) -> list[str]:
+    """The single-layer check of the earlier, one-file format (layer_validity.json), where one exists."""
     d = found.get("layer_validity")
-    lines = ["## Does Q pick the layers that distil best? (`benchmarks/layer_validity.py`)", ""]
     if not d:
-        return lines + ["No results yet: run `python benchmarks/layer_validity.py`.", ""]
+        return []
+    lines = ["## Does Q pick the layers that distil best? (`benchmarks/layer_validity.py`)", ""]
     s = d["settings"]
     state = "complete" if d.get("complete") else f"**partial**: layers {d.get('missing_layers')} missing"
     lines += [f"{s['pair']}: featkd from one teacher layer t at a time onto student GL {s['student_layer']}; "
@@ -727,14 +733,15 @@ def render(results: Path, out: Path, test: str = "welch") -> str:
              "the logit-based baselines, and does Q pick the layers that distil best? Every number below is read "
              f"from the JSON files in `{source}/`, written by the scripts in `benchmarks/` (how to run "
              "them: `benchmarks/README.md`); the verdicts are computed from those numbers.", ""]
-    lines += section_summary(found, analysed, test)
+    validity, rule_line = validity_report.report(results)
+    lines += section_summary(found, analysed, test, rule_line)
     lines += section_setup(found, results)
     lines += section_teachers(found)
     lines += section_convergence(found)
     lines += section_layers(found, results, out_dir)
     lines += section_accuracy(found, analysed)
     lines += section_layer_validity(found)
-    lines.append(validity_report.markdown(results))
+    lines.append(validity)
     lines += section_throughput(found)
     lines += section_quality_speed(found)
     lines += section_further(results, out_dir)

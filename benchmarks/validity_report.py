@@ -434,12 +434,30 @@ def _held_out_lines(analysis: dict[str, Any]) -> list[str]:
 
 def markdown(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> str:
     """The BENCHMARKS.md section of the layer-validity benchmark from the files in ``results``."""
+    return report(results, n_boot, seed)[0]
+
+
+def summary_line(verdict: dict[str, Any]) -> str:
+    """One line for the summary of BENCHMARKS.md: where the choice of the default rule stands."""
+    from featkd.selection import DEFAULT_RULE
+
+    if verdict["rule"] is None:
+        return (f"Default teacher-layer rule: **undecided** ({len(verdict['complete'])} of {TEACHERS_NEEDED} "
+                f"layer-validity teachers complete); `auto` uses `{DEFAULT_RULE}` until then.")
+    beat = ", ".join(verdict["beat_depth"]) or "none"
+    return (f"Default teacher-layer rule: **{verdict['rule']}** by the criterion fixed in advance (rules beating "
+            f"depth: {beat}); `auto` uses `{DEFAULT_RULE}`.")
+
+
+def report(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> tuple[str, str | None]:
+    """The section's Markdown and the summary line (None without results), from one analysis."""
     title = "## Which rule picks the teacher layers? (`benchmarks/layer_validity.py`)"
     teachers = load(results)
     if not teachers:
         return "\n".join([title, "", "No results yet: run `python benchmarks/layer_validity.py` "
-                                     "(three teachers; see benchmarks/README.md).", ""]) + "\n"
+                                     "(three teachers; see benchmarks/README.md).", ""]) + "\n", None
     analysis = analyse(teachers, n_boot, seed)
+    verdict = default_verdict(teachers, analysis)
     first = next(iter(teachers.values()))
     lines = [title, "",
              "featkd distilled from single teacher layers and from sets of four, on each teacher's training "
@@ -452,8 +470,8 @@ def markdown(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> str:
     for protocol in PROTOCOL_TITLES:
         lines += _protocol_lines(protocol, analysis[protocol], names)
     lines += _held_out_lines(analysis)
-    lines += _verdict_lines(default_verdict(teachers, analysis))
-    return "\n".join(lines).rstrip() + "\n"
+    lines += _verdict_lines(verdict)
+    return "\n".join(lines).rstrip() + "\n", summary_line(verdict)
 
 
 def main(argv: list[str] | None = None) -> int:

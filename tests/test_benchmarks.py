@@ -359,6 +359,7 @@ def test_report_without_results(tmp_path):
     (tmp_path / "empty").mkdir()
     text = report.render(tmp_path / "empty", tmp_path / "B.md")
     assert "No accuracy results yet" in text and "No results yet: run `python benchmarks/layer_validity.py`" in text
+    assert "Does Q pick the layers" not in text  # the earlier one-file format's section: only with its file
     assert report.main(["--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "B.md")]) == 2
 
 

@@ -168,7 +168,10 @@ def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(t
     teachers = vr.load(tmp_path)
     verdict = vr.default_verdict(teachers, vr.analyse(teachers, n_boot=50))
     assert verdict["rule"] is None and verdict["complete"] == ["resnet34", "vgg19_bn"]
-    assert "**Undecided**: 2 of 3 teachers complete (resnet34, vgg19_bn)" in vr.markdown(tmp_path, n_boot=50)
+    text, line = vr.report(tmp_path, n_boot=50)
+    assert "**Undecided**: 2 of 3 teachers complete (resnet34, vgg19_bn)" in text
+    assert line == ("Default teacher-layer rule: **undecided** (2 of 3 layer-validity teachers complete); "
+                    "`auto` uses `depth` until then.")
 
     # three complete teachers, 2 seeds: Q's set is depth's; nothing can win (4 rules / 2^6 pairs > 0.05)
     results_file("vit_b", tmp_path)
@@ -188,6 +191,8 @@ def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(t
     teachers = vr.load(tmp_path)
     verdict = vr.default_verdict(teachers, vr.analyse(teachers, n_boot=50))
     assert verdict["beat_depth"] == ["Q/paper", "S/paper", "probe"] and verdict["rule"] == "Q/paper"
-    text = vr.markdown(tmp_path, n_boot=50)
+    text, line = vr.report(tmp_path, n_boot=50)
     assert "Verdict: **Q/paper** (rules beating depth: Q/paper, S/paper, probe)" in text
+    assert line == ("Default teacher-layer rule: **Q/paper** by the criterion fixed in advance (rules beating depth: "
+                    "Q/paper, S/paper, probe); `auto` uses `depth`.")
     assert "(`depth`) **does not match** it." in text
