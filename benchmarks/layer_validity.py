@@ -365,7 +365,10 @@ def run(scale: Scale, pairs: list[str], teachers: str | None, work: Path, result
         plans[teacher] = {"head": head, "protocols": protocols, "runs": kept_runs(path, head, protocols),
                           "path": path}
         common.write_json(plans[teacher]["path"], assemble(head, protocols, plans[teacher]["runs"]))
-        entries = {config_key(e): e for group in protocols.values() for e in group}
+        kept = plans[teacher]["runs"]
+        entries = {config_key(e): e for group in protocols.values() for e in group if config_key(e) not in kept}
+        log.info("%s: %d configurations to run, %d finished ones kept from %s", teacher, len(entries), len(kept),
+                 path)
         chosen = {config_key({"teacher_layers": layers, "student_layers": head["student_layers"]})
                   for layers in chosen_sets(head)}
         jobs += [Job(f"{teacher} {key}", validity_job, (scale, name, run_dir, entry, work,
