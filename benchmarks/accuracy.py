@@ -152,7 +152,7 @@ def settings_of(scale: Scale, pair: common.Pair, regime: str) -> dict[str, Any]:
         "teacher": pair.teacher, "teacher_width": scale.teacher_widths[pair.teacher],
         "teacher_epochs": scale.teacher_epochs, "teacher_lr": scale.teacher_lrs.get(pair.teacher, "recipe"),
         "student": pair.student, "student_width": scale.student_widths[pair.student],
-        "epochs": scale.epochs[regime], "eval_every": scale.eval_every.get(regime, 1), "seeds": scale.seeds,
+        "epochs": scale.budget(pair.student, regime), "eval_every": scale.eval_every.get(regime, 1), "seeds": scale.seeds,
         "batch_size": scale.batch_size,
         "optimizer": "adamw one-cycle (pct_start 0.3), per-family peak lr", "augment": False,
         "teacher_outputs": "cached once per layer list (un-augmented training set)",
@@ -167,8 +167,8 @@ def distill_config(scale: Scale, pair: common.Pair, regime: str, row: str, work:
 
     return DistillConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime], val_size=scale.val_size,
-        data_options=dict(scale.data_options), epochs=scale.epochs[regime], batch_size=scale.batch_size,
-        eval_every=scale.eval_every.get(regime, 1), runs=scale.seeds, seed=0, device=scale.device, progress=False,
+        data_options=dict(scale.data_options), epochs=scale.budget(pair.student, regime),
+        batch_size=scale.batch_size, eval_every=scale.eval_every.get(regime, 1), runs=scale.seeds, seed=0, device=scale.device, progress=False,
         out=str(work / "runs" / pair.name / regime / row),
         teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
         teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
@@ -251,7 +251,7 @@ def job_costs(scale: Scale, methods: list[str], probe_path: Path) -> dict[tuple[
     costs = {}
     for pair in PAIRS:
         for regime, images in scale.regimes.items():
-            volume = (images or 50000) * scale.epochs[regime]
+            volume = (images or 50000) * scale.budget(PAIRS[pair].student, regime)
             timings = probe.get(pair)
             if timings and all(common.row_method(m) in timings for m in methods):
                 costs[(pair, regime)] = volume * sum(timings[common.row_method(m)]["cpu"] for m in methods)
@@ -416,6 +416,7 @@ def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], e
         jobs["quality"] += [quality.get(teacher, 0.0)] * len(sizes)
     for p, t in pairs.items():
         for regime, images in sizes.items():
+            epochs = scale.budget(PAIRS[p].student, regime)
             evaluations = 1 / scale.eval_every.get(regime, 1)
 
             def run_cost(method: str, epochs: float) -> float:
@@ -423,12 +424,12 @@ def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], e
                                  + evaluations * eval_images * t["student_eval"][statistic])
 
             caches = 3 * images * t["teacher_forward"][statistic]
-            runs = sum(scale.seeds * run_cost(common.row_method(m), scale.epochs[regime]) for m in methods)
+            runs = sum(scale.seeds * run_cost(common.row_method(m), epochs) for m in methods)
             jobs["students"].append(caches + runs)
             cells[f"{p} {regime}"] = caches + runs
             if "ce" in t:
                 factor = scale.convergence_factor.get(regime, 2.0)
-                jobs["convergence"].append(run_cost("ce", (1 + factor) * scale.epochs[regime]))
+                jobs["convergence"].append(run_cost("ce", (1 + factor) * epochs))
     lv = pairs.get(scale.lv_pair)
     if lv is not None and all(k in lv for k in ("ce", "kd", "fitnet", "featkd")):
         images, forward = sizes[scale.lv_regime], lv["teacher_forward"][statistic]

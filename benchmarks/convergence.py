@@ -34,10 +34,11 @@ log = logging.getLogger("benchmarks.convergence")
 CONVERGED_POINTS = 0.3  # largest gain in validation accuracy (points) the longer budget may bring
 
 
-def long_epochs(scale: Scale, regime: str) -> int:
-    """The longer budget of the check: the regime's ``convergence_factor`` (default 2) x its epochs."""
-    factor = scale.convergence_factor.get(regime, 2.0)
-    return max(scale.epochs[regime] + 1, round(factor * scale.epochs[regime]))
+def long_epochs(scale: Scale, student: str, regime: str) -> int:
+    """The longer budget of the check: the regime's ``convergence_factor`` (default 2) x the student's
+    epochs."""
+    factor, epochs = scale.convergence_factor.get(regime, 2.0), scale.budget(student, regime)
+    return max(epochs + 1, round(factor * epochs))
 
 
 def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path) -> dict[str, Any]:
@@ -77,8 +78,8 @@ def check_cell(scale: Scale, pair_name: str, regime: str, work: Path, results: P
                record: dict[str, Any]) -> dict[str, Any]:
     """Both runs of one (pair, regime) and its results file."""
     pair = PAIRS[pair_name]
-    budget = train_ce(scale, pair_name, regime, scale.epochs[regime], work)
-    long = train_ce(scale, pair_name, regime, long_epochs(scale, regime), work)
+    budget = train_ce(scale, pair_name, regime, scale.budget(pair.student, regime), work)
+    long = train_ce(scale, pair_name, regime, long_epochs(scale, pair.student, regime), work)
     data = {"benchmark": "convergence", "pair": pair.name, "regime": regime, "student": pair.student,
             "student_width": scale.student_widths[pair.student], "seed": 0, "method": "ce",
             "train_images": scale.regimes[regime], "val_images": scale.val_size,

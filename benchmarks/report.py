@@ -29,6 +29,7 @@ from common import BASELINES, METHODS
 
 CONVERGENCE_TOLERANCE = 0.3  # validation points a longer ce run may still gain for the budget to count as enough
 SMALL_GAP = 2.0  # points: a teacher closer than this to ce leaves little to distil
+REJECTED_BUDGETS = "convergence_rejected_budgets"  # sub-folder of the convergence checks that failed a budget
 
 
 def header(source: str) -> str:
@@ -47,9 +48,9 @@ def display_path(path: Path) -> str:
 # --------------------------------------------------------------------------- loading
 def load_results(results: Path) -> dict[str, Any]:
     """Every results file of ``results``: accuracy and convergence by (pair, regime), the single-file benchmarks."""
-    found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "quality": {}}
-    for kind in ("accuracy", "convergence"):
-        for path in sorted(results.glob(f"{kind}_*.json")):
+    found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "rejected": {}, "quality": {}}
+    for kind, folder in (("accuracy", results), ("convergence", results), ("rejected", results / REJECTED_BUDGETS)):
+        for path in sorted(folder.glob(f"{kind if kind != 'rejected' else 'convergence'}_*.json")):
             data = _read(path)
             if data is not None:
                 found[kind][(data["pair"], data["regime"])] = data
@@ -391,6 +392,15 @@ def section_setup(found: dict[str, Any], results: Path) -> list[str]:
     return lines
 
 
+def budget_text(cells: dict[tuple[str, str], Any], regime: str) -> str:
+    """A regime's student epochs: the most common budget, and the students that train for another."""
+    budgets = {d["settings"]["student"]: d["settings"]["epochs"] for (_, r), d in cells.items() if r == regime}
+    values = sorted(budgets.values())
+    usual = max(values, key=values.count)
+    others = ", ".join(f"{s}: {e}" for s, e in sorted(budgets.items()) if e != usual)
+    return f"{usual} student epochs" + (f" ({others})" if others else "")
+
+
 def settings_lines(found: dict[str, Any]) -> list[str]:
     cells = found["accuracy"]
     if not cells:
@@ -404,8 +414,8 @@ def settings_lines(found: dict[str, Any]) -> list[str]:
              f"- Data: {s['data']}" + (f" {s['data_options']}" if s.get("data_options") else "")
              + f"; student augmentation: {'yes' if s.get('augment') else 'none'}; {validation}; the training "
                "subsets are stratified and drawn with seed 0; the full test split is used for every evaluation.",
-             "- Regimes: " + "; ".join(f"{r}: {st.get('train_images') or 'all'} training images, {st['epochs']} "
-                                       f"student epochs" for r, st in sorted(regimes.items())) + ".",
+             "- Regimes: " + "; ".join(f"{r}: {st.get('train_images') or 'all'} training images, "
+                                       f"{budget_text(cells, r)}" for r, st in sorted(regimes.items())) + ".",
              f"- Teachers: trained once with `featkd train-teacher` (commands in the teachers table) on the "
              f"{s.get('teacher_regime', '?')} regime's training set for {s.get('teacher_epochs', '?')} epochs and "
              "reused by every regime.",
@@ -496,11 +506,23 @@ def section_layers(found: dict[str, Any], results: Path, out_dir: Path) -> list[
 def section_convergence(found: dict[str, Any]) -> list[str]:
     runs = found.get("convergence", {})
     lines = ["## Convergence check: is the student budget long enough?", ""]
-    if not runs:
+    if not runs and not found.get("rejected"):
         return lines + ["No results yet (`convergence_<pair>_<regime>.json`; see benchmarks/README.md).", ""]
     lines += [f"ce, one seed, trained for the budget of the grid and for a longer budget. The budget counts as "
               f"converged when the longer run's final validation accuracy is at most {CONVERGENCE_TOLERANCE} "
               "points higher; the test accuracy is shown but decides nothing.", ""]
+    header = ["pair", "regime", "seed", "epochs", "val acc (%)", "val gain (points)", "test acc (%)",
+              "test gain (points)", "verdict"]
+    lines += table(header, convergence_rows(runs)) if runs else ["No check of the current budgets yet."]
+    rejected = found.get("rejected", {})
+    if rejected:
+        lines += ["", f"Earlier candidate budgets, replaced by longer ones (`{REJECTED_BUDGETS}/`; a regime's "
+                  "students share its budget unless one needs its own):", ""]
+        lines += table(header, convergence_rows(rejected))
+    return lines + [""]
+
+
+def convergence_rows(runs: dict[tuple[str, str], Any]) -> list[list[str]]:
     rows = []
     for (pair, regime), d in sorted_cells(runs):
         c = convergence_check(d)
@@ -511,9 +533,7 @@ def section_convergence(found: dict[str, Any]) -> list[str]:
                      number(c["val_gain"], "+.2f"),
                      f"{accuracy_text(budget.get('final_test_acc'))} → {accuracy_text(long.get('final_test_acc'))}",
                      number(c["test_gain"], "+.2f"), verdict])
-    lines += table(["pair", "regime", "seed", "epochs", "val acc (%)", "val gain (points)", "test acc (%)",
-                    "test gain (points)", "verdict"], rows)
-    return lines + [""]
+    return rows
 
 
 def section_accuracy(found: dict[str, Any], analysed: dict[tuple[str, str], CellStats]) -> list[str]:
@@ -678,7 +698,7 @@ def section_further(results: Path, out_dir: Path) -> list[str]:
              "Runs outside the default suite, each with its own generated report "
              "(`python benchmarks/report.py --results DIR --out DIR/REPORT.md`):", ""]
     for path in reports:
-        commands = sorted({common.read_json(f)["command"] for f in path.parent.glob("accuracy_*.json")})
+        commands = sorted({c for f in path.parent.glob("*.json") if (c := common.read_json(f).get("command"))})
         link = os.path.relpath(path, out_dir)
         lines.append(f"- [{path.parent.name}]({link}): " + "; ".join(f"`{c}`" for c in commands))
     return lines + [""]

@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 
 import accuracy  # noqa: E402
 import common  # noqa: E402
+import convergence  # noqa: E402
 import layer_validity  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
@@ -69,6 +70,11 @@ def test_mean_std_and_gain():
 def test_scales_overrides_and_choices():
     scale = common.build_scale("default", epochs=2, seeds=5, data="cifar10")
     assert scale.epochs == {"full": 2, "low": 2} and scale.seeds == 5 and scale.data == "cifar10"
+    assert scale.student_epochs == {} and scale.budget("vit_et", "full") == 2  # --epochs overrides every budget
+    default = common.build_scale("default")
+    assert default.budget("vit_et", "full") == 2 * default.budget("resnet9", "full")  # its own, longer budget
+    assert default.budget("vit_et", "low") == default.budget("resnet9", "low") == default.epochs["low"]
+    assert convergence.long_epochs(default, "vit_et", "full") == 2 * default.budget("vit_et", "full")
     assert common.SCALES["default"].epochs != scale.epochs  # the preset is not mutated
     assert set(common.SCALES["paper"].teacher_widths.values()) == {1.0}
     with pytest.raises(ValueError, match="valid: default"):
@@ -93,7 +99,7 @@ def test_method_order_groups_methods_by_teacher_outputs():
 def test_job_costs_put_the_longest_jobs_first(tmp_path):
     scale = common.build_scale("default")
     costs = accuracy.job_costs(scale, ["ce"], tmp_path / "no-probe.json")
-    assert costs[("vit_b-vit_et", "full")] == 2 * costs[("resnet34-resnet9", "full")]
+    assert costs[("vit_b-vit_et", "full")] == 2 * 2 * costs[("resnet34-resnet9", "full")]  # twice the epochs
     probe = {"pairs": {p: {"ce": {"cpu": 1e-3 * (i + 1)}} for i, p in enumerate(common.PAIRS)}}
     (tmp_path / "probe.json").write_text(json.dumps(probe))
     costs = accuracy.job_costs(scale, ["ce"], tmp_path / "probe.json")

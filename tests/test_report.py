@@ -172,6 +172,13 @@ def test_convergence_check_and_teacher_gaps(results):
     assert "| 85.00 → 85.30 | +0.30 |" in full and "| -0.20 |" in full and full.endswith("| converged |")
     assert "| +0.50 |" in low and low.endswith("| **not converged** |")
     assert f"1 of 2 cells pass; **not converged**: {PAIR} low." in section(text, "## Summary")
+    assert "Earlier candidate budgets" not in convergence
+    # a budget the check rejected is shown apart, and counts in no verdict
+    write(results / report.REJECTED_BUDGETS, f"convergence_{PAIR}_full.json", convergence_file("full", 0.80, 0.82))
+    text = render(results)
+    rejected = section(text, "## Convergence check").split("Earlier candidate budgets")[1]
+    assert f"| {PAIR} | full | 0 | 4 → 8 | 80.00 → 82.00 | +2.00 |" in rejected
+    assert f"1 of 2 cells pass; **not converged**: {PAIR} low." in section(text, "## Summary")
     teachers = section(text, "## Teachers")
     assert row(teachers, "resnet34 ×1/8")[1:6] == ["1,234,567", "30", "92.50", "92.00", "10"]
     gap = 100 * TEACHER_ACC - np.mean(FULL["ce"])
@@ -211,3 +218,13 @@ def test_bootstrap_option(results):
     cell = section(text, f"### {PAIR}, full regime")
     assert row(cell, "featkd vs ce")[-1] == "**better**"
     assert row(cell, "featkd vs featkd_std")[-1] == "no significant difference"
+
+
+def test_budget_text_names_the_students_with_their_own_budget():
+    def cell(student: str, epochs: int) -> dict:
+        return {"settings": {"student": student, "epochs": epochs}}
+
+    cells = {("a-resnet9", "full"): cell("resnet9", 15), ("b-vgg11_bn", "full"): cell("vgg11_bn", 15),
+             ("c-vit_et", "full"): cell("vit_et", 30), ("c-vit_et", "low"): cell("vit_et", 160)}
+    assert report.budget_text(cells, "full") == "15 student epochs (vit_et: 30)"
+    assert report.budget_text(cells, "low") == "160 student epochs"
