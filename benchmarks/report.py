@@ -49,8 +49,10 @@ def display_path(path: Path) -> str:
 def load_results(results: Path) -> dict[str, Any]:
     """Every results file of ``results``: accuracy and convergence by (pair, regime), the single-file benchmarks."""
     found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "rejected": {}, "quality": {}}
-    for kind, folder in (("accuracy", results), ("convergence", results), ("rejected", results / REJECTED_BUDGETS)):
-        for path in sorted(folder.glob(f"{kind if kind != 'rejected' else 'convergence'}_*.json")):
+    sources = (("accuracy", results, "accuracy"), ("convergence", results, "convergence"),
+               ("rejected", results / REJECTED_BUDGETS, "convergence"))
+    for kind, folder, prefix in sources:
+        for path in sorted(folder.glob(f"{prefix}_*.json")):
             data = _read(path)
             if data is not None:
                 found[kind][(data["pair"], data["regime"])] = data
@@ -528,7 +530,8 @@ def convergence_rows(runs: dict[tuple[str, str], Any]) -> list[list[str]]:
         c = convergence_check(d)
         budget, long = d.get("budget") or {}, d.get("long") or {}
         verdict = {True: "converged", False: "**not converged**", None: "pending"}[c["passed"]]
-        rows.append([pair, regime, str(d.get("seed", "?")), f"{d.get('budget_epochs', '?')} → {d.get('long_epochs', '?')}",
+        epochs = f"{d.get('budget_epochs', '?')} → {d.get('long_epochs', '?')}"
+        rows.append([pair, regime, str(d.get("seed", "?")), epochs,
                      f"{accuracy_text(budget.get('final_val_acc'))} → {accuracy_text(long.get('final_val_acc'))}",
                      number(c["val_gain"], "+.2f"),
                      f"{accuracy_text(budget.get('final_test_acc'))} → {accuracy_text(long.get('final_test_acc'))}",
