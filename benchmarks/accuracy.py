@@ -39,6 +39,7 @@ import torch
 import common
 import layer_validity
 from common import PAIRS, Job, Scale
+from featkd.selection import measure_variant
 
 log = logging.getLogger("benchmarks.accuracy")
 
@@ -77,14 +78,16 @@ def layer_lists(scale: Scale, pair: common.Pair, regime: str, work: Path) -> dic
     from featkd.models import PAPER_STUDENT_LAYERS, STANDARD_TEACHER_LAYERS
     from featkd.selection import DEFAULT_RULE, PAPER_RULE
 
-    student_layers = PAPER_STUDENT_LAYERS[pair.student]
-    report, seconds = common.quality_report(scale, pair.teacher, regime, work)
+    k = len(PAPER_STUDENT_LAYERS[pair.student])
+    report, seconds = common.quality_report(scale, pair.teacher, regime, work, variant=measure_variant(PAPER_RULE))
+    default_report, _ = common.quality_report(scale, pair.teacher, regime, work,
+                                              variant=measure_variant(DEFAULT_RULE))
     return {
-        "student": list(student_layers),
+        "student": list(PAPER_STUDENT_LAYERS[pair.student]),
         "standard": list(STANDARD_TEACHER_LAYERS[pair.teacher]),
-        "q_selected": report.select(len(student_layers), PAPER_RULE),
+        "q_selected": report.select(k, PAPER_RULE),
         "default_rule": DEFAULT_RULE,
-        "default_selected": report.select(len(student_layers), DEFAULT_RULE),
+        "default_selected": default_report.select(k, DEFAULT_RULE),
         "q_variant": report.variant,
         "q_values": {str(row.index): row.Q for row in report.layers},
         "q_seconds": seconds,
@@ -175,7 +178,6 @@ def distill_config(scale: Scale, pair: common.Pair, regime: str, row: str, work:
         teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
         student=pair.student, student_width=scale.student_widths[pair.student], method=common.row_method(row),
         teacher_layers=teacher_layers, student_layers="paper", teacher_mode="cache",
-        quality_subset=scale.quality_subset, quality_variant=scale.quality_variant,
     )
 
 
@@ -266,8 +268,13 @@ def teacher_job(scale: Scale, teacher: str, work: Path, threads: int) -> dict[st
 
 
 def quality_job(scale: Scale, teacher: str, regime: str, work: Path, results: Path) -> dict[str, Any]:
-    report, seconds = common.quality_report(scale, teacher, regime, work, results=results)
-    return {"selected": report.select(4), "seconds": seconds}
+    """The knowledge quality the paper's rule and the default rule need (one report per variant)."""
+    from featkd.selection import DEFAULT_RULE, PAPER_RULE
+
+    report, seconds = common.quality_report(scale, teacher, regime, work, variant=measure_variant(PAPER_RULE),
+                                            results=results)
+    common.quality_report(scale, teacher, regime, work, variant=measure_variant(DEFAULT_RULE), results=results)
+    return {"selected": report.select(4, PAPER_RULE), "seconds": seconds}
 
 
 def run_suite(scale: Scale, pairs: list[str], regimes: list[str], methods: list[str], work: Path,

@@ -593,14 +593,14 @@ def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant:
         report.to_json(path)
         write_json(timing, {"seconds": seconds})
         log.info("quality of %s on %s (%s): %.0f s, top 4 by Q %s", teacher, regime, variant, seconds,
-                 report.select(4))
+                 report.select(4, "Q"))
     if results is not None:
         results.mkdir(parents=True, exist_ok=True)
         report.to_json(results / path.name)
         plot = results / path.with_suffix(".png").name
         if not plot.is_file():
             try:
-                report.plot(plot, 4)
+                report.plot(plot, 4, "Q")
             except ImportError as err:
                 log.warning("quality plot skipped: %s", err)
     return report, seconds

@@ -52,12 +52,12 @@ import torch
 
 import common
 from common import PAIRS, Job, Scale
+from featkd.selection import VARIANT_FREE, VARIANTS, measure_variant, parse_rule
 
 log = logging.getLogger("benchmarks.layer_validity")
 
-VARIANTS = ("paper", "corrected")
 QUALITY_SCORES = ("Q", "S", "I", "E", "sqrtIE")
-PLAIN_SCORES = ("depth", "probe")
+PLAIN_SCORES = VARIANT_FREE
 BAND_SCORES = ("Q", "S")  # quality scores also tried as bands:SCORE
 SET_SIZE = 4
 PROTOCOLS = ("deepest", "matched", "sets")
@@ -75,19 +75,13 @@ def rule_ids() -> list[str]:
     return predictor_ids() + bands + [f"bands:{score}" for score in PLAIN_SCORES]
 
 
-def split_rule(rule_id: str) -> tuple[str, str]:
-    """"bands:S/paper" -> ("bands:S", "paper"); "probe" -> ("probe", "paper") (variant-free)."""
-    rule, _, variant = rule_id.partition("/")
-    return rule, variant or "paper"
-
-
 def predictors(reports: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{predictor id: {GL (as text): value}} from the two variants' quality reports."""
     out: dict[str, dict[str, float]] = {}
     for pid in predictor_ids():
-        score, variant = split_rule(pid)
-        report = reports[variant]
-        out[pid] = {str(row.index): value for row, value in zip(report.layers, report.values(score))}
+        report = reports[measure_variant(pid)]
+        values = report.values(parse_rule(pid).score)
+        out[pid] = {str(row.index): value for row, value in zip(report.layers, values)}
     return out
 
 
@@ -95,8 +89,7 @@ def rule_sets(reports: dict[str, Any], k: int = SET_SIZE) -> dict[str, list[int]
     """The k teacher layers every rule chooses."""
     out = {}
     for rid in rule_ids():
-        rule, variant = split_rule(rid)
-        out[rid] = reports[variant].select(k, rule)
+        out[rid] = reports[measure_variant(rid)].select(k, rid)
     return out
 
 

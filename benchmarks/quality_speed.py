@@ -401,7 +401,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             per_class_b=args.per_class, dtype=dtype, progress=False))
         result["measure_all_layers"] = {"seconds": measure_s, "cpu_seconds": measure_cpu,
                                         "peak_mb": measure_mb,
-                                        "layers": len(report), "selected_Q": report.select(4)}
+                                        "layers": len(report), "selected_Q": report.select(4, "Q")}
     result["max_rss_mb_ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["load_average_at_end"] = os.getloadavg()
     return result

@@ -158,7 +158,7 @@ def run(scale: Scale, work: Path, results: Path, threads: int, argv: list[str]) 
     train, _, test = common.load_regime(scale, scale.tp_regime)
     teacher = common.load_teacher(scale, pair.teacher, work, train)
     report, _ = common.quality_report(scale, pair.teacher, scale.tp_regime, work)
-    q_layers = report.select(4)
+    q_layers = report.select(4, "Q")  # the paper's rule, in the scale's variant
     warm_up(scale, teacher, train, test)
     cases: dict[str, dict[str, Any]] = {}
     data: dict[str, Any] = {}

@@ -309,8 +309,7 @@ def default_verdict(teachers: dict[str, dict[str, Any]], analysis: dict[str, Any
 
 
 def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
-    from featkd.config import DistillConfig
-    from featkd.selection import DEFAULT_RULE
+    from featkd.selection import DEFAULT_RULE, measure_variant, parse_rule
 
     lines = ["### The default rule", "",
              f"Criterion, fixed before the results: depth (the deepest four candidate layers) unless rules beat "
@@ -325,8 +324,8 @@ def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
         lines.append(f"**Undecided**: {len(verdict['complete'])} of {TEACHERS_NEEDED} teachers complete "
                      f"({', '.join(verdict['complete']) or 'none'}). featkd's `DEFAULT_RULE` is `{DEFAULT_RULE}`.")
     else:
-        default = {DEFAULT_RULE, f"{DEFAULT_RULE}/{DistillConfig().quality_variant}"}  # rule ids carry a variant
-        agrees = "matches" if verdict["rule"] in default else "**does not match**"
+        default = parse_rule(DEFAULT_RULE).in_variant(measure_variant(DEFAULT_RULE)).name  # as the results name it
+        agrees = "matches" if verdict["rule"] == default else "**does not match**"
         lines.append(f"Verdict: **{verdict['rule']}** (rules beating depth: {', '.join(verdict['beat_depth']) or 'none'}); "
                      f"featkd's `DEFAULT_RULE` (`{DEFAULT_RULE}`) {agrees} it.")
     return lines + [""]

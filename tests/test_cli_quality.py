@@ -97,3 +97,15 @@ def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path
     assert "does not fit" in capsys.readouterr().err
     assert main(["quality", "--data", "synthetic", "--out", str(tmp_path / "none")]) == 2
     assert "give --model" in capsys.readouterr().err
+
+
+def test_the_rules_variant_is_measured_unless_contradicted(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(BASE + ["--by", "bands:Q/corrected", "--k", "2", "--out", str(out)]) == 0
+    report = QualityReport.from_json(out / "quality.json")
+    assert report.variant == "corrected"
+    assert f"selected by bands:Q/corrected (k=2): {','.join(map(str, report.select(2, 'bands:Q')))}" in (
+        capsys.readouterr().out)
+    assert main(BASE + ["--by", "Q/corrected", "--variant", "paper", "--out", str(tmp_path / "bad")]) == 2
+    assert "--by: rule Q/corrected ranks by knowledge quality in the corrected variant" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -68,7 +68,31 @@ def test_parse_rule_reads_every_name_and_rejects_others():
     for bad in ("q", "bands:", "top:S", "stages:S", "bands:bands:S", ""):
         with pytest.raises(ValueError, match="valid: Q, S, I, E, sqrtIE, depth, probe, bands:Q"):
             parse_rule(bad)
-    assert selection.DEFAULT_RULE in names and selection.PAPER_RULE == "Q"
+    assert parse_rule(selection.DEFAULT_RULE).name == selection.DEFAULT_RULE
+    assert parse_rule(selection.PAPER_RULE) == Rule("Q", "top", "paper")
+
+
+def test_rules_may_name_their_quality_variant():
+    assert parse_rule("bands:Q/corrected") == Rule("Q", "bands", "corrected")
+    assert parse_rule("Q/paper").name == "Q/paper" and parse_rule("sqrtIE/corrected").variant == "corrected"
+    for bad, message in (("Q/exact", "unknown knowledge-quality variant 'exact'"),
+                         ("depth/paper", "depth does not depend on the knowledge-quality variant"),
+                         ("bands:probe/corrected", "probe does not depend"), ("Q/", "unknown knowledge-quality")):
+        with pytest.raises(ValueError, match=message):
+            parse_rule(bad)
+    assert Rule("Q", "bands").in_variant("corrected") == Rule("Q", "bands", "corrected")
+    assert Rule("Q", variant="paper").in_variant("corrected") == Rule("Q", variant="paper")  # its own stays
+    assert Rule("depth").in_variant("corrected") == Rule("depth")  # needs none
+
+
+def test_measure_variant_takes_the_rules_unless_told_and_refuses_a_contradiction():
+    assert selection.measure_variant("bands:Q/corrected") == "corrected"
+    assert selection.measure_variant("Q") == "paper" and selection.measure_variant("depth", "corrected") == "corrected"
+    assert selection.measure_variant("Q/corrected", "corrected") == "corrected"
+    with pytest.raises(ValueError, match="corrected variant, but variant paper was asked for"):
+        selection.measure_variant("Q/corrected", "paper")
+    with pytest.raises(ValueError, match="unknown knowledge-quality variant 'exact'"):
+        selection.measure_variant("Q", "exact")
 
 
 def report_of(scores, probe=None):
@@ -92,6 +116,17 @@ def test_select_applies_named_rules_to_a_report():
     assert report.values("depth") == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     assert set(report.to_dict(k=2)["selected"]) == set(selection.rule_names())
     assert report.to_dict(k=2)["selected"]["bands:S"] == [2, 5]
+
+
+def test_a_rule_naming_a_variant_needs_a_report_in_that_variant():
+    report = report_of([0.9, 0.1, 0.8, 0.2])
+    assert report.select(2, "Q/paper") == report.select(2, "Q") == [1, 3]
+    assert report.select(2, "bands:Q/paper") == [1, 3]
+    with pytest.raises(ValueError, match="needs knowledge quality measured in the corrected variant; this "
+                                         "report holds the paper variant"):
+        report.select(2, "bands:Q/corrected")
+    report.variant = "corrected"
+    assert report.select(2, "bands:Q/corrected") == [1, 3]
 
 
 def test_probe_rules_need_a_measured_probe():
@@ -222,7 +257,13 @@ def test_auto_teacher_layers_follow_the_selection_rule(tmp_path):
             ((1, 4), (5, 8), (9, 12), (13, 17))] == [1, 1, 1, 1]
     default = api.resolve_teacher_layers("auto", teacher, "resnet34", 4, train, device=torch.device("cpu"),
                                          out=tmp_path / "bands", progress=False)
-    assert default == report.select(4, selection.DEFAULT_RULE)  # the saved report, read by the default rule
+    saved = QualityReport.from_json(tmp_path / "bands" / "quality.json")  # measured again if the variant differs
+    assert default == saved.select(4, selection.DEFAULT_RULE)
+    corrected = api.distill(teacher, student, train, test, select_by="bands:Q/corrected",
+                            out=str(tmp_path / "corrected"), **options)
+    report = QualityReport.from_json(tmp_path / "corrected" / "quality.json")
+    assert report.variant == "corrected"  # the rule's variant, without quality_variant
+    assert corrected.extra["teacher_layers"] == report.select(4, "bands:Q/corrected")
 
 
 def test_select_by_is_a_checked_distill_option(tmp_path, capsys):
@@ -237,3 +278,18 @@ def test_select_by_is_a_checked_distill_option(tmp_path, capsys):
                    "--out", str(tmp_path / "run")])
     assert status == 2 and "unknown selection rule 'best'; valid: Q" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    DistillConfig(select_by="Q/corrected", quality_variant="corrected").validate()
+    with pytest.raises(ValueError, match="rule Q/corrected ranks by knowledge quality in the corrected variant"):
+        DistillConfig(select_by="Q/corrected", quality_variant="paper").validate()
+
+
+def test_selection_options_decide_a_run_only_when_they_choose_its_layers():
+    from featkd.config import DistillConfig
+
+    fixed = dict(method="featkd", teacher_layers=[1, 2, 3, 4])
+    assert DistillConfig(**fixed, select_by="S", quality_variant="corrected").differences(DistillConfig(**fixed)) == []
+    assert DistillConfig(method="ce", select_by="S").differences(DistillConfig(method="ce")) == []
+    assert DistillConfig(method="fitnet", quality_subset=9).differences(DistillConfig(method="fitnet")) == []
+    assert DistillConfig(select_by="S").differences(DistillConfig(select_by="E")) == ["select_by: 'E' -> 'S'"]
+    assert DistillConfig(teacher_layers="auto", method="fitnet", quality_subset=9).differences(
+        DistillConfig(teacher_layers="auto", method="fitnet")) == ["quality_subset: 5000 -> 9"]

@@ -140,7 +140,7 @@ def resolve_teacher_layers(
     device: torch.device,
     out: Path | None = None,
     context: DistContext | None = None,
-    variant: str = "paper",
+    variant: str | None = None,
     subset_size: int = 5000,
     seed: int = 0,
     progress: bool = True,
@@ -149,7 +149,8 @@ def resolve_teacher_layers(
 ) -> list[int | str]:
     """``"auto"`` (the k layers ``rule`` chooses, default :data:`featkd.selection.DEFAULT_RULE`,
     among :func:`featkd.selection.candidate_layers`; the quality report goes to
-    ``out/quality.json``), ``"standard"``, or a list. ``probe_set`` (a validation split,
+    ``out/quality.json``; measured in ``variant``, default the rule's, else "paper"),
+    ``"standard"``, or a list. ``probe_set`` (a validation split,
     never the test split) scores the layers' linear probe; without it the probe is scored
     on half of the training subset.
 
@@ -189,7 +190,7 @@ def _quality_layers(
     device: torch.device,
     out: Path | None,
     context: DistContext | None,
-    variant: str,
+    variant: str | None,
     subset_size: int,
     seed: int,
     progress: bool,
@@ -197,9 +198,10 @@ def _quality_layers(
     probe_set: Any,
 ) -> list[int]:
     from featkd.quality import QualityReport, measure
-    from featkd.selection import DEFAULT_RULE, candidate_layers, parse_rule
+    from featkd.selection import DEFAULT_RULE, candidate_layers, measure_variant, parse_rule
 
     rule = parse_rule(rule or DEFAULT_RULE).name
+    variant = measure_variant(rule, variant)
     context = context or DistContext(device=device)
     saved = out / QUALITY_FILE if out is not None else None
     if saved is not None and saved.is_file():

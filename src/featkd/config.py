@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from featkd.selection import DEFAULT_RULE, parse_rule
+from featkd.selection import DEFAULT_RULE, VARIANTS, measure_variant
 
 __all__ = [
     "DistillConfig",
@@ -30,6 +30,8 @@ __all__ = [
     "RUNTIME_FIELDS",
 ]
 
+# DistillConfig fields that only matter when knowledge quality chooses the teacher layers.
+SELECTION_FIELDS = ("quality_variant", "quality_subset", "select_by")
 # Fields that change how a run executes but not what it computes: ignored when
 # deciding whether an output directory may be resumed.
 RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memory_mb", "eval_batch_size",
@@ -212,12 +214,32 @@ class DistillConfig(RunConfig):
         ("auto", "cache", "online"),
     )
     cache_memory_mb: int = _opt(4096, "teacher cache larger than this goes to memory-mapped files")
-    quality_variant: str = _opt("paper", "knowledge-quality variant for teacher_layers=auto", ("paper", "corrected"))
+    quality_variant: str | None = _opt(None, "knowledge-quality variant for teacher_layers=auto (default: the "
+                                       "select_by rule's, else paper)", VARIANTS)
     quality_subset: int = _opt(5000, "teacher_layers=auto: size of the class-balanced subset A")
     kd_temperature: float | None = _opt(None, "KD temperature T (default: the method's, 4; kd_std 2)")
     kd_weight: float | None = _opt(None, "factor on the T^2-scaled KD term (default: the method's, 1; kd_std 9)")
     select_by: str = _opt(DEFAULT_RULE, "teacher_layers=auto: the selection rule: Q, S, I, E, sqrtIE, depth, "
-                          "probe, or bands:SCORE (the best layer by SCORE in each depth band)")
+                          "probe, or bands:SCORE (the best layer by SCORE in each depth band); a quality "
+                          "score may name its variant, e.g. Q/paper (the paper's rule) or bands:Q/corrected")
+
+    def selects_teacher_layers(self) -> bool:
+        """Whether knowledge quality chooses the teacher layers (teacher_layers auto, given or the
+        method's default)."""
+        from featkd.distillation import METHOD_INFO
+
+        kind = METHOD_INFO[self.method].teacher_layers if self.method in METHOD_INFO else None
+        default = "auto" if kind == "q" else "standard"
+        return kind is not None and (self.teacher_layers or default) == "auto"
+
+    def identity(self) -> dict[str, Any]:
+        """As a RunConfig's, and the selection options only when they choose the layers (so that a
+        changed default of theirs does not stop a run on fixed layers from resuming)."""
+        values = super().identity()
+        if not self.selects_teacher_layers():
+            for name in SELECTION_FIELDS:
+                values.pop(name)
+        return values
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
@@ -235,7 +257,7 @@ class DistillConfig(RunConfig):
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.kd_weight is not None and not self.kd_weight >= 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
-        parse_rule(self.select_by)
+        measure_variant(self.select_by, self.quality_variant)
         from featkd.distillation import METHOD_INFO, list_methods
 
         if self.method not in list_methods():

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featkd.selection import VARIANTS
+
 __all__ = [
     "DEFAULT_DTYPE",
     "DEFAULT_MEMORY_BUDGET",
@@ -67,7 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("paper", "corrected")
 SELECT_BY = ("Q", "S", "I", "E", "sqrtIE")  # the quality parts a report holds per layer
 PROBE_RIDGE = 1e-2  # ridge penalty of the linear probe, relative to the mean eigenvalue of its Gram
 MAX_FEATURE_DIM = 262_144

@@ -192,18 +192,19 @@ def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
     """Markdown for a run's quality.json: selected layers, the plot and the per-layer table."""
     from featkd.quality import QualityReport
 
-    from featkd.selection import PAPER_RULE
+    from featkd.selection import PAPER_RULE, parse_rule
 
     report = QualityReport.from_json(run.path / "quality.json")
     k = len((run.results or {}).get("teacher_layers") or []) or 4
-    rule = run.config.get("select_by") or PAPER_RULE  # runs from before select_by used Q
+    rule = run.config.get("select_by") or "Q"  # runs from before select_by used Q in their variant
     plot = run.path / "quality.png"
     if not plot.is_file():
         report.plot(plot, k, rule)
     teacher = run.config.get("teacher") or report.model
     chosen = f"Selected teacher layers ({k} by rule `{rule}`, in depth order): **{report.select(k, rule)}**"
-    if report.variant == "paper" and rule != PAPER_RULE:
-        chosen += f"; the paper's rule (`{PAPER_RULE}`, variant paper) picks {report.select(k, PAPER_RULE)}"
+    paper = parse_rule(PAPER_RULE)
+    if report.variant == paper.variant and parse_rule(rule).in_variant(report.variant) != paper:
+        chosen += f"; the paper's rule (`{PAPER_RULE}`) picks {report.select(k, PAPER_RULE)}"
     lines = [
         f"## Knowledge quality of the teacher ({teacher}, variant `{report.variant}`)",
         "",

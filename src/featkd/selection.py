@@ -11,12 +11,15 @@ A rule has a name usable on the command line (``featkd quality --by RULE``,
 * ``bands:SCORE``: the candidate layers, in depth order, cut into k bands of
   (nearly) equal size; the best layer by SCORE in each band. A set that spans
   the teacher's depth, as the student's fixed layers span the student's.
+* ``.../VARIANT`` after a knowledge-quality score (``Q/paper``,
+  ``bands:Q/corrected``): the score measured in that variant of the metric
+  ("paper" or "corrected"). Without it, the variant the report was measured in.
 
 Ties break towards the deeper layer; a missing score (NaN) ranks last. Each
 rule is a small pure function of (layers, scores, k).
 
-:data:`DEFAULT_RULE` is what ``auto`` uses; :data:`PAPER_RULE` (with the
-"paper" quality variant) reproduces the paper's choice.
+:data:`DEFAULT_RULE` is what ``auto`` uses; :data:`PAPER_RULE` reproduces the
+paper's choice.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ __all__ = [
     "SCORES",
     "band_edges",
     "bands",
+    "VARIANT_FREE",
     "candidate_layers",
+    "measure_variant",
     "parse_rule",
     "rule_names",
     "select",
@@ -45,9 +50,12 @@ __all__ = [
 #: the rule ``--teacher-layers auto`` uses unless told otherwise: depth, until a rule beats depth's
 #: choice in benchmarks/layer_validity.py (validity_report.default_verdict states the criterion)
 DEFAULT_RULE = "depth"
-#: the paper's rule: Q (measured in the "paper" variant) reproduces its choices
-PAPER_RULE = "Q"
+#: the paper's rule: Q in the "paper" variant of the metric reproduces its choices
+PAPER_RULE = "Q/paper"
 SCORES = ("Q", "S", "I", "E", "sqrtIE", "depth", "probe")
+VARIANT_FREE = ("depth", "probe")  # scores that do not depend on the knowledge-quality variant
+VARIANTS = ("paper", "corrected")  # the knowledge-quality variants (featkd.quality, spec/quality.md)
+DEFAULT_VARIANT = "paper"
 
 
 # ------------------------------------------------------------------ set builders
@@ -100,39 +108,72 @@ def _check_k(layers: Sequence[int], scores: Sequence[float], k: int) -> None:
 # ------------------------------------------------------------------ named rules
 @dataclass(frozen=True)
 class Rule:
-    """A score and the way a set is built from it ("top": the k best; "bands": the best per band)."""
+    """A score, the way a set is built from it ("top": the k best; "bands": the best per band) and,
+    for a knowledge-quality score, the variant it is measured in (None: the report's)."""
 
     score: str
     build: str = "top"
+    variant: str | None = None
 
     @property
     def name(self) -> str:
-        return self.score if self.build == "top" else f"{self.build}:{self.score}"
+        name = self.score if self.build == "top" else f"{self.build}:{self.score}"
+        return name if self.variant is None else f"{name}/{self.variant}"
 
     def choose(self, layers: Sequence[int], scores: Sequence[float], k: int) -> list[int]:
         """The rule's ``k`` layers given every candidate layer's score."""
         return BUILDERS[self.build](layers, scores, k)
 
+    def in_variant(self, variant: str) -> Rule:
+        """This rule with its score's variant fixed: ``variant`` unless it names one (or needs none)."""
+        if self.variant is not None or self.score in VARIANT_FREE:
+            return self
+        return Rule(self.score, self.build, variant)
+
 
 def rule_names() -> list[str]:
-    """Every valid rule name."""
+    """Every valid rule name without a variant (each quality score also takes ``/paper`` or ``/corrected``)."""
     return [Rule(score, build).name for build in BUILDERS for score in SCORES]
 
 
 def parse_rule(text: str | Rule) -> Rule:
-    """``"S"`` -> Rule("S"), ``"bands:S"`` -> Rule("S", "bands"); ValueError naming the valid ones."""
+    """``"S"`` -> Rule("S"), ``"bands:Q/corrected"`` -> Rule("Q", "bands", "corrected");
+    ValueError naming the valid ones."""
     if isinstance(text, Rule):
         return text
-    build, sep, score = str(text).strip().rpartition(":")
+    rest, slash, variant = str(text).strip().partition("/")
+    build, sep, score = rest.rpartition(":")
     build = build if sep else "top"
     if build not in BUILDERS or score not in SCORES or (sep and build == "top"):
-        raise ValueError(f"unknown selection rule {text!r}; valid: {', '.join(rule_names())}")
-    return Rule(score, build)
+        raise ValueError(f"unknown selection rule {text!r}; valid: {', '.join(rule_names())}, each quality "
+                         f"score optionally with /{' or /'.join(VARIANTS)} (e.g. bands:Q/corrected)")
+    if slash and variant not in VARIANTS:
+        raise ValueError(f"unknown knowledge-quality variant {variant!r} in rule {text!r}; valid: "
+                         f"{', '.join(VARIANTS)}")
+    if slash and score in VARIANT_FREE:
+        raise ValueError(f"rule {text!r}: {score} does not depend on the knowledge-quality variant; drop /{variant}")
+    return Rule(score, build, variant or None)
+
+
+def measure_variant(rule: str | Rule, variant: str | None = None) -> str:
+    """The knowledge-quality variant to measure for ``rule``: ``variant`` when given, else the rule's,
+    else the default ("paper"). ValueError when ``variant`` contradicts the rule's."""
+    rule = parse_rule(rule)
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown knowledge-quality variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    if variant is not None and rule.variant not in (None, variant):
+        raise ValueError(f"rule {rule.name} ranks by knowledge quality in the {rule.variant} variant, "
+                         f"but variant {variant} was asked for: drop one of them")
+    return variant or rule.variant or DEFAULT_VARIANT
 
 
 def select(report: Any, k: int, rule: str | Rule = DEFAULT_RULE) -> list[int]:
     """GL indices ``rule`` chooses among the layers of ``report`` (a QualityReport), in depth order."""
     rule = parse_rule(rule)
+    if rule.variant not in (None, report.variant):
+        raise ValueError(f"rule {rule.name} needs knowledge quality measured in the {rule.variant} variant; "
+                         f"this report holds the {report.variant} variant (measure it again with "
+                         f"variant {rule.variant})")
     layers = [row.index for row in report.layers]
     chosen = rule.choose(layers, report.values(rule.score), k)
     return sorted(chosen)

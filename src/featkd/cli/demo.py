@@ -114,25 +114,26 @@ def plan_from_args(args: argparse.Namespace) -> DemoPlan:
 
 
 def paper_q_layers(run_dir: Path, k: int, teacher_dir: Path) -> list[int]:
-    """The ``k`` teacher layers the paper's rule (Q, variant paper) picks for a distill run:
-    read from its quality.json when that was measured in the paper variant, else measured again
-    with the run's data and settings."""
+    """The ``k`` teacher layers the paper's rule (:data:`featkd.selection.PAPER_RULE`) picks for a
+    distill run: read from its quality.json when that was measured in the rule's variant, else
+    measured again with the run's data and settings."""
     from featkd.api import load_data
     from featkd.checkpoint import load_model_weights
     from featkd.config import DistillConfig
     from featkd.models import create_model
     from featkd.quality import QualityReport, measure
-    from featkd.selection import PAPER_RULE, candidate_layers
+    from featkd.selection import PAPER_RULE, candidate_layers, measure_variant
 
     report = QualityReport.from_json(run_dir / "quality.json")
-    if report.variant != "paper":
+    variant = measure_variant(PAPER_RULE)
+    if report.variant != variant:
         config = DistillConfig.from_yaml(run_dir / "config.yaml")
         train = load_data(config).train
         channels, size, _ = train.image_shape
         teacher = create_model(config.teacher, train.num_classes, in_channels=channels, image_size=size,
                                width=config.teacher_width)
         load_model_weights(teacher, teacher_dir)
-        report = measure(teacher, train, candidate_layers(teacher, k), variant="paper", seed=config.seed,
+        report = measure(teacher, train, candidate_layers(teacher, k), variant=variant, seed=config.seed,
                          subset_size=config.quality_subset, progress=False)
     return report.select(k, PAPER_RULE)
 
@@ -183,7 +184,7 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
         if (run_dir / "quality.json").is_file() and choice is None:
             layers = result.extra["teacher_layers"]
             choice = (f"Teacher layers {layers}, chosen by rule `{config.select_by}` (the default); the "
-                      f"paper's rule (`{PAPER_RULE}`, variant paper) picks "
+                      f"paper's rule (`{PAPER_RULE}`) picks "
                       f"{paper_q_layers(run_dir, len(layers), teacher_dir)}.")
             print(choice, flush=True)
 

@@ -42,12 +42,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--image-size", type=int, help="image size in pixels (default: the run "
                         "directory's, else the dataset's)")
     parser.add_argument("--layers", default="all", help="'all' or GL indices/module names, e.g. 3,7,13")
-    parser.add_argument("--variant", choices=VARIANTS, default="paper")
+    parser.add_argument("--variant", choices=VARIANTS, help="knowledge-quality variant (default: the "
+                        "--by rule's, e.g. corrected for bands:Q/corrected, else paper)")
     parser.add_argument("--k", type=int, default=4, help="number of layers to select")
     parser.add_argument("--by", default=DEFAULT_RULE, metavar="RULE",
                         help=f"selection rule: Q, S, I, E, sqrtIE, depth, probe or bands:SCORE (the best "
-                        f"layer by SCORE in each of k depth bands); {PAPER_RULE} with --variant paper "
-                        "is the paper's")
+                        f"layer by SCORE in each of k depth bands); a quality score may name its variant, "
+                        f"e.g. bands:Q/corrected; {PAPER_RULE} is the paper's")
     parser.add_argument("--out", default="runs/quality", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets A and B")
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.data import load_splits
     from featkd.layers import resolve_layers
     from featkd.quality import measure
-    from featkd.selection import parse_rule
+    from featkd.selection import measure_variant, parse_rule
 
     layers = parse_layers(args.layers)
     if isinstance(layers, str) and layers != "all":
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--k must be at least 1, got {args.k}")
     try:
         rule = parse_rule(args.by)
+        variant = measure_variant(rule, args.variant)
     except ValueError as err:
         raise CliError(f"--by: {err}") from err
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         except (IndexError, ValueError) as err:
             raise CliError(str(err)) from err
     report = measure(
-        model, train, layers, variant=args.variant, seed=args.seed, device=args.device,
+        model, train, layers, variant=variant, seed=args.seed, device=args.device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
         subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
         probe_set=splits.val,
