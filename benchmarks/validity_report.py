@@ -436,8 +436,9 @@ def markdown(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> str:
     return report(results, n_boot, seed)[0]
 
 
-def summary_line(verdict: dict[str, Any]) -> str:
-    """One line for the summary of BENCHMARKS.md: where the choice of the default rule stands."""
+def summary_line(verdict: dict[str, Any], held: list[dict[str, Any]] = ()) -> str:
+    """One line for the summary of BENCHMARKS.md: where the choice of the default rule stands, and
+    how the sets protocol's held-out check (``held``) came out."""
     from featkd.selection import DEFAULT_RULE
 
     if verdict["rule"] is None:
@@ -445,7 +446,17 @@ def summary_line(verdict: dict[str, Any]) -> str:
                 f"layer-validity teachers complete); `auto` uses `{DEFAULT_RULE}` until then.")
     beat = ", ".join(verdict["beat_depth"]) or "none"
     return (f"Default teacher-layer rule: **{verdict['rule']}** by the criterion fixed in advance (rules beating "
-            f"depth: {beat}); `auto` uses `{DEFAULT_RULE}`.")
+            f"depth: {beat}); `auto` uses `{DEFAULT_RULE}`." + _held_out_summary(held))
+
+
+def _held_out_summary(held: list[dict[str, Any]]) -> str:
+    rows = [r for r in held if r["winner_regret"] is not None and r["depth_regret"] is not None]
+    if not rows:
+        return ""
+    better = sum(r["winner_regret"] > r["depth_regret"] for r in rows)
+    gaps = ", ".join(f"{r['held_out']} {r['winner']} {r['winner_regret'] - r['depth_regret']:+.2f}" for r in rows)
+    return (f" Held-out check (the rule with the best mean regret on the other teachers, judged on the one left "
+            f"out, against depth's choice): better on {better} of {len(rows)} teachers ({gaps} points).")
 
 
 def report(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> tuple[str, str | None]:
@@ -470,7 +481,7 @@ def report(results: Path, n_boot: int = N_BOOT, seed: int = SEED) -> tuple[str, 
         lines += _protocol_lines(protocol, analysis[protocol], names)
     lines += _held_out_lines(analysis)
     lines += _verdict_lines(verdict)
-    return "\n".join(lines).rstrip() + "\n", summary_line(verdict)
+    return "\n".join(lines).rstrip() + "\n", summary_line(verdict, analysis["sets"]["held_out"])
 
 
 def main(argv: list[str] | None = None) -> int:

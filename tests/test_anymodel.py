@@ -353,7 +353,9 @@ def test_command_line_names_library_models_and_logs_to_tensorboard(tmp_path, cap
 
     assert main(["quality", "--model", "torchvision:mobilenet_v3_small", "--data", "synthetic",
                  "--device", "cpu", "--subset-size", "20", "--out", str(tmp_path / "q")]) == 0
-    assert "selected by depth (k=4): " in capsys.readouterr().out  # the default rule
+    from featkd.selection import DEFAULT_RULE
+
+    assert f"selected by {DEFAULT_RULE} (k=4): " in capsys.readouterr().out  # the default rule
 
 
 def test_bad_library_names_exit_2(tmp_path, capsys):

@@ -28,17 +28,19 @@ def test_quick_demo_writes_a_report(tmp_path, capsys):
     assert (out / "curves.png").stat().st_size > 1000 and (out / "featkd" / "quality.png").is_file()
     # the default rule's choice is printed beside the paper's Q choice
     from featkd.quality import QualityReport
-    from featkd.selection import DEFAULT_RULE
+    from featkd.selection import DEFAULT_RULE, PAPER_RULE, measure_variant
 
     saved = QualityReport.from_json(out / "featkd" / "quality.json")
     used = json.loads((out / "featkd" / "results.json").read_text())["teacher_layers"]
+    assert saved.variant == measure_variant(DEFAULT_RULE) and used == saved.select(4, DEFAULT_RULE)
+    paper = paper_q_layers(out / "featkd", 4, out / "teacher")  # measured again if in another variant
     line = (f"Teacher layers {used}, chosen by rule `{DEFAULT_RULE}` (the default); the paper's rule "
-            f"(`Q`, variant paper) picks {saved.select(4, 'Q')}.")
-    assert used == saved.select(4, DEFAULT_RULE) and line in printed and line in report
+            f"(`{PAPER_RULE}`) picks {paper}.")
+    assert line in printed and line in report
     assert f"held-out split of {QUICK['val_size']} images" in saved.settings["probe"]  # never the test split
-    # a report measured in another variant: the paper's choice is measured again, in the paper variant
+    # a report measured in the paper variant is read, not measured again
     data = json.loads((out / "featkd" / "quality.json").read_text())
-    (out / "featkd" / "quality.json").write_text(json.dumps({**data, "variant": "corrected"}))
+    (out / "featkd" / "quality.json").write_text(json.dumps({**data, "variant": "paper"}))
     assert paper_q_layers(out / "featkd", 4, out / "teacher") == saved.select(4, "Q")
 
 

@@ -451,7 +451,8 @@ def test_select_orders_by_depth_and_breaks_ties_deeper():
     assert report.select(2, by="Q") == [1, 3]
     assert report.select(3, by="Q") == [1, 3, 4]
     assert make_report([0.3, 0.3, 0.3, 0.3]).select(2, by="Q") == [2, 3]  # ties go deeper
-    assert report.select(2) == [4, 5]  # the default rule, depth: the deepest
+    assert report.select(2, by="depth") == [4, 5]  # the deepest
+    assert report.select(2, by="bands:Q") == [1, 3]  # the best of layers 0-2 and of 3-5 (NaN last)
     assert report.select(2, by="S") == [4, 5]
     assert report.select(1, by="I") == [0]
     assert report.select(2, by="sqrtIE") == [4, 5]  # all equal: the deepest
@@ -469,8 +470,8 @@ def test_json_round_trip_table_and_plot(tmp_path):
     path = tmp_path / "quality.json"
     text = report.to_json(path)
     data = json.loads(path.read_text())
-    assert data["selected"]["Q"] == [0, 1, 2, 3] and data["variant"] == "paper"
-    assert json.loads(report.to_json(k=2))["selected"]["Q"] == [1, 3]
+    assert data["selected"]["Q/paper"] == [0, 1, 2, 3] and data["variant"] == "paper"
+    assert json.loads(report.to_json(k=2))["selected"]["Q/paper"] == [1, 3]
     for source in (text, path, str(path)):
         back = QualityReport.from_json(source)
         assert back == report

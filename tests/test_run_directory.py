@@ -70,9 +70,10 @@ def test_run_json_records_the_effective_settings(teacher_dir, tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["lr"] is None and config["teacher_layers"] == "auto"  # as given
     record = json.loads((out / "run.json").read_text())
-    from featkd.selection import DEFAULT_RULE
+    from featkd.selection import resolve_rule
 
-    selected = json.loads((out / "quality.json").read_text())["selected"][DEFAULT_RULE]
+    quality = json.loads((out / "quality.json").read_text())
+    selected = quality["selected"][resolve_rule(None).in_variant(quality["variant"]).name]
     assert record["lr"] == 0.0075  # the resnet family's one-cycle peak
     assert record["teacher_layers"] == selected and record["student_layers"] == [1, 2, 3, 4]
     assert record["student_layer_names"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]

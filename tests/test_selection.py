@@ -85,6 +85,15 @@ def test_rules_may_name_their_quality_variant():
     assert Rule("depth").in_variant("corrected") == Rule("depth")  # needs none
 
 
+def test_resolve_rule_puts_the_default_rule_in_a_given_variant(monkeypatch):
+    assert selection.resolve_rule("S/corrected", "paper") == Rule("S", variant="corrected")  # a given rule as is
+    monkeypatch.setattr(selection, "DEFAULT_RULE", "bands:Q/corrected")
+    assert selection.resolve_rule(None) == selection.resolve_rule(None, "corrected") == Rule("Q", "bands", "corrected")
+    assert selection.resolve_rule(None, "paper") == Rule("Q", "bands", "paper")
+    monkeypatch.setattr(selection, "DEFAULT_RULE", "depth")
+    assert selection.resolve_rule(None, "paper") == Rule("depth")
+
+
 def test_measure_variant_takes_the_rules_unless_told_and_refuses_a_contradiction():
     assert selection.measure_variant("bands:Q/corrected") == "corrected"
     assert selection.measure_variant("Q") == "paper" and selection.measure_variant("depth", "corrected") == "corrected"
@@ -112,10 +121,12 @@ def test_select_applies_named_rules_to_a_report():
     assert report.select(2, "bands:Q") == [1, 6]  # bands 1-4 and 5-8
     assert report.select(2, "bands:probe") == [4, 7]
     assert report.select(4, "bands:depth") == [2, 4, 6, 8]  # the deepest layer of every band
-    assert report.select(3) == report.select(3, selection.DEFAULT_RULE)
+    assert report.select(3) == report.select(3, selection.resolve_rule(None, "paper"))  # the default, in paper
     assert report.values("depth") == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-    assert set(report.to_dict(k=2)["selected"]) == set(selection.rule_names())
-    assert report.to_dict(k=2)["selected"]["bands:S"] == [2, 5]
+    assert set(report.to_dict(k=2)["selected"]) == {parse_rule(name).in_variant("paper").name
+                                                    for name in selection.rule_names()}
+    assert report.to_dict(k=2)["selected"]["bands:S/paper"] == [2, 5]
+    assert {"Q/paper", "bands:depth", "probe"} <= set(report.rules())
 
 
 def test_a_rule_naming_a_variant_needs_a_report_in_that_variant():
@@ -132,7 +143,7 @@ def test_a_rule_naming_a_variant_needs_a_report_in_that_variant():
 def test_probe_rules_need_a_measured_probe():
     report = report_of([0.3, 0.2, 0.1])
     assert not report.has_probe and "probe" not in report.rules() and "bands:probe" not in report.rules()
-    assert "probe" not in report.to_dict()["selected"]
+    assert "probe" not in report.to_dict()["selected"] and "depth" in report.to_dict()["selected"]
     with pytest.raises(ValueError, match="no probe accuracies"):
         report.select(1, "probe")
     assert report.select(1, "depth") == [3]
@@ -252,7 +263,7 @@ def test_auto_teacher_layers_follow_the_selection_rule(tmp_path):
     spread = api.distill(teacher, student, train, test, select_by="bands:S", out=str(tmp_path / "bands"),
                          **options)
     report = QualityReport.from_json(tmp_path / "bands" / "quality.json")
-    assert spread.extra["teacher_layers"] == report.select(4, "bands:S") == report.to_dict()["selected"]["bands:S"]
+    assert spread.extra["teacher_layers"] == report.select(4, "bands:S") == report.to_dict()["selected"]["bands:S/paper"]
     assert [sum(lo <= t <= hi for t in spread.extra["teacher_layers"]) for lo, hi in
             ((1, 4), (5, 8), (9, 12), (13, 17))] == [1, 1, 1, 1]
     default = api.resolve_teacher_layers("auto", teacher, "resnet34", 4, train, device=torch.device("cpu"),
@@ -270,7 +281,9 @@ def test_select_by_is_a_checked_distill_option(tmp_path, capsys):
     from featkd.cli import main
     from featkd.config import DistillConfig
 
-    assert DistillConfig().select_by == selection.DEFAULT_RULE
+    assert DistillConfig().select_by is None  # the default rule, in quality_variant when that is given
+    assert selection.resolve_rule(None) == parse_rule(selection.DEFAULT_RULE)
+    DistillConfig(quality_variant="paper").validate()
     DistillConfig(select_by="bands:probe").validate()
     with pytest.raises(ValueError, match="unknown selection rule 'best'"):
         DistillConfig(select_by="best").validate()

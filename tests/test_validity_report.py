@@ -161,7 +161,10 @@ def test_markdown_renders_every_part_and_marks_partial_results(tmp_path):
     assert "No results yet: run `python benchmarks/layer_validity.py`" in vr.markdown(empty)
 
 
-def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(tmp_path):
+def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(tmp_path, monkeypatch):
+    from featkd import selection
+
+    monkeypatch.setattr(selection, "DEFAULT_RULE", "depth")  # the report names featkd's default
     for teacher in ("resnet34", "vgg19_bn"):
         results_file(teacher, tmp_path)
     results_file("vit_b", tmp_path, drop=("t4",))
@@ -193,6 +196,10 @@ def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(t
     assert verdict["beat_depth"] == ["Q/paper", "S/paper", "probe"] and verdict["rule"] == "Q/paper"
     text, line = vr.report(tmp_path, n_boot=50)
     assert "Verdict: **Q/paper** (rules beating depth: Q/paper, S/paper, probe)" in text
-    assert line == ("Default teacher-layer rule: **Q/paper** by the criterion fixed in advance (rules beating depth: "
-                    "Q/paper, S/paper, probe); `auto` uses `depth`.")
+    assert line.startswith("Default teacher-layer rule: **Q/paper** by the criterion fixed in advance (rules "
+                           "beating depth: Q/paper, S/paper, probe); `auto` uses `depth`. Held-out check")
+    assert line.endswith("better on 3 of 3 teachers (resnet34 Q/paper +12.50, vgg19_bn Q/paper +12.50, "
+                         "vit_b Q/paper +12.50 points).")
     assert "(`depth`) **does not match** it." in text
+    monkeypatch.setattr(selection, "DEFAULT_RULE", "Q")  # Q in the variant measured by default: paper
+    assert "featkd's `DEFAULT_RULE` (`Q`) matches it." in vr.markdown(tmp_path, n_boot=50)

@@ -198,16 +198,17 @@ def _quality_layers(
     probe_set: Any,
 ) -> list[int]:
     from featkd.quality import QualityReport, measure
-    from featkd.selection import DEFAULT_RULE, candidate_layers, measure_variant, parse_rule
+    from featkd.selection import candidate_layers, measure_variant, resolve_rule
 
-    rule = parse_rule(rule or DEFAULT_RULE).name
-    variant = measure_variant(rule, variant)
+    resolved = resolve_rule(rule, variant)
+    variant = measure_variant(resolved, variant)
+    rule = resolved.name
     context = context or DistContext(device=device)
     saved = out / QUALITY_FILE if out is not None else None
     if saved is not None and saved.is_file():
         report = QualityReport.from_json(saved)
         if (report.variant == variant and report.settings.get("n_a", 0) <= subset_size
-                and rule in report.rules()):
+                and resolved.in_variant(variant).name in report.rules()):
             log.info("teacher layers from %s", saved)
             return report.select(k, rule)
     if context.is_main:
@@ -464,6 +465,10 @@ def distill(
 
     extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
              **_data_info(train_set)}
+    if t_spec == "auto":
+        from featkd.selection import resolve_rule
+
+        extra["selected_by"] = resolve_rule(config.select_by, config.quality_variant).name
     settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
                 "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
                 "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from featkd.selection import DEFAULT_RULE, VARIANTS, measure_variant
+from featkd.selection import DEFAULT_RULE, VARIANTS, measure_variant, resolve_rule
 
 __all__ = [
     "DistillConfig",
@@ -219,9 +219,10 @@ class DistillConfig(RunConfig):
     quality_subset: int = _opt(5000, "teacher_layers=auto: size of the class-balanced subset A")
     kd_temperature: float | None = _opt(None, "KD temperature T (default: the method's, 4; kd_std 2)")
     kd_weight: float | None = _opt(None, "factor on the T^2-scaled KD term (default: the method's, 1; kd_std 9)")
-    select_by: str = _opt(DEFAULT_RULE, "teacher_layers=auto: the selection rule: Q, S, I, E, sqrtIE, depth, "
-                          "probe, or bands:SCORE (the best layer by SCORE in each depth band); a quality "
-                          "score may name its variant, e.g. Q/paper (the paper's rule) or bands:Q/corrected")
+    select_by: str | None = _opt(None, "teacher_layers=auto: the selection rule: Q, S, I, E, sqrtIE, depth, "
+                                 "probe, or bands:SCORE (the best layer by SCORE in each depth band); a quality "
+                                 "score may name its variant, e.g. Q/paper (the paper's rule) or bands:Q/corrected "
+                                 f"(default: {DEFAULT_RULE}, in quality_variant when that is given)")
 
     def selects_teacher_layers(self) -> bool:
         """Whether knowledge quality chooses the teacher layers (teacher_layers auto, given or the
@@ -257,7 +258,7 @@ class DistillConfig(RunConfig):
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.kd_weight is not None and not self.kd_weight >= 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
-        measure_variant(self.select_by, self.quality_variant)
+        measure_variant(resolve_rule(self.select_by, self.quality_variant), self.quality_variant)
         from featkd.distillation import METHOD_INFO, list_methods
 
         if self.method not in list_methods():

@@ -701,17 +701,20 @@ class QualityReport:
         return [getattr(row, by) for row in self.layers]
 
     def select(self, k: int = 4, by: str | None = None) -> list[int]:
-        """GL indices chosen by rule ``by`` (default :data:`featkd.selection.DEFAULT_RULE`), in
+        """GL indices chosen by rule ``by`` (default :data:`featkd.selection.DEFAULT_RULE`, in this
+        report's variant: see :func:`featkd.selection.resolve_rule`), in
         depth order: e.g. "Q" (the k highest Q; ties go deeper) or "bands:S" (see featkd.selection)."""
-        from featkd.selection import DEFAULT_RULE, select
+        from featkd.selection import select
 
-        return select(self, k, by or DEFAULT_RULE)
+        return select(self, k, by)
 
     def rules(self) -> list[str]:
-        """The rules this report can apply (rules needing the probe only when it was measured)."""
+        """The rules this report can apply, named with its variant (``Q/paper``, ``bands:depth``; rules
+        needing the probe only when it was measured)."""
         from featkd.selection import parse_rule, rule_names
 
-        return [name for name in rule_names() if self.has_probe or parse_rule(name).score != "probe"]
+        rules = [parse_rule(name).in_variant(self.variant) for name in rule_names()]
+        return [rule.name for rule in rules if self.has_probe or rule.score != "probe"]
 
     def to_dict(self, k: int = 4) -> dict:
         """Plain data; ``selected`` holds the min(k, layers) layers of every rule it can apply."""
@@ -764,9 +767,9 @@ class QualityReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from featkd.selection import DEFAULT_RULE
+        from featkd.selection import resolve_rule
 
-        by = by or DEFAULT_RULE
+        by = resolve_rule(by, self.variant).name
         index = [row.index for row in self.layers]
         selected = self.select(min(k, len(self.layers)), by)
         names = ["S", "I", "E", "Q"] + (["probe"] if self.has_probe else [])

@@ -196,7 +196,8 @@ def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
 
     report = QualityReport.from_json(run.path / "quality.json")
     k = len((run.results or {}).get("teacher_layers") or []) or 4
-    rule = run.config.get("select_by") or "Q"  # runs from before select_by used Q in their variant
+    # the rule the run used; runs from before select_by used Q in their variant
+    rule = (run.results or {}).get("selected_by") or run.config.get("select_by") or "Q"
     plot = run.path / "quality.png"
     if not plot.is_file():
         report.plot(plot, k, rule)

@@ -41,15 +41,17 @@ __all__ = [
     "candidate_layers",
     "measure_variant",
     "parse_rule",
+    "resolve_rule",
     "rule_names",
     "select",
     "set_score",
     "top_k",
 ]
 
-#: the rule ``--teacher-layers auto`` uses unless told otherwise: depth, until a rule beats depth's
-#: choice in benchmarks/layer_validity.py (validity_report.default_verdict states the criterion)
-DEFAULT_RULE = "depth"
+#: the rule ``--teacher-layers auto`` uses unless told otherwise: the rule that beat depth's choice
+#: in benchmarks/layer_validity.py on three teachers (validity_report.default_verdict states the
+#: criterion, fixed before the results; BENCHMARKS.md the evidence)
+DEFAULT_RULE = "bands:Q/corrected"
 #: the paper's rule: Q in the "paper" variant of the metric reproduces its choices
 PAPER_RULE = "Q/paper"
 SCORES = ("Q", "S", "I", "E", "sqrtIE", "depth", "probe")
@@ -155,6 +157,17 @@ def parse_rule(text: str | Rule) -> Rule:
     return Rule(score, build, variant or None)
 
 
+def resolve_rule(rule: str | Rule | None, variant: str | None = None) -> Rule:
+    """``rule``, or when None the default rule, measured in ``variant`` if one is given (the default
+    rule's score and bands in that variant: ``bands:Q/paper`` for a paper-variant report)."""
+    if rule is not None:
+        return parse_rule(rule)
+    default = parse_rule(DEFAULT_RULE)
+    if variant is None or default.variant in (None, variant):
+        return default
+    return Rule(default.score, default.build, variant)
+
+
 def measure_variant(rule: str | Rule, variant: str | None = None) -> str:
     """The knowledge-quality variant to measure for ``rule``: ``variant`` when given, else the rule's,
     else the default ("paper"). ValueError when ``variant`` contradicts the rule's."""
@@ -167,9 +180,10 @@ def measure_variant(rule: str | Rule, variant: str | None = None) -> str:
     return variant or rule.variant or DEFAULT_VARIANT
 
 
-def select(report: Any, k: int, rule: str | Rule = DEFAULT_RULE) -> list[int]:
-    """GL indices ``rule`` chooses among the layers of ``report`` (a QualityReport), in depth order."""
-    rule = parse_rule(rule)
+def select(report: Any, k: int, rule: str | Rule | None = None) -> list[int]:
+    """GL indices ``rule`` chooses among the layers of ``report`` (a QualityReport), in depth order
+    (default: :func:`resolve_rule` in the report's variant)."""
+    rule = resolve_rule(rule, report.variant)
     if rule.variant not in (None, report.variant):
         raise ValueError(f"rule {rule.name} needs knowledge quality measured in the {rule.variant} variant; "
                          f"this report holds the {report.variant} variant (measure it again with "

@@ -183,7 +183,7 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
         timings[method] = time.perf_counter() - step
         if (run_dir / "quality.json").is_file() and choice is None:
             layers = result.extra["teacher_layers"]
-            choice = (f"Teacher layers {layers}, chosen by rule `{config.select_by}` (the default); the "
+            choice = (f"Teacher layers {layers}, chosen by rule `{result.extra['selected_by']}` (the default); the "
                       f"paper's rule (`{PAPER_RULE}`) picks "
                       f"{paper_q_layers(run_dir, len(layers), teacher_dir)}.")
             print(choice, flush=True)

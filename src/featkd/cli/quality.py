@@ -45,10 +45,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--variant", choices=VARIANTS, help="knowledge-quality variant (default: the "
                         "--by rule's, e.g. corrected for bands:Q/corrected, else paper)")
     parser.add_argument("--k", type=int, default=4, help="number of layers to select")
-    parser.add_argument("--by", default=DEFAULT_RULE, metavar="RULE",
+    parser.add_argument("--by", metavar="RULE",
                         help=f"selection rule: Q, S, I, E, sqrtIE, depth, probe or bands:SCORE (the best "
                         f"layer by SCORE in each of k depth bands); a quality score may name its variant, "
-                        f"e.g. bands:Q/corrected; {PAPER_RULE} is the paper's")
+                        f"e.g. bands:Q/corrected; {PAPER_RULE} is the paper's (default: {DEFAULT_RULE}, "
+                        "in --variant when that is given)")
     parser.add_argument("--out", default="runs/quality", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets A and B")
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.data import load_splits
     from featkd.layers import resolve_layers
     from featkd.quality import measure
-    from featkd.selection import measure_variant, parse_rule
+    from featkd.selection import measure_variant, resolve_rule
 
     layers = parse_layers(args.layers)
     if isinstance(layers, str) and layers != "all":
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise CliError(f"--k must be at least 1, got {args.k}")
     try:
-        rule = parse_rule(args.by)
+        rule = resolve_rule(args.by, args.variant)
         variant = measure_variant(rule, args.variant)
     except ValueError as err:
         raise CliError(f"--by: {err}") from err
