@@ -3,9 +3,9 @@
 Implements "Logit-Based Losses Limit the Effectiveness of Feature Knowledge
 Distillation" (Cooper et al., NeurReps 2025, arXiv 2511.14981).
 
-    report = featkd.quality.measure(teacher, train_set)       # S, I, E, Q per layer
+    report = featkd.quality.measure(teacher, train_set, variant="corrected")  # S, I, E, Q per layer
     result = featkd.distill(teacher, student, train_set, test_set, method="featkd",
-                            teacher_layers=report.select(4), student_layers="paper")
+                            teacher_layers=report.select(4), student_layers="paper")  # the default rule
 
 Sub-packages: ``models`` (the paper's zoo), ``data``, ``layers`` (generalized
 layers and taps), ``quality``, ``distillation`` (methods, losses, projectors,
