@@ -296,7 +296,7 @@ def default_verdict(teachers: dict[str, dict[str, Any]], analysis: dict[str, Any
     complete teachers; ``floor`` is the smallest Holm-adjusted p the pairs allow.
     """
     complete = sorted(t for t, d in teachers.items() if d.get("complete"))
-    tests = {r: t for r, t in analysis["sets"]["vs_depth"].items() if r != STANDARD}
+    tests = rule_tests(analysis["sets"]["vs_depth"])
     pairs = max((t["pairs"] for t in tests.values()), default=0)
     floor = min(1.0, len(tests) / 2 ** pairs) if pairs and pairs <= EXACT_FLIPS else None
     verdict: dict[str, Any] = {"complete": complete, "rules": len(tests), "pairs": pairs, "floor": floor}
@@ -392,27 +392,39 @@ def _protocol_lines(protocol: str, result: dict[str, Any], teachers: list[str]) 
     if any(regret.values()):
         lines += ["Regret: the accuracy of the rule's choice minus the best configuration's (points); vs depth: "
                   "its choice minus depth's choice, paired by teacher and seed, with a one-sided sign-flip p "
-                  "(unadjusted):", ""]
+                  "and the p Holm-adjusted over the rules (the fixed standard set is not one of them):", ""]
+        adjusted = holm_adjusted(rule_tests(vs_depth), lambda test: test["p"])
         rows = []
         for rule, cells in regret.items():
             mean = np.mean([c["regret"] for c in cells.values()]) if len(cells) == len(teachers) else None
             test = vs_depth.get(rule)
+            holm_p = f"Holm {_p(adjusted[rule])}, " if rule in adjusted else ""
             rows.append([rule] + [f"{_signed(cells[t]['regret'])} ({_layers(cells[t]['layers'])})" if t in cells
                                   else "—" for t in teachers] + [_signed(mean)]
-                        + [f"{_signed(test['diff'])} (p {_p(test['p'])}, {test['pairs']} pairs)" if test else "—"])
+                        + [f"{_signed(test['diff'])} (p {_p(test['p'])}, {holm_p}{test['pairs']} pairs)"
+                           if test else "—"])
         lines += _table(["rule"] + teachers + ["mean", "vs depth's choice"], rows) + [""]
     beat_rank = beating(rho, lambda row: row.get("vs_depth", {}).get("p"))
-    beat_choice = beating(vs_depth, lambda test: test["p"])
+    beat_choice = beating(rule_tests(vs_depth), lambda test: test["p"])
     lines.append(f"Beat depth (Holm-adjusted p < {ALPHA} over the rules above): in ranking — "
                  f"{', '.join(beat_rank) or 'none'}; in the choice — {', '.join(beat_choice) or 'none'}.")
     return lines + [""]
 
 
+def rule_tests(vs_depth: dict[str, Any]) -> dict[str, Any]:
+    """The tests against depth of the rules (the baselines' fixed standard set left out)."""
+    return {rule: test for rule, test in vs_depth.items() if rule != STANDARD}
+
+
+def holm_adjusted(table: dict[str, Any], p_of: Any) -> dict[str, float | None]:
+    """{name: its one-sided p, Holm-adjusted over the table's rows}."""
+    names = list(table)
+    return dict(zip(names, holm([p_of(table[name]) for name in names])))
+
+
 def beating(table: dict[str, Any], p_of: Any) -> list[str]:
     """The names whose one-sided p, Holm-adjusted over the table's rows, is below ALPHA."""
-    names = list(table)
-    adjusted = holm([p_of(table[name]) for name in names])
-    return [name for name, p in zip(names, adjusted) if p is not None and p < ALPHA]
+    return [name for name, p in holm_adjusted(table, p_of).items() if p is not None and p < ALPHA]
 
 
 def _held_out_lines(analysis: dict[str, Any]) -> list[str]:

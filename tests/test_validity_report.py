@@ -196,6 +196,9 @@ def test_default_verdict_needs_three_teachers_and_a_significant_win_over_depth(t
     assert verdict["beat_depth"] == ["Q/paper", "S/paper", "probe"] and verdict["rule"] == "Q/paper"
     text, line = vr.report(tmp_path, n_boot=50)
     assert "Verdict: **Q/paper** (rules beating depth: Q/paper, S/paper, probe)" in text
+    sets = text[text.index(f"### {vr.PROTOCOL_TITLES['sets']}"):]
+    q_row = next(row for row in sets.splitlines() if row.startswith("| Q/paper |") and "pairs)" in row)
+    assert q_row.endswith("(p **0.002**, Holm **0.008**, 9 pairs) |")  # 1/512, times the 4 rules at most
     assert line.startswith("Default teacher-layer rule: **Q/paper** by the criterion fixed in advance (rules "
                            "beating depth: Q/paper, S/paper, probe); `auto` uses `depth`. Held-out check")
     assert line.endswith("better on 3 of 3 teachers (resnet34 Q/paper +12.50, vgg19_bn Q/paper +12.50, "
