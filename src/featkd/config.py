@@ -227,11 +227,12 @@ class DistillConfig(RunConfig):
     def selects_teacher_layers(self) -> bool:
         """Whether knowledge quality chooses the teacher layers (teacher_layers auto, given or the
         method's default)."""
-        from featkd.distillation import METHOD_INFO
+        from featkd.api import default_teacher_layers, method_uses_layers
+        from featkd.distillation import list_methods
 
-        kind = METHOD_INFO[self.method].teacher_layers if self.method in METHOD_INFO else None
-        default = "auto" if kind == "q" else "standard"
-        return kind is not None and (self.teacher_layers or default) == "auto"
+        if self.method not in list_methods() or not method_uses_layers(self.method):
+            return False
+        return (self.teacher_layers or default_teacher_layers(self.method)) == "auto"
 
     def identity(self) -> dict[str, Any]:
         """As a RunConfig's, and the selection options only when they choose the layers (so that a
