@@ -564,7 +564,8 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
                   "columns are empty.", ""]
     methods = d.get("methods", {})
     rows = []
-    for method in list(METHODS) + [m for m in methods if m not in METHODS]:
+    expected = common.rows()
+    for method in list(expected) + [m for m in methods if m not in expected]:
         m = methods.get(method)
         if m is None:
             rows.append([method, "missing"] + ["—"] * 7)

@@ -194,6 +194,8 @@ def test_missing_and_failed_methods(results):
     assert row(cell, "semckd")[1] == "missing" and row(cell, "sp")[1] == "failed: out of memory"
     assert row(cell, "featkd vs semckd")[2:] == ["not run", "—", "—", "—", "—"]
     assert row(cell, "featkd vs sp")[2] == "not run"
+    low = section(render(results), f"### {PAIR}, low regime")  # every row shows, featkd_default too
+    assert row(low, "featkd_default")[1] == "missing"
 
 
 def test_old_format_files_still_render(results):
