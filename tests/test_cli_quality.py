@@ -109,3 +109,12 @@ def test_the_rules_variant_is_measured_unless_contradicted(tmp_path, capsys):
     assert main(BASE + ["--by", "Q/corrected", "--variant", "paper", "--out", str(tmp_path / "bad")]) == 2
     assert "--by: rule Q/corrected ranks by knowledge quality in the corrected variant" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["quality", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert f"(default: {DEFAULT_RULE}, in --variant when that is given)" in text
+    assert "images per forward pass (default: 256)" in text and "size of subset A (default: 5000)" in text

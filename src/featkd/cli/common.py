@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -9,13 +10,23 @@ from torch import nn
 if TYPE_CHECKING:
     from featkd.checkpoint import WeightsFile
 
-__all__ = ["CliError", "build_model_from_args", "parse_layers"]
+__all__ = ["CliError", "DefaultsHelpFormatter", "build_model_from_args", "parse_layers"]
 
 LAYER_KEYWORDS = ("all", "auto", "standard", "paper")
 
 
 class CliError(Exception):
     """A bad command-line value: reported in one line, exit status 2."""
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where its help already states one or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_layers(text: str) -> str | list[int | str]:

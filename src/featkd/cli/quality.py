@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from featkd.cli.common import CliError, build_model_from_args, parse_layers
+from featkd.cli.common import CliError, DefaultsHelpFormatter, build_model_from_args, parse_layers
 
 __all__ = ["add_parser", "run"]
 
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
         "train-teacher run directory as --checkpoint, the model, width, image size and data "
         "come from its config.yaml unless given (its validation split, if it held one out, "
         "scores the linear probe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", help="zoo model name (e.g. resnet34), torchvision:NAME or "
                         "timm:NAME[:key=value,...] (default: the run directory's)")
@@ -53,8 +53,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", default="runs/quality", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets A and B")
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="host memory budget (GB)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="product precision: float32 accumulated in float64 (fast on any GPU and "
