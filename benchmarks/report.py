@@ -221,7 +221,7 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     lines += overview_table(cells, analysed)
     lines += tally_lines(analysed)
     lines += multiplicity_lines(analysed)
-    lines += convergence_summary(found.get("convergence", {}))
+    lines += convergence_summary(found.get("convergence", {}), expected_cells(cells))
     lines += gap_summary(cells)
     lines += layer_validity_summary(found.get("layer_validity"))
     lines += rule
@@ -307,17 +307,21 @@ def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
             "passed": None if val is None else round(val, 6) <= CONVERGENCE_TOLERANCE}
 
 
-def convergence_summary(runs: dict[tuple[str, str], Any]) -> list[str]:
+def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]]) -> list[str]:
+    """One line: which cells pass, fail, wait for their longer run, or, of the ``expected`` ones, have no
+    check at their budget yet."""
     if not runs:
         return ["Convergence check: no results yet.", ""]
     checks = {key: convergence_check(d) for key, d in sorted_cells(runs)}
     failed = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is False]
     pending = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is None]
+    unchecked = [f"{p} {r}" for p, r in sorted(expected) if (p, r) not in checks]
     passed = sum(c["passed"] is True for c in checks.values())
     text = (f"Convergence check (ce gains ≤ {CONVERGENCE_TOLERANCE} validation points with a longer budget): "
             f"{passed} of {len(checks)} cells pass")
     text += f"; **not converged**: {', '.join(failed)}" if failed else ""
     text += f"; pending: {', '.join(pending)}" if pending else ""
+    text += f"; **not checked** at their budget: {', '.join(unchecked)}" if unchecked else ""
     return [text + ".", ""]
 
 

@@ -185,6 +185,13 @@ def test_convergence_check_and_teacher_gaps(results):
     assert f"| {PAIR} | full | 92.00 | 85.00 ± 0.20 (3) | {gap:.2f} |" in teachers
 
 
+def test_cell_without_a_check_at_its_budget_is_named(results):
+    # a rejected budget's check moved away, the new budget's not run yet
+    (results / f"convergence_{PAIR}_low.json").rename(results / "rejected.json")
+    summary = section(render(results), "## Summary")
+    assert f"1 of 1 cells pass; **not checked** at their budget: {PAIR} low." in summary
+
+
 def test_missing_and_failed_methods(results):
     data = accuracy_file("full", {m: a for m, a in FULL.items() if m != "semckd"})
     data["methods"]["sp"] = {"error": "out of memory", "runs": []}
