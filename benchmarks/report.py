@@ -741,9 +741,21 @@ def section_probe(found: dict[str, Any]) -> list[str]:
     cells = d["estimate"].get("cpu", {}).get("cells_cpu_s")
     if cells:
         lines += ["", "The grid runs in resumable parts, one per (pair, regime); estimated hours of one core each "
-                  "(CPU times):", ""]
-        lines += table(["part", "hours"], [[cell, f"{seconds / 3600:.1f}"] for cell, seconds in cells.items()])
+                  "(CPU times), beside the hours the finished methods of each part took (the sum of their "
+                  "runs' wall-clock times, one core per run):", ""]
+        lines += table(["part", "estimated hours", "methods done", "hours taken"],
+                       [[cell, f"{seconds / 3600:.1f}", *measured_part(found["accuracy"].get(tuple(cell.split())))]
+                        for cell, seconds in cells.items()])
     return lines + [""]
+
+
+def measured_part(d: dict[str, Any] | None) -> list[str]:
+    """Methods finished out of the grid's, and the hours their runs took, for one accuracy file."""
+    if d is None:
+        return ["0", "—"]
+    done = [m for m in d.get("methods", {}).values() if m.get("wall_s") is not None]
+    total = len(set(d.get("methods", {})) | set(d.get("missing", [])) | set(common.rows()))
+    return [f"{len(done)} of {total}", f"{sum(m['wall_s'] for m in done) / 3600:.1f}"]
 
 
 def _load(values: list[float] | None) -> str:

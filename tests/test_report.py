@@ -12,6 +12,7 @@ from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import common  # noqa: E402
 import report  # noqa: E402
 
 PAIR = "resnet34-resnet9"
@@ -237,3 +238,18 @@ def test_budget_text_names_the_students_with_their_own_budget():
              ("c-vit_et", "full"): cell("vit_et", 30), ("c-vit_et", "low"): cell("vit_et", 160)}
     assert report.budget_text(cells, "full") == "15 student epochs (vit_et: 30)"
     assert report.budget_text(cells, "low") == "160 student epochs"
+
+
+def test_probe_parts_show_the_hours_their_finished_methods_took():
+    low = accuracy_file("low", {"ce": [80.0, 81.0], "kd": [82.0, 83.0]})
+    low["methods"]["ce"]["wall_s"], low["methods"]["kd"]["wall_s"] = 3600.0, 1800.0
+    stats = {"median": 1e-3, "min": 1e-3, "cpu": 1e-3}
+    estimate = {"ce_wall_s": 60.0, "wall_s": 3600.0, "cpu_s": 7200.0, "workers": 2,
+                "cells_cpu_s": {f"{PAIR} low": 7200.0, f"{PAIR} full": 36000.0}}
+    probe = {"command": "python benchmarks/accuracy.py --probe", "batch_size": 128, "steps": 5,
+             "machine": {"torch_threads": 1, "load_average": [0.1, 0.1, 0.1]}, "pairs": {PAIR: {"ce": stats}},
+             "estimate": {"cpu": estimate}}
+    text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
+    rows = len(common.rows())
+    assert row(text, f"{PAIR} low") == [f"{PAIR} low", "2.0", f"2 of {rows}", "1.5"]
+    assert row(text, f"{PAIR} full") == [f"{PAIR} full", "10.0", "0", "—"]
