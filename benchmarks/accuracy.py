@@ -17,7 +17,9 @@ Steps (each resumes; finished work is kept and skipped when started again):
    every finished method (``complete: false`` and ``missing`` until all are done).
 
     python benchmarks/accuracy.py --probe                 # time one step of everything; estimate the suite
-    python benchmarks/accuracy.py                         # the default suite (Fashion-MNIST, ~3 h on 2 cores)
+    python benchmarks/accuracy.py --re-estimate           # the estimate again, for changed settings (no timing)
+    python benchmarks/accuracy.py                         # the default suite (Fashion-MNIST; days of one core)
+    python benchmarks/accuracy.py --pairs vgg19_bn-vgg11_bn --regimes low   # one resumable part of it
     python benchmarks/accuracy.py --pairs resnet34-resnet9 --regimes low --methods ce,featkd --seeds 1
     python benchmarks/accuracy.py --quick                 # seconds, synthetic data
     python benchmarks/accuracy.py --scale paper --data cifar100 --data-root DIR   # the paper's settings (GPU)
@@ -487,6 +489,41 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
     return 0
 
 
+# settings the probe's per-image times depend on; a change in any of them needs a new probe
+TIMED_SETTINGS = ("data", "teacher_widths", "student_widths", "batch_size", "data_options")
+
+
+def re_estimate(scale: Scale, methods: list[str], workers: int, results: Path, argv: list[str]) -> int:
+    """Rewrite probe.json's suite estimate for the current settings (budgets, seeds, regimes, layer
+    validity) from the per-image times it holds; times nothing."""
+    path = results / "probe.json"
+    if not path.is_file():
+        print(f"accuracy.py: error: no {path}: run --probe first", file=sys.stderr)
+        return 2
+    probe = common.read_json(path)
+    current = scale.to_dict()
+    changed = [k for k in TIMED_SETTINGS if probe["scale"].get(k) != current[k]]
+    if changed:
+        print(f"accuracy.py: error: {path} timed other {', '.join(changed)}; its per-image times do not apply: "
+              "run --probe again", file=sys.stderr)
+        return 2
+    untimed = sorted({common.row_method(m) for m in methods} - set.intersection(*map(set, probe["pairs"].values())))
+    if untimed:
+        print(f"accuracy.py: error: {path} has no times for {', '.join(untimed)}: run --probe with them",
+              file=sys.stderr)
+        return 2
+    train, val, test = common.load_regime(scale, scale.teacher_regime)
+    sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
+    eval_images = len(test) + (len(val) if val is not None else 0)
+    probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat)
+                         for stat in STATISTICS}
+    probe["re_estimated"] = {"command": common.command_line(argv), "at": common.now(),
+                             "git_commit": common.git_commit(), "scale": current}
+    common.write_json(path, probe)
+    print(format_probe(probe))
+    return 0
+
+
 def format_probe(probe: dict[str, Any]) -> str:
     """The probe's per-image timings (ms: wall median / wall min / CPU) and the estimates as text."""
     lines = [f"ms per training image (wall median / wall min / CPU median over {probe['steps']} steps of "
@@ -521,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe", action="store_true", help="time the steps and estimate the suite; trains nothing")
     parser.add_argument("--probe-steps", type=int, default=5, help="timed steps per measurement in --probe")
     parser.add_argument("--no-probe-quality", action="store_true", help="--probe: skip timing the quality measurement")
+    parser.add_argument("--re-estimate", action="store_true",
+                        help="recompute the committed probe's suite estimate for the current settings; times nothing")
     return parser
 
 
@@ -538,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workers, threads, work, results = common.placement(scale, args)
     script_argv = [str(Path(__file__))] + argv
+    if args.re_estimate:
+        return re_estimate(scale, methods, workers, results, script_argv)
     if args.probe:
         return run_probe(scale, pairs, methods, args.probe_steps, workers, threads, results, script_argv,
                          not args.no_probe_quality)

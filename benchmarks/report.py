@@ -731,7 +731,11 @@ def section_probe(found: dict[str, Any]) -> list[str]:
         lines += ["", f"Knowledge quality of every layer (subset A of {d['scale']['quality_subset']} images): "
                   + ", ".join(f"{t} {q['median']:.0f} s wall / {q['cpu']:.0f} s CPU" for t, q in d["quality_s"].items())
                   + "."]
-    lines += ["", "Estimated duration of the default suite (accuracy, layer_validity, throughput) from these times:", ""]
+    again = d.get("re_estimated")
+    settings = (f", for the settings of commit {str(again['git_commit'])[:12]} (recomputed on {again['at'][:10]} "
+                f"with `{again['command']}`; the timings are the probe's)" if again else "")
+    lines += ["", f"Estimated duration of the default suite (accuracy, layer_validity, throughput) from these "
+              f"times{settings}:", ""]
     phases = [k[:-7] for k in next(iter(d["estimate"].values())) if k.endswith("_wall_s")]
     rows = [[stat] + [f"{est[f'{p}_wall_s'] / 60:.0f}" for p in phases] + [f"**{est['wall_s'] / 3600:.1f}**",
                                                                          f"{est['cpu_s'] / 3600:.1f}"]

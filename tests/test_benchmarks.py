@@ -389,6 +389,46 @@ def test_probe_quick_estimates_the_suite(quick):
     assert set(probe["estimate"]["median"]["cells_cpu_s"]) == {f"{PAIR} full", f"{PAIR} low"}
 
 
+def _fixed_probe(scale: common.Scale) -> dict:
+    """A probe file's content with 1 ms per image everywhere, as --probe writes it."""
+    steps = ("teacher_train", "teacher_forward", "ce", "kd", "fitnet", "featkd", "student_eval")
+    return {"scale": scale.to_dict(), "steps": 1, "batch_size": scale.batch_size,
+            "machine": {"torch_threads": 1, "load_average": None},
+            "pairs": {PAIR: {k: {"median": 1e-3, "min": 1e-3, "cpu": 1e-3} for k in steps}},
+            "quality_s": {"resnet34": {"median": 5.0, "min": 5.0, "cpu": 5.0}}, "lv_layers": 5, "estimate": {}}
+
+
+def test_re_estimate_uses_the_probe_times_with_the_current_settings(tmp_path):
+    path = tmp_path / "probe.json"
+    common.write_json(path, _fixed_probe(common.build_scale("quick")))
+    argv = ["--quick", "--results", str(tmp_path), "--pairs", PAIR, "--methods", "ce,featkd"]
+    assert accuracy.main([*argv, "--re-estimate", "--epochs", "3"]) == 0
+    probe = json.loads(path.read_text())
+    again = accuracy.main([*argv, "--re-estimate"])  # the preset's 1 epoch
+    assert again == 0 and probe["re_estimated"]["scale"]["epochs"] == {"full": 3, "low": 3}
+    one, three = (p["estimate"]["cpu"]["cells_cpu_s"] for p in (json.loads(path.read_text()), probe))
+    # a cell is its 3 teacher caches plus the runs, which grow with the epochs
+    images = {"full": 40, "low": 24}  # quick: 4 classes x 12 images, 8 held out for validation; low keeps 24
+    for regime, n in images.items():
+        caches = 3 * n * 1e-3
+        assert three[f"{PAIR} {regime}"] - caches == pytest.approx(3 * (one[f"{PAIR} {regime}"] - caches))
+
+
+def test_re_estimate_refuses_times_that_do_not_apply(tmp_path, capsys):
+    path = tmp_path / "probe.json"
+    probe = _fixed_probe(common.build_scale("quick"))
+    probe["scale"]["student_widths"]["resnet9"] = 1.0
+    common.write_json(path, probe)
+    before = path.read_text()
+    argv = ["--quick", "--results", str(tmp_path), "--re-estimate"]
+    assert accuracy.main([*argv, "--methods", "ce"]) == 2
+    assert "timed other student_widths" in capsys.readouterr().err and path.read_text() == before
+    common.write_json(path, _fixed_probe(common.build_scale("quick")))
+    assert accuracy.main([*argv, "--methods", "ce,sp"]) == 2
+    assert "no times for sp" in capsys.readouterr().err
+    assert accuracy.main(["--quick", "--results", str(tmp_path / "none"), "--re-estimate"]) == 2
+
+
 def test_estimate_suite_is_arithmetic_on_the_probe_times():
     """Fixed per-image times (1 ms everywhere) give costs that can be counted by hand."""
     scale = common.build_scale("quick")  # 1 epoch, 1 seed; layer validity: 1 seed, rule sets 2, 2 random sets

@@ -253,3 +253,9 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
     rows = len(common.rows())
     assert row(text, f"{PAIR} low") == [f"{PAIR} low", "2.0", f"2 of {rows}", "1.5"]
     assert row(text, f"{PAIR} full") == [f"{PAIR} full", "10.0", "0", "—"]
+    assert "for the settings of commit" not in text
+    probe["re_estimated"] = {"git_commit": "0123456789abcdef", "at": "2026-11-30T23:00:00+00:00",
+                             "command": "python benchmarks/accuracy.py --re-estimate"}
+    text = "\n".join(report.section_probe({"probe": probe, "accuracy": {}}))
+    assert ("for the settings of commit 0123456789ab (recomputed on 2026-11-30 with "
+            "`python benchmarks/accuracy.py --re-estimate`; the timings are the probe's):") in text
