@@ -681,6 +681,24 @@ def section_throughput(found: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def section_gpu(results: Path) -> list[str]:
+    """``gpu/gpu_check.json``: each step's command, accuracy and speed (a line saying it has not run, else)."""
+    lines = ["## GPU check (`benchmarks/gpu_check.py`)", ""]
+    path = results / "gpu" / "gpu_check.json"
+    if not path.is_file():
+        return lines + ["Not run yet: it needs a CUDA GPU (`python benchmarks/gpu_check.py`).", ""]
+    d = common.read_json(path)
+    device = d["machine"].get("cuda") or "no CUDA device"
+    lines += [f"`{d['command']}` on {device}; one seed, final-epoch accuracy." +
+              ("" if d.get("complete") else " **Incomplete or failed.**"), ""]
+    rows = [[name, f"`{step['command']}`", step["error"][:200].replace("\n", " ").replace("|", "/")
+             if "error" in step else number(100 * step["final_test_acc"], ".2f"),
+             number(step.get("images_per_s"), ".0f")] for name, step in d["steps"].items()]
+    lines += table(["step", "command", "final test acc (%)", "images/s"], rows)
+    ratio = d.get("online_vs_cached_images_per_s")
+    return lines + (["", f"Online teacher / cached teacher images/s: {ratio:.2f}."] if ratio else []) + [""]
+
+
 def section_quality_speed(found: dict[str, Any]) -> list[str]:
     d = found.get("quality_speed")
     if not d:
@@ -788,6 +806,7 @@ def render(results: Path, out: Path, test: str = "welch") -> str:
     lines.append(validity)
     lines += section_throughput(found)
     lines += section_quality_speed(found)
+    lines += section_gpu(results)
     lines += section_further(results, out_dir)
     lines += section_probe(found)
     return "\n".join(lines).rstrip() + "\n"

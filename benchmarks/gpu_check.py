@@ -1,0 +1,181 @@
+"""The GPU check: the CUDA path and a full-width resnet34 -> resnet9 mini-grid, in about ten minutes.
+
+Prepared for a machine with one CUDA GPU (the CPU machines this project is built on have none):
+
+    python benchmarks/gpu_check.py                         # -> benchmarks/results/gpu/gpu_check.json
+    python benchmarks/gpu_check.py --quick --device cpu    # the same commands in seconds, synthetic data
+
+Every step is the real ``featkd`` command, run as a subprocess with its log in the work
+directory; the results file is rewritten after each step, and a rerun skips the steps whose
+run directory is complete, so a timed-out check continues where it stopped.
+
+1. ``teacher``: ``featkd train-teacher`` resnet34 at full width on Fashion-MNIST (55,000
+   images, 5,000 held out for validation, augmentation), bf16 autocast.
+2. The CUDA path, one epoch of featkd each: ``cuda_cached`` (teacher outputs computed once),
+   ``cuda_online`` (teacher run every step) and ``cuda_torchrun`` (``torchrun
+   --nproc_per_node 1``). Each must finish (a non-finite loss stops a run with an error).
+3. The mini-grid: resnet9 at full width, one seed, ``--epochs`` epochs, the teacher cached:
+   ce, kd, simkd, featkd (the paper's Q layers) and featkd_std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+
+log = logging.getLogger("benchmarks.gpu_check")
+
+GRID_METHODS = ("ce", "kd", "simkd", "featkd", "featkd_std")
+QUICK_DATA = ["--data", "synthetic", "--data-options",
+              "num_classes:4,samples_per_class:12,test_per_class:4,in_channels:1", "--val-size", "8"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``featkd`` command of the check and the run directory it writes."""
+
+    name: str
+    argv: list[str]
+    out: Path
+    launcher: tuple[str, ...] = (sys.executable, "-m", "featkd")
+
+    @property
+    def command(self) -> list[str]:
+        return [*self.launcher, *self.argv, "--out", str(self.out)]
+
+    def shown(self) -> str:
+        """The command as a user would type it."""
+        launcher = "torchrun --nproc_per_node 1 -m featkd" if "torch.distributed.run" in self.launcher else "featkd"
+        return f"{launcher} {shlex.join(self.argv)} --out {self.out.name}"
+
+
+def steps(args: argparse.Namespace, work: Path) -> list[Step]:
+    """The teacher, the three CUDA-path runs and the grid, in order."""
+    width = "1/16" if args.quick else "1"
+    data = QUICK_DATA if args.quick else ["--data", "fashion_mnist", "--val-size", "5000"]
+    shared = [*data, "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp,
+              "--seed", "0", "--no-progress"]
+    teacher = work / "teacher"
+    found = [Step("teacher", ["train-teacher", "--model", "resnet34", "--width", width, "--augment",
+                              "--epochs", str(args.teacher_epochs), *shared], teacher)]
+    student = ["distill", "--teacher-checkpoint", str(teacher), "--student", "resnet9", "--student-width", width,
+               *shared]
+    featkd = [*student, "--method", "featkd", "--select-by", "Q/paper", "--epochs", "1"]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                "-m", "featkd")
+    found += [Step("cuda_cached", [*featkd, "--teacher-mode", "cache"], work / "cuda_cached"),
+              Step("cuda_online", [*featkd, "--teacher-mode", "online"], work / "cuda_online"),
+              Step("cuda_torchrun", [*featkd, "--teacher-mode", "cache"], work / "cuda_torchrun", torchrun)]
+    for method in GRID_METHODS:
+        layers = ["--select-by", "Q/paper"] if method == "featkd" else []
+        found.append(Step(method, [*student, "--method", method, *layers, "--epochs", str(args.epochs),
+                                   "--teacher-mode", "cache"], work / "grid" / method))
+    return found
+
+
+def run_step(step: Step, env: dict[str, str]) -> dict[str, Any]:
+    """Run (or skip, when its run directory is complete) one step; its outcome and numbers."""
+    done = step.out / "results.json"
+    entry: dict[str, Any] = {"command": step.shown()}
+    if not done.is_file():
+        step.out.mkdir(parents=True, exist_ok=True)
+        logfile = step.out.with_name(step.out.name + ".log")
+        log.info("%s: %s", step.name, shlex.join(step.command))
+        start = time.perf_counter()
+        with open(logfile, "a") as stream:
+            finished = subprocess.run(step.command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        entry["wall_s"] = time.perf_counter() - start
+        if finished.returncode != 0:
+            return {**entry, "error": f"exit {finished.returncode}: {logfile.read_text()[-1500:]}"}
+    results = common.read_json(done)
+    run = results["runs"][0] if "runs" in results else results
+    entry.update({key: run.get(key) for key in ("final_test_acc", "final_val_acc", "train_time_s", "images_per_s")})
+    entry["teacher_layers"] = results.get("teacher_layers")
+    return entry
+
+
+def check(args: argparse.Namespace, argv: list[str]) -> int:
+    """Every step in order, the results file rewritten after each; 1 when any step failed."""
+    work, results = Path(args.work), Path(args.results)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO_DIR / "src"), env.get("PYTHONPATH")]))
+    data: dict[str, Any] = {"benchmark": "gpu_check", **common.run_record(argv, None),
+                            "settings": {"device": args.device, "amp": args.amp, "batch_size": args.batch_size,
+                                         "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
+                                         "quick": args.quick},
+                            "steps": {}, "complete": False}
+    path = results / "gpu_check.json"
+    failed = []
+    for step in steps(args, work):
+        if step.name != "teacher" and "error" in data["steps"].get("teacher", {}):
+            data["steps"][step.name] = {"command": step.shown(), "error": "skipped: the teacher failed"}
+            continue
+        data["steps"][step.name] = entry = run_step(step, env)
+        if "error" in entry:
+            failed.append(step.name)
+            log.error("%s failed: %s", step.name, entry["error"])
+        else:
+            log.info("%s: final test acc %s, %s images/s", step.name, entry.get("final_test_acc"),
+                     entry.get("images_per_s"))
+        common.write_json(path, data)
+    data["complete"], data["finished"] = not failed, common.now()
+    data["online_vs_cached_images_per_s"] = _ratio(data["steps"], "cuda_online", "cuda_cached")
+    common.write_json(path, data)
+    print(json.dumps({name: {k: v for k, v in e.items() if k != "command"} for name, e in data["steps"].items()},
+                     indent=1))
+    return 1 if failed else 0
+
+
+def _ratio(found: dict[str, Any], a: str, b: str) -> float | None:
+    x, y = found.get(a, {}).get("images_per_s"), found.get(b, {}).get("images_per_s")
+    return x / y if x and y else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N (cpu only with --quick)")
+    parser.add_argument("--amp", default="bf16", choices=("bf16", "none"), help="mixed precision of every step")
+    parser.add_argument("--teacher-epochs", type=int, default=10, help="resnet34 teacher epochs")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of each grid run")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny widths, synthetic data, 1 epoch: the commands, checked in seconds")
+    parser.add_argument("--work", default=str(common.REPO_DIR / "benchmarks" / "work" / "gpu"),
+                        help="run directories and logs")
+    parser.add_argument("--results", default=str(common.REPO_DIR / "benchmarks" / "results" / "gpu"),
+                        help="folder of gpu_check.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    common.setup_logging()
+    if args.quick:
+        args.teacher_epochs, args.epochs, args.batch_size = 1, 1, 8
+    elif not args.device.startswith("cuda"):
+        print("gpu_check.py: error: --device must be cuda or cuda:N (cpu only with --quick)", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check.py: error: no CUDA GPU here (torch.cuda.is_available() is False)", file=sys.stderr)
+            return 2
+    return check(args, [str(Path(__file__))] + argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

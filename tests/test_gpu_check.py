@@ -1,0 +1,73 @@
+"""benchmarks/gpu_check.py: its commands run end to end on the CPU (--quick), resume, and refuse a machine
+without CUDA."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_check  # noqa: E402
+import report  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_check_runs_every_step_and_resumes(tmp_path):
+    argv = ["--quick", "--device", "cpu", "--work", str(tmp_path / "work"),
+            "--results", str(tmp_path / "out" / "gpu")]
+    assert gpu_check.main(argv) == 0
+    data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
+    expected = {"teacher", "cuda_cached", "cuda_online", "cuda_torchrun", *gpu_check.GRID_METHODS}
+    assert data["complete"] and set(data["steps"]) == expected
+    for name, step in data["steps"].items():
+        assert 0.0 <= step["final_test_acc"] <= 1.0 and step["images_per_s"] > 0, name
+    assert data["steps"]["cuda_torchrun"]["command"].startswith("torchrun --nproc_per_node 1 -m featkd distill")
+    assert "--teacher-mode online" in data["steps"]["cuda_online"]["command"]
+    assert "--select-by Q/paper" in data["steps"]["featkd"]["command"]
+    assert len(data["steps"]["featkd"]["teacher_layers"]) == 4 and data["online_vs_cached_images_per_s"] > 0
+    # a rerun finds every run directory complete and trains nothing
+    assert gpu_check.main(argv) == 0
+    again = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
+    assert all("wall_s" not in step for step in again["steps"].values())
+    assert again["steps"]["ce"]["final_test_acc"] == data["steps"]["ce"]["final_test_acc"]
+    # BENCHMARKS.md shows each step
+    text = "\n".join(report.section_gpu(tmp_path / "out"))
+    ce = next(line for line in text.splitlines() if line.startswith("| ce |"))
+    assert "`featkd distill " in ce and f"| {100 * data['steps']['ce']['final_test_acc']:.2f} |" in ce
+    assert "Online teacher / cached teacher images/s" in text and "Incomplete" not in text
+
+
+def test_failed_teacher_skips_the_rest(tmp_path, monkeypatch):
+    real_steps = gpu_check.steps
+
+    def broken(args, work):
+        found = real_steps(args, work)
+        teacher = found[0]
+        model = teacher.argv.index("--model") + 1
+        argv = [*teacher.argv[:model], "no_such_model", *teacher.argv[model + 1:]]
+        return [gpu_check.Step(teacher.name, argv, teacher.out), *found[1:]]
+
+    monkeypatch.setattr(gpu_check, "steps", broken)
+    argv = ["--quick", "--device", "cpu", "--work", str(tmp_path / "work"),
+            "--results", str(tmp_path / "out" / "gpu")]
+    assert gpu_check.main(argv) == 1
+    data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
+    assert not data["complete"] and "no_such_model" in data["steps"]["teacher"]["error"]
+    assert data["steps"]["ce"]["error"] == "skipped: the teacher failed"
+    text = "\n".join(report.section_gpu(tmp_path / "out"))
+    assert "**Incomplete or failed.**" in text and "| skipped: the teacher failed |" in text
+    assert "Not run yet" in "\n".join(report.section_gpu(tmp_path / "nothing"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_cuda(tmp_path, capsys):
+    results = tmp_path / "out"
+    assert gpu_check.main(["--results", str(results)]) == 2
+    assert "no CUDA GPU here" in capsys.readouterr().err
+    assert gpu_check.main(["--device", "cpu", "--results", str(results)]) == 2
+    assert "cpu only with --quick" in capsys.readouterr().err and not results.exists()
