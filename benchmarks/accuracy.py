@@ -460,6 +460,15 @@ def estimate_suite(scale: Scale, probe: dict[str, Any], sizes: dict[str, int], e
             "cells_cpu_s": cells}
 
 
+def estimates(scale: Scale, probe: dict[str, Any], splits: tuple[Any, Any, Any], methods: list[str],
+              workers: int) -> dict[str, dict[str, Any]]:
+    """:func:`estimate_suite` for every statistic, with the image counts of the (train, val, test) splits."""
+    train, val, test = splits
+    sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
+    eval_images = len(test) + (len(val) if val is not None else 0)
+    return {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat) for stat in STATISTICS}
+
+
 def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, workers: int, threads: int,
               results: Path, argv: list[str], quality: bool) -> int:
     """Time everything the suite does, write probe.json and print the suite estimate."""
@@ -478,10 +487,7 @@ def run_probe(scale: Scale, pairs: list[str], methods: list[str], steps: int, wo
     lv_teacher = PAIRS[scale.lv_pair].teacher
     lv_model = common.create(lv_teacher, scale.teacher_widths[lv_teacher], train)
     probe["lv_layers"] = len(layer_validity.candidate_layers(lv_model))
-    sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
-    eval_images = len(test) + (len(val) if val is not None else 0)
-    probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat)
-                         for stat in STATISTICS}
+    probe["estimate"] = estimates(scale, probe, (train, val, test), methods, workers)
     probe["finished"] = common.now()
     probe["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     common.write_json(results / "probe.json", probe)
@@ -513,10 +519,7 @@ def re_estimate(scale: Scale, methods: list[str], workers: int, results: Path, a
               file=sys.stderr)
         return 2
     train, val, test = common.load_regime(scale, scale.teacher_regime)
-    sizes = {r: (n if n is not None else len(train)) for r, n in scale.regimes.items()}
-    eval_images = len(test) + (len(val) if val is not None else 0)
-    probe["estimate"] = {stat: estimate_suite(scale, probe, sizes, eval_images, methods, workers, stat)
-                         for stat in STATISTICS}
+    probe["estimate"] = estimates(scale, probe, (train, val, test), methods, workers)
     probe["re_estimated"] = {"command": common.command_line(argv), "at": common.now(),
                              "git_commit": common.git_commit(), "scale": current}
     common.write_json(path, probe)
