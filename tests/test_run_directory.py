@@ -111,3 +111,22 @@ def test_git_state_of_a_checkout(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}", commit) and dirty is False
     (tmp_path / "src" / "featkd" / "a.py").write_text("x = 2\n")
     assert git_state(tmp_path) == (commit, True)
+
+
+def test_more_runs_add_seeds_and_keep_the_finished_ones(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(distill_args(teacher_dir, out, "--method", "kd", "--runs", "2")) == 0
+    kept = {seed: (out / f"run-{seed}" / "model.pt").read_bytes() for seed in (0, 1)}
+    first = json.loads((out / "results.json").read_text())["runs"]
+    assert main(distill_args(teacher_dir, out, "--method", "kd", "--runs", "3")) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1, 2] and runs[:2] == first  # seeds 0 and 1 loaded, not retrained
+    assert {seed: (out / f"run-{seed}" / "model.pt").read_bytes() for seed in (0, 1)} == kept
+    assert yaml.safe_load((out / "config.yaml").read_text())["runs"] == 3
+    # fewer runs, or a single run's directory (laid out without run-<seed> folders), are other configs
+    assert main(distill_args(teacher_dir, out, "--method", "kd", "--runs", "2")) == 2
+    assert "runs: 3 -> 2" in capsys.readouterr().err
+    single = tmp_path / "single"
+    assert main(distill_args(teacher_dir, single, "--method", "kd")) == 0
+    assert main(distill_args(teacher_dir, single, "--method", "kd", "--runs", "2")) == 2
+    assert "runs: 1 -> 2" in capsys.readouterr().err

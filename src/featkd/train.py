@@ -775,6 +775,8 @@ def _differences(existing: Path, config: RunConfig) -> list[str]:
     except (ValueError, yaml.YAMLError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return [f"{existing} is not a {type(config).__name__}: {first}"]
+    if 1 < old.runs < config.runs:
+        old.runs = config.runs  # more seeds of the same runs: the finished ones are kept, the new ones added
     return config.differences(old)
 
 
