@@ -132,11 +132,15 @@ def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]
 
 
 def _previous(path: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Method entries (failures left out) and cache builds of an earlier results file with the same settings."""
+    """Method entries (failures left out) and cache builds of an earlier results file with the same settings.
+
+    The number of seeds may differ: a method with fewer than asked for is continued (its run
+    directory keeps the finished seeds), one with more keeps them all.
+    """
     if not path.is_file():
         return {}, []
     old = common.read_json(path)
-    if old.get("settings") != settings:
+    if {**old.get("settings", {}), "seeds": None} != {**settings, "seeds": None}:
         log.warning("%s was written with other settings: its methods are not kept", path)
         return {}, []
     methods = {m: e for m, e in old.get("methods", {}).items() if "error" not in e}

@@ -255,6 +255,14 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert accuracy.main(argv) == 1
     again = json.loads(path.read_text())
     assert again["methods"]["featkd"]["runs"] == data["methods"]["featkd"]["runs"]
+    # --seeds 3 adds a seed to the methods named; the others keep theirs and are missing until they have 3
+    assert accuracy.main(_args(quick, "--pairs", PAIR, "--regimes", "low", "--methods", "ce", "--seeds", "3")) == 1
+    more = json.loads(path.read_text())
+    ce_runs = more["methods"]["ce"]["runs"]
+    assert ce_runs[:2] == data["methods"]["ce"]["runs"] and len(ce_runs) == 3
+    assert more["methods"]["kd"] == again["methods"]["kd"] and "kd" in more["missing"] and "ce" not in more["missing"]
+    assert accuracy.main(argv) == 1  # back to 2 seeds: nothing is retrained, ce keeps its 3
+    assert json.loads(path.read_text())["methods"]["ce"]["runs"] == more["methods"]["ce"]["runs"]
 
 
 def test_accuracy_rejects_unknown_names(quick, capsys):
