@@ -47,7 +47,8 @@ def display_path(path: Path) -> str:
 
 # --------------------------------------------------------------------------- loading
 def load_results(results: Path) -> dict[str, Any]:
-    """Every results file of ``results``: accuracy and convergence by (pair, regime), the single-file benchmarks."""
+    """Every results file of ``results``: accuracy and convergence by (pair, regime), the rejected budgets by
+    (pair, regime, budget epochs), the single-file benchmarks."""
     found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "rejected": {}, "quality": {}}
     sources = (("accuracy", results, "accuracy"), ("convergence", results, "convergence"),
                ("rejected", results / REJECTED_BUDGETS, "convergence"))
@@ -55,7 +56,8 @@ def load_results(results: Path) -> dict[str, Any]:
         for path in sorted(folder.glob(f"{prefix}_*.json")):
             data = _read(path)
             if data is not None:
-                found[kind][(data["pair"], data["regime"])] = data
+                key = (data["pair"], data["regime"])
+                found[kind][(*key, data.get("budget_epochs")) if kind == "rejected" else key] = data
     for name in ("layer_validity", "throughput", "quality_speed", "probe"):
         found[name] = _read(results / f"{name}.json")
     for path in sorted(results.glob("quality_*_*_*.json")):
@@ -188,8 +190,9 @@ def scalar(value: Any) -> float | None:
     return value.get("mean") if isinstance(value, dict) else value
 
 
-def sorted_cells(cells: dict[tuple[str, str], Any]) -> list[tuple[tuple[str, str], Any]]:
-    return sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+def sorted_cells(cells: dict[tuple, Any]) -> list[tuple[tuple, Any]]:
+    """By regime, then pair (then the rest of the key, e.g. a rejected budget's epochs)."""
+    return sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], *kv[0][2:]))
 
 
 # --------------------------------------------------------------------------- sections
@@ -528,9 +531,9 @@ def section_convergence(found: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def convergence_rows(runs: dict[tuple[str, str], Any]) -> list[list[str]]:
+def convergence_rows(runs: dict[tuple, Any]) -> list[list[str]]:
     rows = []
-    for (pair, regime), d in sorted_cells(runs):
+    for (pair, regime, *_), d in sorted_cells(runs):
         c = convergence_check(d)
         budget, long = d.get("budget") or {}, d.get("long") or {}
         verdict = {True: "converged", False: "**not converged**", None: "pending"}[c["passed"]]

@@ -180,6 +180,11 @@ def test_convergence_check_and_teacher_gaps(results):
     rejected = section(text, "## Convergence check").split("Earlier candidate budgets")[1]
     assert f"| {PAIR} | full | 0 | 4 → 8 | 80.00 → 82.00 | +2.00 |" in rejected
     assert f"1 of 2 cells pass; **not converged**: {PAIR} low." in section(text, "## Summary")
+    # a cell can reject several budgets in turn: each is listed, the shorter first
+    second = {**convergence_file("full", 0.82, 0.84), "budget_epochs": 8, "long_epochs": 16}
+    write(results / report.REJECTED_BUDGETS, f"convergence_{PAIR}_full_8.json", second)
+    rejected = section(render(results), "## Convergence check").split("Earlier candidate budgets")[1]
+    assert rejected.index("| 4 → 8 | 80.00 → 82.00 |") < rejected.index("| 8 → 16 | 82.00 → 84.00 |")
     teachers = section(text, "## Teachers")
     assert row(teachers, "resnet34 ×1/8")[1:6] == ["1,234,567", "30", "92.50", "92.00", "10"]
     gap = 100 * TEACHER_ACC - np.mean(FULL["ce"])
