@@ -73,7 +73,7 @@ def test_scales_overrides_and_choices():
     assert scale.student_epochs == {} and scale.budget("vit_et", "full") == 2  # --epochs overrides every budget
     default = common.build_scale("default")
     assert default.budget("vit_et", "full") == 2 * default.budget("resnet9", "full")  # its own, longer budget
-    assert default.budget("vit_et", "low") == 1.5 * default.budget("resnet9", "low")
+    assert default.budget("vit_et", "low") == 2.25 * default.budget("resnet9", "low")
     # a student without its own budget in a regime falls back to the regime's
     assert default.budget("mobilenetv2", "low") == default.budget("resnet9", "low") == default.epochs["low"]
     assert convergence.long_epochs(default, "vit_et", "full") == 2 * default.budget("vit_et", "full")
@@ -105,8 +105,8 @@ def test_job_costs_put_the_longest_jobs_first(tmp_path):
     probe = {"pairs": {p: {"ce": {"cpu": 1e-3 * (i + 1)}} for i, p in enumerate(common.PAIRS)}}
     (tmp_path / "probe.json").write_text(json.dumps(probe))
     costs = accuracy.job_costs(scale, ["ce"], tmp_path / "probe.json")
-    # 4x the probe's time per image, 1.5x the epochs
-    assert costs[("vit_b-vit_et", "low")] == pytest.approx(4 * 1.5 * costs[("vgg19_bn-vgg11_bn", "low")])
+    # 4x the probe's time per image, 2.25x the epochs
+    assert costs[("vit_b-vit_et", "low")] == pytest.approx(4 * 2.25 * costs[("vgg19_bn-vgg11_bn", "low")])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
