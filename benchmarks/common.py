@@ -730,9 +730,22 @@ def placement(scale: Scale, args: Any, workers: int | None = None) -> tuple[int,
     return workers, threads, work, results_dir(scale, work, args.results)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, so that a script's logging never
+    holds on to a stream that was swapped and closed since (as a test's captured stderr is)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S", force=True, handlers=[_StderrHandler()])
 
 
 def _init_worker(threads: int) -> None:

@@ -162,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    common.setup_logging()
     if args.quick:
         args.teacher_epochs, args.epochs, args.batch_size = 1, 1, 8
     elif not args.device.startswith("cuda"):
@@ -174,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_check.py: error: no CUDA GPU here (torch.cuda.is_available() is False)", file=sys.stderr)
             return 2
+    common.setup_logging()  # only once the arguments are accepted: a refusal configures nothing
     return check(args, [str(Path(__file__))] + argv)
 
 
