@@ -118,37 +118,58 @@ def pair_results_path(results: Path, pair: str, regime: str) -> Path:
     return results / f"accuracy_{pair}_{regime}.json"
 
 
-def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]) -> dict[str, Any]:
-    """Write one pair/regime results file; ``complete`` when every method has all its seeds."""
+def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any],
+                       unfinished: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write one pair/regime results file; ``complete`` when every method has all its seeds.
+
+    ``methods`` holds the rows with all their seeds (or failed); ``unfinished`` the rows whose
+    finished seeds are kept while the others train (the report shows them as missing).
+    """
     seeds = head["settings"]["seeds"]
     rows = common.rows()
+    unfinished = unfinished or {}
     done = [m for m in rows if _finished(methods.get(m), seeds)]
     missing = [m for m in rows if m not in done]
     data = {**head, "complete": not missing, "missing": missing, "updated": common.now(),
             "finished": common.now() if not missing else None,
-            "methods": {m: methods[m] for m in rows if m in methods}, **derived(methods)}
+            "methods": {m: methods[m] for m in rows if m in methods},
+            "unfinished": {m: unfinished[m] for m in rows if m in unfinished}, **derived(methods)}
     common.write_json(path, data)
     return data
 
 
-def _previous(path: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Method entries (failures left out) and cache builds of an earlier results file with the same settings.
+def _previous(path: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Method entries (failures left out), unfinished entries and cache builds of an earlier results
+    file with the same settings.
 
-    The number of seeds may differ: a method with fewer than asked for is continued (its run
-    directory keeps the finished seeds), one with more keeps them all.
+    The number of seeds may differ: a method with fewer than asked for is continued, one
+    with more keeps them all. The finished seeds are read from the file, so a results file
+    alone (without the work directory) resumes a grid seed by seed.
     """
     if not path.is_file():
-        return {}, []
+        return {}, {}, []
     old = common.read_json(path)
     if {**old.get("settings", {}), "seeds": None} != {**settings, "seeds": None}:
         log.warning("%s was written with other settings: its methods are not kept", path)
-        return {}, []
+        return {}, {}, []
     methods = {m: e for m, e in old.get("methods", {}).items() if "error" not in e}
-    return methods, list(old.get("teacher_cache_builds", []))
+    return methods, dict(old.get("unfinished", {})), list(old.get("teacher_cache_builds", []))
 
 
 def _finished(entry: dict[str, Any] | None, seeds: int) -> bool:
-    return bool(entry) and "error" not in entry and sum(r["finished"] for r in entry["runs"]) >= seeds
+    return bool(entry) and "error" not in entry and len(_seeds_done(entry)) >= seeds
+
+
+def _seeds_done(entry: dict[str, Any] | None) -> set[int]:
+    return {r["seed"] for r in (entry or {}).get("runs", []) if r["finished"]}
+
+
+def _with_run(entry: dict[str, Any] | None, run: dict[str, Any], meta: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """A method's entry with one more finished run: its runs, their mean ± std, ``meta`` and the
+    summed wall time of the calls that trained them."""
+    runs = sorted([*(entry or {}).get("runs", []), run], key=lambda r: r["seed"])
+    return {**common.summarize_runs(runs, meta["deployed_params"]), **meta,
+            "wall_s": (entry or {}).get("wall_s", 0.0) + wall_s}
 
 
 # --------------------------------------------------------------------------- one (pair, regime)
@@ -170,16 +191,17 @@ def settings_of(scale: Scale, pair: common.Pair, regime: str) -> dict[str, Any]:
 
 
 def distill_config(scale: Scale, pair: common.Pair, regime: str, row: str, work: Path,
-                   teacher_layers: list[int] | None) -> Any:
-    """The DistillConfig of one comparison row's runs (``featkd distill`` would take the same options)."""
+                   teacher_layers: list[int] | None, seed: int) -> Any:
+    """The DistillConfig of one comparison row's run with ``seed`` (``featkd distill`` would take the
+    same options). Each seed is its own single run, the same as that seed's run of ``--runs N``."""
     from featkd.config import DistillConfig
 
     return DistillConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime], val_size=scale.val_size,
         data_options=dict(scale.data_options), epochs=scale.budget(pair.student, regime),
-        batch_size=scale.batch_size, eval_every=scale.eval_every.get(regime, 1), runs=scale.seeds, seed=0,
+        batch_size=scale.batch_size, eval_every=scale.eval_every.get(regime, 1), runs=1, seed=seed,
         device=scale.device, progress=False,
-        out=str(work / "runs" / pair.name / regime / row),
+        out=str(work / "runs" / pair.name / regime / row / f"run-{seed}"),
         teacher=pair.teacher, teacher_width=scale.teacher_widths[pair.teacher],
         teacher_checkpoint=str(common.teacher_dir(work, pair.teacher, scale)),
         student=pair.student, student_width=scale.student_widths[pair.student], method=common.row_method(row),
@@ -204,42 +226,54 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             "train_images": len(train), "val_images": len(val) if val is not None else 0,
             "test_images": len(test)}
     path = pair_results_path(results, pair.name, regime)
-    done, builds = _previous(path, settings)
+    done, unfinished, builds = _previous(path, settings)
     device = common.resolve_device(scale.device)
     feed = common.SharedTeacherFeed(teacher, train, device, memory_budget_bytes=CACHE_BUDGET_BYTES,
                                     cache_dir=work / "cache")
     feed.build_seconds[:0] = builds
     head["teacher_cache_builds"] = feed.build_seconds
-    data = write_pair_results(path, head, done)
+    data = write_pair_results(path, head, done, unfinished)
 
     def student() -> torch.nn.Module:
         return common.create(pair.student, scale.student_widths[pair.student], train)
+
+    def train_seed(row: str, seed: int) -> tuple[dict[str, Any], dict[str, Any], float]:
+        """One run of ``row``: its numbers, the method's facts and the call's wall time."""
+        method = common.row_method(row)
+        q_layers = layers["default_selected" if row == "featkd_default" else "q_selected"]
+        config = distill_config(scale, pair, regime, row, work,
+                                q_layers if METHOD_INFO[method].teacher_layers == "q" else None, seed)
+        start = time.perf_counter()
+        result = distill(teacher, student, train, test, config=config, method=method,
+                         teacher_layers=config.teacher_layers, student_layers=config.student_layers,
+                         teacher_name=pair.teacher, student_name=pair.student, teacher_feed=feed, val_set=val)
+        if not result.finished:
+            raise RuntimeError(f"seed {seed} stopped after epoch {len(result.runs[0].history)} of {config.epochs}")
+        meta = {"method": method, "teacher_layers": result.extra.get("teacher_layers"),
+                "student_layers": result.extra.get("student_layers"),
+                "deployed_params": common.deployed_params(result),
+                "config": config.to_dict()}  # of the latest run; the runs differ only in seed and out
+        return common.run_info(result.runs[0]), meta, time.perf_counter() - start
 
     try:
         for row in method_order(methods):
             if _finished(done.get(row), scale.seeds):
                 log.info("%s %s %s: finished earlier, kept", pair.name, regime, row)
                 continue
-            method = common.row_method(row)
-            q_layers = layers["default_selected" if row == "featkd_default" else "q_selected"]
-            config = distill_config(scale, pair, regime, row, work,
-                                    q_layers if METHOD_INFO[method].teacher_layers == "q" else None)
-            start = time.perf_counter()
+            entry = unfinished.get(row) or done.get(row)  # the seeds finished so far
             try:
-                result = distill(teacher, student, train, test, config=config, method=method,
-                                 teacher_layers=config.teacher_layers, student_layers=config.student_layers,
-                                 teacher_name=pair.teacher, student_name=pair.student, teacher_feed=feed,
-                                 val_set=val)
+                for seed in sorted(set(range(scale.seeds)) - _seeds_done(entry)):
+                    run, meta, wall_s = train_seed(row, seed)
+                    log.info("%s %s %-12s seed %d: %.2f", pair.name, regime, row, seed, 100 * run["final_test_acc"])
+                    unfinished[row] = entry = _with_run(entry, run, meta, wall_s)
+                    data = write_pair_results(path, head, done, unfinished)
             except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
                 log.exception("%s %s %s failed", pair.name, regime, row)
                 done[row] = {"error": f"{type(err).__name__}: {err}"}
             else:
-                done[row] = {**common.run_summary(result), "wall_s": time.perf_counter() - start,
-                             "method": method, "teacher_layers": result.extra.get("teacher_layers"),
-                             "student_layers": result.extra.get("student_layers"),
-                             "config": config.to_dict()}
+                done[row] = unfinished.pop(row)
                 log.info("%s %s %-12s final %s", pair.name, regime, row, _format(done[row]["final_test_acc"]))
-            data = write_pair_results(path, head, done)
+            data = write_pair_results(path, head, done, unfinished)
     finally:
         feed.close()
     return data

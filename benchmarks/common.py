@@ -682,19 +682,24 @@ class SharedTeacherFeed:
         self._cache, self._key = None, None
 
 
-def run_summary(result: Any) -> dict[str, Any]:
-    """Every run's numbers (with its per-epoch test and validation accuracy), the mean ± std over runs
-    and the deployed parameter count."""
-    runs = []
-    for run in result.runs:
-        info = run.to_dict()
-        info["test_acc_per_epoch"] = [r.get("test_acc") for r in run.history]
-        info["val_acc_per_epoch"] = [r.get("val_acc") for r in run.history]
-        runs.append(info)
-    finished = [r for r in runs if r["finished"]]
+def run_info(run: Any) -> dict[str, Any]:
+    """One run's numbers, with its per-epoch test and validation accuracy."""
+    return {**run.to_dict(), "test_acc_per_epoch": [r.get("test_acc") for r in run.history],
+            "val_acc_per_epoch": [r.get("val_acc") for r in run.history]}
+
+
+def deployed_params(result: Any) -> int | None:
+    """The deployed network's parameter count of a training result."""
     deployed = result.extra.get("deployed_params")
     if deployed is None and result.model is not None:
         deployed = count_parameters(result.model)
+    return deployed
+
+
+def summarize_runs(runs: list[dict[str, Any]], deployed: int | None) -> dict[str, Any]:
+    """Mean ± std over the finished runs of ``runs`` (:func:`run_info` dicts), the runs themselves
+    and the deployed parameter count."""
+    finished = [r for r in runs if r["finished"]]
     return {
         "final_test_acc": mean_std([r["final_test_acc"] for r in finished]),
         "final_val_acc": mean_std([r["final_val_acc"] for r in finished]),
@@ -704,6 +709,11 @@ def run_summary(result: Any) -> dict[str, Any]:
         "deployed_params": deployed,
         "runs": runs,
     }
+
+
+def run_summary(result: Any) -> dict[str, Any]:
+    """Every run's numbers, the mean ± std over runs and the deployed parameter count."""
+    return summarize_runs([run_info(run) for run in result.runs], deployed_params(result))
 
 
 # --------------------------------------------------------------------------- processes

@@ -229,7 +229,7 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     lines += layer_validity_summary(found.get("layer_validity"))
     lines += rule
     missing = [f"{p} {r}" for p, r in expected_cells(cells) if (p, r) not in cells]
-    partial = [f"{p} {r} ({', '.join(d['missing'])})" for (p, r), d in cells.items() if not d.get("complete")]
+    partial = [f"{p} {r} ({', '.join(missing_methods(d))})" for (p, r), d in cells.items() if not d.get("complete")]
     if missing:
         lines.append(f"Not run yet: {', '.join(missing)}.")
     if partial:
@@ -561,8 +561,15 @@ def section_accuracy(found: dict[str, Any], analysed: dict[tuple[str, str], Cell
     return lines
 
 
+def missing_methods(d: dict[str, Any]) -> list[str]:
+    """The missing methods of a results file, with the seeds already run of those that started."""
+    unfinished, seeds = d.get("unfinished", {}), d.get("settings", {}).get("seeds")
+    return [f"{m} ({len(unfinished[m]['runs'])} of {seeds} seeds run)" if m in unfinished else m
+            for m in d.get("missing", [])]
+
+
 def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[str]:
-    state = "complete" if d.get("complete") else f"**partial**: missing {', '.join(d.get('missing', []))}"
+    state = "complete" if d.get("complete") else f"**partial**: missing {', '.join(missing_methods(d))}"
     images = f"{d.get('train_images')} training images" + (
         f", {d['settings']['val_images']} for validation" if d.get("settings", {}).get("val_images") else "")
     lines = [f"### {pair}, {regime} regime ({images}) — {state}", ""]

@@ -265,6 +265,40 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert json.loads(path.read_text())["methods"]["ce"]["runs"] == more["methods"]["ce"]["runs"]
 
 
+def test_accuracy_resumes_seed_by_seed_from_the_results_file_alone(quick, tmp_path, monkeypatch):
+    """A new checkout has the committed results file but no work directory: the seeds it lists as
+    finished are kept, only the others train."""
+    import featkd.api
+
+    real, seeds_trained = featkd.api.distill, []
+
+    def failing_on_seed_1(*args, config, **kwargs):
+        if config.seed == 1:
+            raise RuntimeError("interrupted")
+        seeds_trained.append(config.seed)
+        return real(*args, config=config, **kwargs)
+
+    argv = ["--quick", "--work", str(quick["work"]), "--results", str(tmp_path), "--pairs", PAIR,
+            "--regimes", "low", "--methods", "kd", "--seeds", "2"]
+    monkeypatch.setattr(featkd.api, "distill", failing_on_seed_1)
+    assert accuracy.main(argv) == 1
+    first = json.loads((tmp_path / f"accuracy_{PAIR}_low.json").read_text())
+    assert "Error: interrupted" in first["methods"]["kd"]["error"]
+    assert [r["seed"] for r in first["unfinished"]["kd"]["runs"]] == [0] and seeds_trained == [0]
+
+    for row_dir in quick["work"].glob(f"**/runs/{PAIR}/low/kd"):
+        shutil.rmtree(row_dir)  # the work directory of another session is gone
+    seeds_trained.clear()
+    monkeypatch.setattr(featkd.api, "distill", lambda *a, config, **k: seeds_trained.append(config.seed)
+                        or real(*a, config=config, **k))
+    assert accuracy.main(argv) == 1
+    again = json.loads((tmp_path / f"accuracy_{PAIR}_low.json").read_text())
+    kd = again["methods"]["kd"]
+    assert seeds_trained == [1] and again["unfinished"] == {}
+    assert [r["seed"] for r in kd["runs"]] == [0, 1] and kd["runs"][0] == first["unfinished"]["kd"]["runs"][0]
+    assert kd["final_test_acc"]["n"] == 2 and kd["wall_s"] > first["unfinished"]["kd"]["wall_s"]
+
+
 def test_accuracy_rejects_unknown_names(quick, capsys):
     assert accuracy.main(_args(quick, "--methods", "featkd,magic")) == 2
     assert "valid: ce" in capsys.readouterr().err

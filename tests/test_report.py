@@ -201,9 +201,12 @@ def test_cell_without_a_check_at_its_budget_is_named(results):
 def test_missing_and_failed_methods(results):
     data = accuracy_file("full", {m: a for m, a in FULL.items() if m != "semckd"})
     data["methods"]["sp"] = {"error": "out of memory", "runs": []}
+    data["unfinished"] = {"semckd": {"runs": [data["methods"]["ce"]["runs"][0]]}}  # its seed 0 is done
     write(results, f"accuracy_{PAIR}_full.json", data)
-    cell = section(render(results), f"### {PAIR}, full regime")
-    assert "**partial**: missing semckd" in cell
+    text = render(results)
+    cell = section(text, f"### {PAIR}, full regime")
+    assert "**partial**: missing semckd (1 of 3 seeds run)" in cell
+    assert f"{PAIR} full (semckd (1 of 3 seeds run))" in text
     assert row(cell, "semckd")[1] == "missing" and row(cell, "sp")[1] == "failed: out of memory"
     assert row(cell, "featkd vs semckd")[2:] == ["not run", "—", "—", "—", "—"]
     assert row(cell, "featkd vs sp")[2] == "not run"

@@ -120,6 +120,15 @@ def test_several_runs_get_directories_and_finished_runs_are_skipped(tmp_path, da
     assert [r.final_test_acc for r in again.runs] == accs
 
 
+def test_a_seed_run_alone_is_that_seed_of_several_runs(tmp_path, data, teacher):
+    """The benchmarks train each seed as its own single run; it must be that seed's run of --runs N."""
+    train, test = data
+    options = dict(method="featkd", teacher_layers=[3, 7, 13, 16], student_name="resnet9", epochs=2, **FAST)
+    several = api.distill(teacher, student, train, test, runs=2, seed=0, out=str(tmp_path / "two"), **options)
+    alone = api.distill(teacher, student, train, test, runs=1, seed=1, out=str(tmp_path / "one"), **options)
+    assert without_timing(alone.runs[0].history) == without_timing(several.runs[1].history)
+
+
 # ----------------------------------------------------------------------------- teacher outputs
 def test_cached_and_online_teacher_give_the_same_losses(tmp_path, data, teacher):
     train, test = data
