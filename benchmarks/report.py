@@ -782,12 +782,17 @@ def section_probe(found: dict[str, Any]) -> list[str]:
 
 
 def measured_part(d: dict[str, Any] | None) -> list[str]:
-    """Methods finished out of the grid's, and the hours their runs took, for one accuracy file."""
+    """Methods finished out of the grid's (and the seeds run of unfinished ones), and the hours their
+    runs took, for one accuracy file."""
     if d is None:
         return ["0", "—"]
     done = [m for m in d.get("methods", {}).values() if m.get("wall_s") is not None]
+    started = list(d.get("unfinished", {}).values())
     total = len(set(d.get("methods", {})) | set(d.get("missing", [])) | set(common.rows()))
-    return [f"{len(done)} of {total}", f"{sum(m['wall_s'] for m in done) / 3600:.1f}"]
+    seeds = sum(len(m["runs"]) for m in started)
+    methods = f"{len(done)} of {total}" + (f" (+ {seeds} seed{'s' * (seeds != 1)} of {len(started)} more)"
+                                           if started else "")
+    return [methods, f"{sum(m['wall_s'] for m in done + started) / 3600:.1f}"]
 
 
 def _load(values: list[float] | None) -> str:
