@@ -786,8 +786,9 @@ def measured_part(d: dict[str, Any] | None) -> list[str]:
     runs took, for one accuracy file."""
     if d is None:
         return ["0", "—"]
-    done = [m for m in d.get("methods", {}).values() if m.get("wall_s") is not None]
-    started = list(d.get("unfinished", {}).values())
+    unfinished = d.get("unfinished", {})  # an entry getting more seeds carries its earlier hours
+    done = [m for name, m in d.get("methods", {}).items() if m.get("wall_s") is not None and name not in unfinished]
+    started = list(unfinished.values())
     total = len(set(d.get("methods", {})) | set(d.get("missing", [])) | set(common.rows()))
     seeds = sum(len(m["runs"]) for m in started)
     methods = f"{len(done)} of {total}" + (f" (+ {seeds} seed{'s' * (seeds != 1)} of {len(started)} more)"
