@@ -296,7 +296,7 @@ def test_accuracy_resumes_seed_by_seed_from_the_results_file_alone(quick, tmp_pa
     kd = again["methods"]["kd"]
     assert seeds_trained == [1] and again["unfinished"] == {}
     assert [r["seed"] for r in kd["runs"]] == [0, 1] and kd["runs"][0] == first["unfinished"]["kd"]["runs"][0]
-    assert kd["final_test_acc"]["n"] == 2 and kd["wall_s"] > first["unfinished"]["kd"]["wall_s"]
+    assert kd["final_test_acc"]["n"] == 2
 
 
 def test_accuracy_rejects_unknown_names(quick, capsys):
