@@ -123,14 +123,16 @@ def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]
     """Write one pair/regime results file; ``complete`` when every method has all its seeds.
 
     ``methods`` holds the rows with all their seeds (or failed); ``unfinished`` the rows whose
-    finished seeds are kept while the others train (the report shows them as missing).
+    finished seeds are kept while the others train (the report shows them as missing, or, for a
+    row that already has the cell's seeds and is getting more, as *extending*).
     """
     seeds = head["settings"]["seeds"]
     rows = common.rows()
     unfinished = unfinished or {}
     done = [m for m in rows if _finished(methods.get(m), seeds)]
     missing = [m for m in rows if m not in done]
-    data = {**head, "complete": not missing, "missing": missing, "updated": common.now(),
+    data = {**head, "complete": not missing, "missing": missing,
+            "extending": [m for m in rows if m in unfinished and m in done], "updated": common.now(),
             "finished": common.now() if not missing else None,
             "methods": {m: methods[m] for m in rows if m in methods},
             "unfinished": {m: unfinished[m] for m in rows if m in unfinished}, **derived(methods)}
@@ -138,22 +140,25 @@ def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]
     return data
 
 
-def _previous(path: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """Method entries (failures left out), unfinished entries and cache builds of an earlier results
-    file with the same settings.
+def _previous(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """What an earlier results file with the same settings holds: its method entries (failures
+    left out), unfinished entries, cache builds, commands and the cell's number of seeds.
 
     The number of seeds may differ: a method with fewer than asked for is continued, one
     with more keeps them all. The finished seeds are read from the file, so a results file
     alone (without the work directory) resumes a grid seed by seed.
     """
+    empty = {"methods": {}, "unfinished": {}, "builds": [], "commands": [], "seeds": None}
     if not path.is_file():
-        return {}, {}, []
+        return empty
     old = common.read_json(path)
     if {**old.get("settings", {}), "seeds": None} != {**settings, "seeds": None}:
         log.warning("%s was written with other settings: its methods are not kept", path)
-        return {}, {}, []
-    methods = {m: e for m, e in old.get("methods", {}).items() if "error" not in e}
-    return methods, dict(old.get("unfinished", {})), list(old.get("teacher_cache_builds", []))
+        return empty
+    return {"methods": {m: e for m, e in old.get("methods", {}).items() if "error" not in e},
+            "unfinished": dict(old.get("unfinished", {})), "builds": list(old.get("teacher_cache_builds", [])),
+            "commands": old.get("commands") or [c for c in [old.get("command")] if c],
+            "seeds": old["settings"].get("seeds")}
 
 
 def _finished(entry: dict[str, Any] | None, seeds: int) -> bool:
@@ -226,11 +231,16 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             "train_images": len(train), "val_images": len(val) if val is not None else 0,
             "test_images": len(test)}
     path = pair_results_path(results, pair.name, regime)
-    done, unfinished, builds = _previous(path, settings)
+    previous = _previous(path, settings)
+    done, unfinished = previous["methods"], previous["unfinished"]
+    # the cell needs the fewest seeds it was asked for: more seeds on named rows (where a verdict
+    # is close) extend those rows and leave the cell complete
+    settings["seeds"] = min(scale.seeds, previous["seeds"] or scale.seeds)
+    head["commands"] = list(dict.fromkeys([*previous["commands"], record["command"]]))
     device = common.resolve_device(scale.device)
     feed = common.SharedTeacherFeed(teacher, train, device, memory_budget_bytes=CACHE_BUDGET_BYTES,
                                     cache_dir=work / "cache")
-    feed.build_seconds[:0] = builds
+    feed.build_seconds[:0] = previous["builds"]
     head["teacher_cache_builds"] = feed.build_seconds
     data = write_pair_results(path, head, done, unfinished)
 

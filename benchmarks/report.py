@@ -388,11 +388,11 @@ def section_setup(found: dict[str, Any], results: Path) -> list[str]:
     for name, d in sorted(files.items()):
         m = d.get("machine", {})
         load = m.get("load_average")
-        rows.append([name, f"`{d.get('command', '?')}`",
+        rows.append([name, ", then ".join(f"`{c}`" for c in d.get("commands") or [d.get("command", "?")]),
                      f"{m.get('workers', 1)} × {m.get('torch_threads')}" if m else "n/a",
                      "/".join(f"{v:.1f}" for v in load) if load else "n/a", (d.get("git_commit") or "?")[:12],
                      d.get("started", "?"), d.get("finished") or ("**unfinished**" if "started" in d else "?")])
-    lines += ["", "Each results file records the command that wrote it:", ""]
+    lines += ["", "Each results file records the commands that wrote it:", ""]
     lines += table(["file", "command", "processes × threads", "load at start (1/5/15 min)", "commit", "started",
                     "finished"], rows)
     lines += ["", "Other helpers may have shared the machine: the load average at the start of each run is "
@@ -573,6 +573,10 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
     images = f"{d.get('train_images')} training images" + (
         f", {d['settings']['val_images']} for validation" if d.get("settings", {}).get("val_images") else "")
     lines = [f"### {pair}, {regime} regime ({images}) — {state}", ""]
+    if d.get("extending"):
+        runs = {m: len(d["unfinished"][m]["runs"]) for m in d["extending"]}
+        lines += ["More seeds under way (the table keeps each row's finished set until all its new seeds are "
+                  "run): " + ", ".join(f"{m} ({n} seeds run)" for m, n in runs.items()) + ".", ""]
     if not is_new_format(d):
         lines += ["Results file of the old format (no validation split, no deployed parameter counts): those "
                   "columns are empty.", ""]

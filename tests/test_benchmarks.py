@@ -255,12 +255,17 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert accuracy.main(argv) == 1
     again = json.loads(path.read_text())
     assert again["methods"]["featkd"]["runs"] == data["methods"]["featkd"]["runs"]
-    # --seeds 3 adds a seed to the methods named; the others keep theirs and are missing until they have 3
-    assert accuracy.main(_args(quick, "--pairs", PAIR, "--regimes", "low", "--methods", "ce", "--seeds", "3")) == 1
+    # --seeds 3 adds a seed to the methods named; the others keep theirs, and the cell still needs
+    # only the 2 seeds it was run with: extending the rows of a close verdict leaves nothing missing
+    extend = _args(quick, "--pairs", PAIR, "--regimes", "low", "--methods", "ce", "--seeds", "3")
+    assert accuracy.main(extend) == 1
     more = json.loads(path.read_text())
     ce_runs = more["methods"]["ce"]["runs"]
     assert ce_runs[:2] == data["methods"]["ce"]["runs"] and len(ce_runs) == 3
-    assert more["methods"]["kd"] == again["methods"]["kd"] and "kd" in more["missing"] and "ce" not in more["missing"]
+    assert more["methods"]["kd"] == again["methods"]["kd"] and more["settings"]["seeds"] == 2
+    assert set(more["missing"]) == expected and more["extending"] == [] and more["unfinished"] == {}
+    assert more["commands"][0] == data["command"] and len(more["commands"]) == 2  # each call's, once
+    assert more["commands"][1].endswith("--methods ce --seeds 3") and more["command"] == more["commands"][1]
     assert accuracy.main(argv) == 1  # back to 2 seeds: nothing is retrained, ce keeps its 3
     assert json.loads(path.read_text())["methods"]["ce"]["runs"] == more["methods"]["ce"]["runs"]
 

@@ -214,6 +214,22 @@ def test_missing_and_failed_methods(results):
     assert row(low, "featkd_default")[1] == "missing"
 
 
+def test_rows_getting_more_seeds_leave_the_cell_complete(results):
+    data = accuracy_file("full", FULL)
+    four = method_entry([*FULL["featkd"], 90.0], 12_345)  # seed 3 of 5 done: the table keeps the 3
+    data["unfinished"], data["extending"] = {"featkd": four}, ["featkd"]
+    data["commands"] = [data["command"], "python benchmarks/accuracy.py --methods featkd,kd --seeds 5"]
+    write(results, f"accuracy_{PAIR}_full.json", data)
+    text = render(results)
+    cell = section(text, f"### {PAIR}, full regime")
+    assert f"### {PAIR}, full regime (5000 training images, 5000 for validation) — complete" in cell
+    assert "More seeds under way" in cell and "featkd (4 seeds run)" in cell
+    assert row(cell, "featkd")[2] == "3"
+    files = section(text, "## Machine, commands and settings")
+    assert ("`python benchmarks/accuracy.py --regimes full`, then "
+            "`python benchmarks/accuracy.py --methods featkd,kd --seeds 5`") in files
+
+
 def test_old_format_files_still_render(results):
     data = accuracy_file("low", LOW)
     for entry in data["methods"].values():
