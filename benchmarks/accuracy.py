@@ -120,7 +120,7 @@ def pair_results_path(results: Path, pair: str, regime: str) -> Path:
 
 def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any],
                        unfinished: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write one pair/regime results file; ``complete`` when every method has all its seeds.
+    """Write one pair/regime results file; ``complete`` when every method has the cell's seeds.
 
     ``methods`` holds the rows with all their seeds (or failed); ``unfinished`` the rows whose
     finished seeds are kept while the others train (the report shows them as missing, or, for a
