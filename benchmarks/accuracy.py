@@ -131,8 +131,7 @@ def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]
     unfinished = unfinished or {}
     done = [m for m in rows if _finished(methods.get(m), seeds)]
     missing = [m for m in rows if m not in done]
-    data = {**head, "complete": not missing, "missing": missing,
-            "extending": [m for m in rows if m in unfinished and m in done], "updated": common.now(),
+    data = {**head, "complete": not missing, "missing": missing, "updated": common.now(),
             "finished": common.now() if not missing else None,
             "methods": {m: methods[m] for m in rows if m in methods},
             "unfinished": {m: unfinished[m] for m in rows if m in unfinished}, **derived(methods)}

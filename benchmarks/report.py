@@ -568,15 +568,21 @@ def missing_methods(d: dict[str, Any]) -> list[str]:
             for m in d.get("missing", [])]
 
 
+def extending_rows(d: dict[str, Any]) -> list[str]:
+    """Rows that have the cell's seeds and are getting more: finished, with more seeds unfinished."""
+    methods = d.get("methods", {})
+    return [m for m in d.get("unfinished", {}) if m in methods and "error" not in methods[m]]
+
+
 def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[str]:
     state = "complete" if d.get("complete") else f"**partial**: missing {', '.join(missing_methods(d))}"
     images = f"{d.get('train_images')} training images" + (
         f", {d['settings']['val_images']} for validation" if d.get("settings", {}).get("val_images") else "")
     lines = [f"### {pair}, {regime} regime ({images}) — {state}", ""]
-    if d.get("extending"):
-        runs = {m: len(d["unfinished"][m]["runs"]) for m in d["extending"]}
+    if extending := extending_rows(d):
         lines += ["More seeds under way (the table keeps each row's finished set until all its new seeds are "
-                  "run): " + ", ".join(f"{m} ({n} seeds run)" for m, n in runs.items()) + ".", ""]
+                  "run): " + ", ".join(f"{m} ({len(d['unfinished'][m]['runs'])} seeds run)" for m in extending)
+                  + ".", ""]
     if not is_new_format(d):
         lines += ["Results file of the old format (no validation split, no deployed parameter counts): those "
                   "columns are empty.", ""]
@@ -790,14 +796,17 @@ def measured_part(d: dict[str, Any] | None) -> list[str]:
     runs took, for one accuracy file."""
     if d is None:
         return ["0", "—"]
-    unfinished = d.get("unfinished", {})  # an entry getting more seeds carries its earlier hours
-    done = [m for name, m in d.get("methods", {}).items() if m.get("wall_s") is not None and name not in unfinished]
-    started = list(unfinished.values())
-    total = len(set(d.get("methods", {})) | set(d.get("missing", [])) | set(common.rows()))
+    finished, unfinished = d.get("methods", {}), d.get("unfinished", {})
+    done = [name for name, m in finished.items() if m.get("wall_s") is not None]
+    extending = extending_rows(d)
+    started = [m for name, m in unfinished.items() if name not in extending]
+    # a row getting more seeds is done; its unfinished entry carries all its hours, counted once
+    walls = {**{name: finished[name]["wall_s"] for name in done}, **{m: e["wall_s"] for m, e in unfinished.items()}}
+    total = len(set(finished) | set(d.get("missing", [])) | set(common.rows()))
     seeds = sum(len(m["runs"]) for m in started)
     methods = f"{len(done)} of {total}" + (f" (+ {seeds} seed{'s' * (seeds != 1)} of {len(started)} more)"
                                            if started else "")
-    return [methods, f"{sum(m['wall_s'] for m in done + started) / 3600:.1f}"]
+    return [methods, f"{sum(walls.values()) / 3600:.1f}"]
 
 
 def _load(values: list[float] | None) -> str:

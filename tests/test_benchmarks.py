@@ -263,7 +263,7 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     ce_runs = more["methods"]["ce"]["runs"]
     assert ce_runs[:2] == data["methods"]["ce"]["runs"] and len(ce_runs) == 3
     assert more["methods"]["kd"] == again["methods"]["kd"] and more["settings"]["seeds"] == 2
-    assert set(more["missing"]) == expected and more["extending"] == [] and more["unfinished"] == {}
+    assert set(more["missing"]) == expected and more["unfinished"] == {}
     assert more["commands"][0] == data["command"] and len(more["commands"]) == 2  # each call's, once
     assert more["commands"][1].endswith("--methods ce --seeds 3") and more["command"] == more["commands"][1]
     assert accuracy.main(argv) == 1  # back to 2 seeds: nothing is retrained, ce keeps its 3
