@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -222,26 +222,26 @@ def _shape_nodes(graph: fx.Graph) -> set[fx.Node]:
     return shapes
 
 
+def _reachable(starts: list[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
+               blocked: Container[fx.Node] = ()) -> set[fx.Node]:
+    """Nodes reached from ``starts`` by repeated ``step`` (users or inputs), never entering ``blocked``."""
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node in seen or node in blocked:
+            continue
+        seen.add(node)
+        stack.extend(step(node))
+    return seen
+
+
 def _relevant(graph: fx.Graph, shapes: set[fx.Node]) -> list[fx.Node]:
     """Nodes on some data path from the (first) input to the output, in graph order."""
     inputs = [n for n in graph.nodes if n.op == "placeholder"][:1]
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    forward: set[fx.Node] = set()
-    stack = list(inputs)
-    while stack:
-        node = stack.pop()
-        if node in forward or node in shapes:
-            continue
-        forward.add(node)
-        stack.extend(node.users)
-    backward: set[fx.Node] = set()
-    stack = [output]
-    while stack:
-        node = stack.pop()
-        if node in backward or node in shapes:
-            continue
-        backward.add(node)
-        stack.extend(node.all_input_nodes)
+    forward = _reachable(inputs, lambda n: n.users, shapes)
+    backward = _reachable([output], lambda n: n.all_input_nodes, shapes)
     return [n for n in graph.nodes if n in forward and n in backward]
 
 
@@ -410,14 +410,7 @@ def tail_module(model: nn.Module, layers: GraphLayers, point: Point) -> fx.Graph
                          "its tail cannot run on its own; valid: generalized layers")
     graph = layers.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    needed: set[fx.Node] = set()
-    stack = [output]
-    while stack:
-        current = stack.pop()
-        if current in needed or current is node:
-            continue
-        needed.add(current)
-        stack.extend(current.all_input_nodes)
+    needed = _reachable([output], lambda n: n.all_input_nodes, {node})
     new = fx.Graph()
     env = {node: new.placeholder("x")}
     for current in graph.nodes:
