@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,25 +140,33 @@ def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]
     return data
 
 
-def _previous(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """What an earlier results file with the same settings holds: its method entries (failures
-    left out), unfinished entries, cache builds, commands and the cell's number of seeds.
+@dataclass
+class Previous:
+    """What an earlier results file of a cell holds (all empty when there is none)."""
+    methods: dict[str, Any] = field(default_factory=dict)  # finished rows, failures left out
+    unfinished: dict[str, Any] = field(default_factory=dict)  # rows whose finished seeds are kept meanwhile
+    builds: list[dict[str, Any]] = field(default_factory=list)  # teacher cache builds
+    commands: list[str] = field(default_factory=list)  # every command that wrote the file
+    seeds: int | None = None  # the cell's number of seeds
+
+
+def _previous(path: Path, settings: dict[str, Any]) -> Previous:
+    """What an earlier results file with the same settings holds.
 
     The number of seeds may differ: a method with fewer than asked for is continued, one
     with more keeps them all. The finished seeds are read from the file, so a results file
     alone (without the work directory) resumes a grid seed by seed.
     """
-    empty = {"methods": {}, "unfinished": {}, "builds": [], "commands": [], "seeds": None}
     if not path.is_file():
-        return empty
+        return Previous()
     old = common.read_json(path)
     if {**old.get("settings", {}), "seeds": None} != {**settings, "seeds": None}:
         log.warning("%s was written with other settings: its methods are not kept", path)
-        return empty
-    return {"methods": {m: e for m, e in old.get("methods", {}).items() if "error" not in e},
-            "unfinished": dict(old.get("unfinished", {})), "builds": list(old.get("teacher_cache_builds", [])),
-            "commands": old.get("commands") or [c for c in [old.get("command")] if c],
-            "seeds": old["settings"].get("seeds")}
+        return Previous()
+    return Previous(methods={m: e for m, e in old.get("methods", {}).items() if "error" not in e},
+                    unfinished=dict(old.get("unfinished", {})), builds=list(old.get("teacher_cache_builds", [])),
+                    commands=old.get("commands") or [c for c in [old.get("command")] if c],
+                    seeds=old["settings"].get("seeds"))
 
 
 def _finished(entry: dict[str, Any] | None, seeds: int) -> bool:
@@ -231,15 +240,15 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             "test_images": len(test)}
     path = pair_results_path(results, pair.name, regime)
     previous = _previous(path, settings)
-    done, unfinished = previous["methods"], previous["unfinished"]
+    done, unfinished = previous.methods, previous.unfinished
     # the cell needs the fewest seeds it was asked for: more seeds on named rows (where a verdict
     # is close) extend those rows and leave the cell complete
-    settings["seeds"] = min(scale.seeds, previous["seeds"] or scale.seeds)
-    head["commands"] = list(dict.fromkeys([*previous["commands"], record["command"]]))
+    settings["seeds"] = min(scale.seeds, previous.seeds or scale.seeds)
+    head["commands"] = list(dict.fromkeys([*previous.commands, record["command"]]))
     device = common.resolve_device(scale.device)
     feed = common.SharedTeacherFeed(teacher, train, device, memory_budget_bytes=CACHE_BUDGET_BYTES,
                                     cache_dir=work / "cache")
-    feed.build_seconds[:0] = previous["builds"]
+    feed.build_seconds[:0] = previous.builds
     head["teacher_cache_builds"] = feed.build_seconds
     data = write_pair_results(path, head, done, unfinished)
 
