@@ -156,9 +156,13 @@ def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
 
 
 def p_text(p: float | None) -> str:
+    """A p-value to 3 decimals; one more where 3 would round it onto the 0.05 threshold."""
     if p is None:
         return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if p < 0.001:
+        return "<0.001"
+    text = f"{p:.3f}"
+    return f"{p:.4f}" if text == f"{stats.ALPHA:.3f}" else text
 
 
 def interval(c: stats.Comparison | None) -> str:

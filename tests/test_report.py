@@ -290,3 +290,11 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {}}))
     assert ("for the settings of commit 0123456789ab (recomputed on 2026-11-30 with "
             "`python benchmarks/accuracy.py --re-estimate`; the timings are the probe's):") in text
+
+
+def test_p_values_next_to_the_threshold_keep_the_side_they_fall_on():
+    assert report.p_text(0.0497) == "0.0497"
+    assert report.p_text(0.0503) == "0.0503"
+    assert report.p_text(0.0123) == "0.012"
+    assert report.p_text(0.0004) == "<0.001"
+    assert report.p_text(None) == "n/a"
