@@ -132,6 +132,11 @@ class CellStats:
         return (sum(c is not None and c.p is not None for c in self.comparisons.values())
                 + sum(self.vs_ce.get(b) is not None and self.vs_ce[b].p is not None for b in BASELINES))
 
+    @property
+    def judged(self) -> bool:
+        """Whether sensitivity can be judged yet: at least one baseline was compared with ce."""
+        return any(self.vs_ce.get(b) is not None for b in BASELINES)
+
 
 def seed_points(entry: dict[str, Any] | None, key: str = "final_test_acc") -> list[float]:
     """Per-seed accuracies (%) of a method's finished runs; empty when the method is missing or failed."""
@@ -247,10 +252,14 @@ def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
     lines = [f"A cell is *sensitive* when at least one baseline ({', '.join(BASELINES)}) beats ce significantly: "
              f"only there can the benchmark tell methods apart. (With {len(BASELINES)} baselines and none truly "
              f"better than ce, about {100 * chance:.0f} % of cells would be flagged by chance.)", ""]
+    unjudged = [f"{pair} {regime}" for (pair, regime), s in sorted_cells(analysed) if not s.judged]
+    judged = len(analysed) - len(unjudged)
+    if unjudged:
+        lines += [f"Not judged yet (no baseline run): {', '.join(unjudged)}.", ""]
     if not sensitive:
-        return lines + [f"**No cell is sensitive**: in none of the {len(analysed)} cells does any baseline beat ce "
+        return lines + [f"**No cell is sensitive**: in none of the {judged} cells judged does any baseline beat ce "
                         "significantly, so no verdict below can rank the methods.", ""]
-    return lines + [f"**Sensitive cells ({len(sensitive)} of {len(analysed)})**: " + "; ".join(
+    return lines + [f"**Sensitive cells ({len(sensitive)} of {judged} judged)**: " + "; ".join(
         f"{pair} {regime} ({', '.join(baselines)} beat ce)" for (pair, regime), baselines in sensitive) + ".", ""]
 
 
@@ -262,7 +271,8 @@ def overview_table(cells: dict[tuple[str, str], Any], analysed: dict[tuple[str, 
     rows = []
     for (pair, regime), s in sorted_cells(analysed):
         partial = "" if cells[(pair, regime)].get("complete") else " (partial)"
-        rows.append([f"{pair}{partial}", regime, ", ".join(s.sensitive) or "no"]
+        flag = ", ".join(s.sensitive) or ("no" if s.judged else "not known (no baseline run)")
+        rows.append([f"{pair}{partial}", regime, flag]
                     + [describe(s.comparisons.get(k)) for k in shown])
     return table(["pair", "regime", "sensitive (baselines beating ce)"] + [f"{a} − {b}" for a, b in shown],
                  rows) + [""]
@@ -633,9 +643,9 @@ def is_new_format(d: dict[str, Any]) -> bool:
 def sensitivity_text(s: CellStats) -> str:
     if s.sensitive:
         return "**Sensitive**: " + ", ".join(f"{b} beats ce ({describe(s.vs_ce[b])})" for b in s.sensitive) + "."
+    if not s.judged:
+        return "Sensitivity not known yet: no baseline was run."
     tested = [b for b in BASELINES if s.vs_ce.get(b) is not None]
-    if not tested:
-        return "Not sensitive: no baseline was run."
     best = max(tested, key=lambda b: s.vs_ce[b].diff)
     return (f"Not sensitive: no baseline beats ce significantly (the largest difference: {best} "
             f"{describe(s.vs_ce[best])}).")

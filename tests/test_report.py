@@ -144,7 +144,8 @@ def test_sensitivity_flags_and_summary(results):
     assert "**Sensitive**: kd beats ce" in section(text, f"### {PAIR}, full regime")
     assert "Not sensitive: no baseline beats ce significantly" in section(text, f"### {PAIR}, low regime")
     summary = section(text, "## Summary")
-    assert f"**Sensitive cells (1 of 2)**: {PAIR} full (kd beat ce)." in summary
+    assert f"**Sensitive cells (1 of 2 judged)**: {PAIR} full (kd beat ce)." in summary
+    assert "Not judged yet" not in summary
     assert "No cell is sensitive" not in summary
     every_cell, sensitive_cells = summary.split("The same over the 1 sensitive cell(s) only")
     # featkd vs ce: better in the full cell, no significant difference in the low cell
@@ -161,8 +162,20 @@ def test_sensitivity_flags_and_summary(results):
 def test_summary_says_plainly_when_no_cell_is_sensitive(results):
     (results / f"accuracy_{PAIR}_full.json").unlink()
     summary = section(render(results), "## Summary")
-    assert "**No cell is sensitive**: in none of the 1 cells" in summary
+    assert "**No cell is sensitive**: in none of the 1 cells judged" in summary
     assert "Over sensitive cells only: none" in summary
+
+
+def test_a_cell_without_baselines_is_not_judged_sensitive_or_not(results):
+    no_baselines = {m: a for m, a in FULL.items() if m not in report.BASELINES}
+    write(results, f"accuracy_{PAIR}_full.json", accuracy_file("full", no_baselines))
+    text = render(results)
+    assert "Sensitivity not known yet: no baseline was run." in section(text, f"### {PAIR}, full regime")
+    summary = section(text, "## Summary")
+    assert f"Not judged yet (no baseline run): {PAIR} full." in summary
+    assert "**No cell is sensitive**: in none of the 1 cells judged" in summary
+    full = [line for line in summary.splitlines() if line.startswith(f"| {PAIR} (partial) | full |")]
+    assert len(full) == 1 and "| not known (no baseline run) |" in full[0]
 
 
 def test_convergence_check_and_teacher_gaps(results):
