@@ -148,10 +148,12 @@ class Previous:
     builds: list[dict[str, Any]] = field(default_factory=list)  # teacher cache builds
     commands: list[str] = field(default_factory=list)  # every command that wrote the file
     seeds: int | None = None  # the cell's number of seeds
+    other_settings: bool = False  # there is a file, written with other settings (nothing kept)
 
 
-def _previous(path: Path, settings: dict[str, Any]) -> Previous:
-    """What an earlier results file with the same settings holds.
+def _previous(path: Path, settings: dict[str, Any], keep_errors: bool = False) -> Previous:
+    """What an earlier results file with the same settings holds (failed rows left out, so that
+    they train again, unless ``keep_errors``).
 
     The number of seeds may differ: a method with fewer than asked for is continued, one
     with more keeps them all. The finished seeds are read from the file, so a results file
@@ -161,12 +163,44 @@ def _previous(path: Path, settings: dict[str, Any]) -> Previous:
         return Previous()
     old = common.read_json(path)
     if {**old.get("settings", {}), "seeds": None} != {**settings, "seeds": None}:
-        log.warning("%s was written with other settings: its methods are not kept", path)
-        return Previous()
-    return Previous(methods={m: e for m, e in old.get("methods", {}).items() if "error" not in e},
+        return Previous(other_settings=True)
+    return Previous(methods={m: e for m, e in old.get("methods", {}).items() if keep_errors or "error" not in e},
                     unfinished=dict(old.get("unfinished", {})), builds=list(old.get("teacher_cache_builds", [])),
                     commands=old.get("commands") or [c for c in [old.get("command")] if c],
                     seeds=old["settings"].get("seeds"))
+
+
+KEEP: Any = object()  # CellResults.save: leave this slot of the row as the file has it
+
+
+@dataclass
+class CellResults:
+    """One cell's results file, shared by every process that trains some of its rows.
+
+    Every write holds the cell's lock and rereads the file first, so what other processes wrote
+    meanwhile is kept: a process replaces only the row it trains, and adds its command and its
+    teacher-cache builds to the file's.
+    """
+
+    path: Path
+    lock: Path
+    head: dict[str, Any]
+
+    def read(self, keep_errors: bool = False) -> Previous:
+        return _previous(self.path, self.head["settings"], keep_errors)
+
+    def save(self, row: str | None = None, *, done: Any = KEEP, unfinished: Any = KEEP) -> dict[str, Any]:
+        """Write the file with ``row``'s finished entry ``done`` and its ``unfinished`` one (None
+        removes it, KEEP leaves the file's); returns what was written."""
+        with common.file_lock(self.lock):
+            now = self.read(keep_errors=True)
+            for rows, entry in ((now.methods, done), (now.unfinished, unfinished)):
+                if row is not None and entry is not KEEP:
+                    rows.pop(row, None) if entry is None else rows.__setitem__(row, entry)
+            builds = self.head["teacher_cache_builds"]
+            head = {**self.head, "commands": list(dict.fromkeys([*now.commands, self.head["command"]])),
+                    "teacher_cache_builds": now.builds + [b for b in builds if b not in now.builds]}
+            return write_pair_results(self.path, head, now.methods, now.unfinished)
 
 
 def _finished(entry: dict[str, Any] | None, seeds: int) -> bool:
@@ -240,17 +274,18 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             "test_images": len(test)}
     path = pair_results_path(results, pair.name, regime)
     previous = _previous(path, settings)
-    done, unfinished = previous.methods, previous.unfinished
-    # the cell needs the fewest seeds it was asked for: more seeds on named rows (where a verdict
+    if previous.other_settings:
+        log.warning("%s was written with other settings: its methods are not kept", path)
+    # the cell's seeds are the fewest it was asked for: more seeds on named rows (where a verdict
     # is close) extend those rows and leave the cell complete
     settings["seeds"] = min(scale.seeds, previous.seeds or scale.seeds)
-    head["commands"] = list(dict.fromkeys([*previous.commands, record["command"]]))
     device = common.resolve_device(scale.device)
     feed = common.SharedTeacherFeed(teacher, train, device, memory_budget_bytes=CACHE_BUDGET_BYTES,
                                     cache_dir=work / "cache")
-    feed.build_seconds[:0] = previous.builds
     head["teacher_cache_builds"] = feed.build_seconds
-    data = write_pair_results(path, head, done, unfinished)
+    cell = CellResults(path, work / "locks" / f"{path.name}.lock", head)
+    data = cell.save()
+    runs_dir = work / "runs" / pair.name / regime
 
     def student() -> torch.nn.Module:
         return common.create(pair.student, scale.student_widths[pair.student], train)
@@ -275,26 +310,37 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
 
     try:
         for row in method_order(methods):
-            if _finished(done.get(row), scale.seeds):
-                log.info("%s %s %s: finished earlier, kept", pair.name, regime, row)
-                continue
-            entry = unfinished.get(row) or done.get(row)  # the seeds finished so far
-            try:
-                for seed in sorted(set(range(scale.seeds)) - _seeds_done(entry)):
-                    run, meta, wall_s = train_seed(row, seed)
-                    log.info("%s %s %-12s seed %d: %.2f", pair.name, regime, row, seed, 100 * run["final_test_acc"])
-                    unfinished[row] = entry = _with_run(entry, run, meta, wall_s)
-                    data = write_pair_results(path, head, done, unfinished)
-            except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
-                log.exception("%s %s %s failed", pair.name, regime, row)
-                done[row] = {"error": f"{type(err).__name__}: {err}"}
-            else:
-                done[row] = unfinished.pop(row)
-                log.info("%s %s %-12s final %s", pair.name, regime, row, _format(done[row]["final_test_acc"]))
-            data = write_pair_results(path, head, done, unfinished)
+            # a row is trained by one process at a time (its run directories are not shared);
+            # another process running the same cell takes the rows this one is not training
+            with common.file_lock(runs_dir / f"{row}.lock", wait=False) as ours:
+                if not ours:
+                    log.info("%s %s %s: another process is training it, skipped", pair.name, regime, row)
+                    continue
+                data = train_row(row, cell, train_seed, scale.seeds, f"{pair.name} {regime}") or data
     finally:
         feed.close()
     return data
+
+
+def train_row(row: str, cell: CellResults, train_seed: Any, seeds: int, name: str) -> dict[str, Any] | None:
+    """Train the seeds 0..seeds-1 of ``row`` that the cell's file does not hold yet, saving after
+    each; returns the file's data after the last save (None when the row was finished already)."""
+    now = cell.read()
+    if _finished(now.methods.get(row), seeds):
+        log.info("%s %s: finished earlier, kept", name, row)
+        return None
+    entry = now.unfinished.get(row) or now.methods.get(row)  # the seeds finished so far
+    try:
+        for seed in sorted(set(range(seeds)) - _seeds_done(entry)):
+            run, meta, wall_s = train_seed(row, seed)
+            log.info("%s %-12s seed %d: %.2f", name, row, seed, 100 * run["final_test_acc"])
+            entry = _with_run(entry, run, meta, wall_s)
+            cell.save(row, unfinished=entry)
+    except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
+        log.exception("%s %s failed", name, row)
+        return cell.save(row, done={"error": f"{type(err).__name__}: {err}"})
+    log.info("%s %-12s final %s", name, row, _format(entry["final_test_acc"]))
+    return cell.save(row, done=entry, unfinished=None)
 
 
 def _format(stats: dict[str, Any]) -> str:

@@ -304,6 +304,49 @@ def test_accuracy_resumes_seed_by_seed_from_the_results_file_alone(quick, tmp_pa
     assert kd["final_test_acc"]["n"] == 2
 
 
+def test_cell_results_keep_what_other_processes_wrote(tmp_path):
+    """Two processes on one cell: each save rereads the file, so neither loses the other's rows."""
+    settings = {"seeds": 2, "epochs": 3}
+
+    def cell(command):
+        head = {"command": command, "settings": dict(settings), "teacher_cache_builds": [{"seconds": len(command)}]}
+        return accuracy.CellResults(tmp_path / "accuracy_x_low.json", tmp_path / "x.lock", head)
+
+    def entry(*seeds):
+        runs = [{"seed": s, "finished": True, "final_test_acc": 0.5, "final_val_acc": 0.5,
+                 "test_acc_at_best_val": 0.5, "train_time_s": 1.0, "images_per_s": 9.0} for s in seeds]
+        return {**common.summarize_runs(runs, 10), "method": "m"}
+
+    first, second = cell("python a"), cell("python b --methods kd")
+    first.save()
+    second.save("kd", unfinished=entry(0))  # b never read what a wrote, nor a what b wrote
+    first.save("ce", done=entry(0, 1))
+    data = second.save("kd", done=entry(0, 1), unfinished=None)
+    assert set(data["methods"]) == {"ce", "kd"} and data["unfinished"] == {}
+    assert data["commands"] == ["python a", "python b --methods kd"]
+    assert data["teacher_cache_builds"] == [{"seconds": 8}, {"seconds": 21}]
+    failed = first.save("sp", done={"error": "RuntimeError: nan"})  # a failure stays in the file
+    assert failed["methods"]["sp"]["error"] and set(failed["methods"]) == {"ce", "kd", "sp"}
+    assert "sp" not in first.read().methods and first.read(keep_errors=True).methods["sp"] == failed["methods"]["sp"]
+
+
+def test_accuracy_leaves_a_row_another_process_is_training(quick, tmp_path):
+    """A row whose lock another process holds is skipped, not trained twice in the same run directory."""
+    argv = ["--quick", "--work", str(quick["work"]), "--results", str(tmp_path), "--pairs", PAIR,
+            "--regimes", "low", "--methods", "ce,kd", "--seeds", "1"]
+    runs_dir = quick["work"] / "runs" / PAIR / "low"
+    with common.file_lock(runs_dir / "kd.lock", wait=False) as held:
+        assert held
+        with common.file_lock(runs_dir / "kd.lock", wait=False) as again:
+            assert not again  # flock: even this process, through another handle, is refused
+        assert accuracy.main(argv) == 1
+    data = json.loads((tmp_path / f"accuracy_{PAIR}_low.json").read_text())
+    assert "ce" in data["methods"] and "kd" not in data["methods"] and "kd" in data["missing"]
+    assert accuracy.main(argv) == 1  # the lock is free again: kd trains now, ce is kept
+    again = json.loads((tmp_path / f"accuracy_{PAIR}_low.json").read_text())
+    assert again["methods"]["ce"] == data["methods"]["ce"] and [r["seed"] for r in again["methods"]["kd"]["runs"]] == [0]
+
+
 def test_accuracy_rejects_unknown_names(quick, capsys):
     assert accuracy.main(_args(quick, "--methods", "featkd,magic")) == 2
     assert "valid: ce" in capsys.readouterr().err
