@@ -195,8 +195,11 @@ class CellResults:
         with common.file_lock(self.lock):
             now = self.read(keep_errors=True)
             for rows, entry in ((now.methods, done), (now.unfinished, unfinished)):
-                if row is not None and entry is not KEEP:
-                    rows.pop(row, None) if entry is None else rows.__setitem__(row, entry)
+                if row is None or entry is KEEP:
+                    continue
+                rows.pop(row, None)
+                if entry is not None:
+                    rows[row] = entry
             builds = self.head["teacher_cache_builds"]
             head = {**self.head, "commands": list(dict.fromkeys([*now.commands, self.head["command"]])),
                     "teacher_cache_builds": now.builds + [b for b in builds if b not in now.builds]}
