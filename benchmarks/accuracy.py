@@ -197,8 +197,9 @@ class CellResults:
             for rows, entry in ((now.methods, done), (now.unfinished, unfinished)):
                 if row is None or entry is KEEP:
                     continue
-                rows.pop(row, None)
-                if entry is not None:
+                if entry is None:
+                    rows.pop(row, None)
+                else:
                     rows[row] = entry
             builds = self.head["teacher_cache_builds"]
             head = {**self.head, "commands": list(dict.fromkeys([*now.commands, self.head["command"]])),
