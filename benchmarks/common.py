@@ -305,6 +305,7 @@ def machine_info(threads: int | None = None, workers: int = 1) -> dict[str, Any]
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the SIMD kernels torch uses
         "memory_gb": _memory_gb(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "workers": workers,

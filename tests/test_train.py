@@ -443,18 +443,46 @@ def test_channels_last_is_the_default_for_conv_models_and_does_not_change_result
     from featkd.train import channels_last_format
 
     train, test = data
-    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 16)) is torch.channels_last
-    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 16), False) is torch.contiguous_format
+    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 8)) is torch.channels_last
+    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 8), False) is torch.contiguous_format
     assert channels_last_format(nn.Sequential(nn.Flatten(), nn.Linear(4, 2))) is torch.contiguous_format
     runs = {}
     for flag in (True, False):
-        result = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test,
+        # width 1/8: every strided 1x1 convolution has >= 8 input channels, so channels_last is used
+        result = api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 8), train, test,
                                    model_name="resnet9", epochs=2, channels_last=flag, **FAST)
         runs[flag] = result.runs[0]
     conv = runs[True].model.get_submodule("stem.conv").weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     for a, b in zip(runs[True].history, runs[False].history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_channels_last_is_off_for_strided_1x1_convolutions_of_few_channels(caplog):
+    """oneDNN's AVX2 channels-last weight gradient of such a convolution is wrong (or crashes)."""
+    from featkd.train import channels_last_format
+
+    def net(in_channels: int, stride: int, kernel: int = 1) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(in_channels, 8, kernel, stride), nn.Flatten())
+
+    with caplog.at_level("WARNING", logger="featkd.train"):
+        assert channels_last_format(net(4, 2)) is torch.contiguous_format
+    assert "channels_last off" in caplog.text
+    # resnet9 at 1/16: layer2's downsample is a 1x1/2 convolution of 4 input channels
+    assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 16)) is torch.contiguous_format
+    assert channels_last_format(net(8, 2)) is torch.channels_last
+    assert channels_last_format(net(4, 1)) is torch.channels_last
+    assert channels_last_format(net(4, 2, kernel=3)) is torch.channels_last
+    for in_channels in (4, 8):  # whichever format is chosen, the gradient is the contiguous one
+        model = net(in_channels, 2)
+        x = torch.randn(8, in_channels, 32, 32)
+        grads = []
+        for fmt in (channels_last_format(model), torch.contiguous_format):
+            copy = net(in_channels, 2).to(memory_format=fmt)
+            copy.load_state_dict(model.state_dict())
+            copy(x.contiguous(memory_format=fmt)).square().sum().backward()
+            grads.append(copy[0].weight.grad.contiguous())
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
 
 
 def test_compile_option_trains_through_torch_compile(data, monkeypatch):

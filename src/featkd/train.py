@@ -433,10 +433,26 @@ def _mean(values: Sequence[float]) -> float:
 
 # --------------------------------------------------------------------------- the loop
 def channels_last_format(model: nn.Module, enabled: bool = True) -> torch.memory_format:
-    """``torch.channels_last`` when ``enabled`` and ``model`` has a 2-d convolution, else contiguous."""
-    if enabled and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return torch.channels_last
-    return torch.contiguous_format
+    """``torch.channels_last`` when ``enabled`` and ``model`` has a 2-d convolution, else contiguous.
+
+    Contiguous (with a warning) for a model with a strided 1x1 convolution of fewer than 8
+    input channels per group: oneDNN's AVX2 kernel for its weight gradient in channels-last
+    writes past its workspace (oneDNN issue 6035), giving wrong gradients or a crash.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not enabled or not convs:
+        return torch.contiguous_format
+    if unsafe := [c for c in convs if _hits_onednn_1x1_bug(c)]:
+        log.warning("channels_last off: %d strided 1x1 convolution(s) with fewer than 8 input channels "
+                    "(e.g. %s); oneDNN computes their weight gradient wrongly in channels-last on AVX2 CPUs",
+                    len(unsafe), unsafe[0])
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def _hits_onednn_1x1_bug(conv: nn.Conv2d) -> bool:
+    return (tuple(conv.kernel_size) == (1, 1) and any(s > 1 for s in conv.stride)
+            and conv.in_channels // conv.groups < 8)
 
 
 @torch.no_grad()
