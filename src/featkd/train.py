@@ -443,11 +443,16 @@ def channels_last_format(model: nn.Module, enabled: bool = True) -> torch.memory
     if not enabled or not convs:
         return torch.contiguous_format
     if unsafe := [c for c in convs if _hits_onednn_1x1_bug(c)]:
-        log.warning("channels_last off: %d strided 1x1 convolution(s) with fewer than 8 input channels "
-                    "(e.g. %s); oneDNN computes their weight gradient wrongly in channels-last on AVX2 CPUs",
-                    len(unsafe), unsafe[0])
+        if (reason := repr(unsafe[0])) not in _CHANNELS_LAST_WARNED:  # once per process, not per run
+            _CHANNELS_LAST_WARNED.add(reason)
+            log.warning("channels_last off: %d strided 1x1 convolution(s) with fewer than 8 input channels "
+                        "(e.g. %s); oneDNN computes their weight gradient wrongly in channels-last on AVX2 "
+                        "CPUs", len(unsafe), reason)
         return torch.contiguous_format
     return torch.channels_last
+
+
+_CHANNELS_LAST_WARNED: set[str] = set()
 
 
 def _hits_onednn_1x1_bug(conv: nn.Conv2d) -> bool:
