@@ -179,7 +179,8 @@ class CellResults:
 
     Every write holds the cell's lock and rereads the file first, so what other processes wrote
     meanwhile is kept: a process replaces only the row it trains, and adds its command and its
-    teacher-cache builds to the file's.
+    teacher-cache builds to the file's. Only a finished seed or a failure writes: a process stopped
+    before either leaves the file as it was, so its command is not listed as one that produced it.
     """
 
     path: Path
@@ -189,13 +190,17 @@ class CellResults:
     def read(self, keep_errors: bool = False) -> Previous:
         return _previous(self.path, self.head["settings"], keep_errors)
 
-    def save(self, row: str | None = None, *, done: Any = KEEP, unfinished: Any = KEEP) -> dict[str, Any]:
+    def data(self) -> dict[str, Any]:
+        """What the file holds now (``complete`` False when there is no file yet)."""
+        return common.read_json(self.path) if self.path.is_file() else {"complete": False}
+
+    def save(self, row: str, *, done: Any = KEEP, unfinished: Any = KEEP) -> dict[str, Any]:
         """Write the file with ``row``'s finished entry ``done`` and its ``unfinished`` one (None
         removes it, KEEP leaves the file's); returns what was written."""
         with common.file_lock(self.lock):
             now = self.read(keep_errors=True)
             for rows, entry in ((now.methods, done), (now.unfinished, unfinished)):
-                if row is None or entry is KEEP:
+                if entry is KEEP:
                     continue
                 if entry is None:
                     rows.pop(row, None)
@@ -288,7 +293,7 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
                                     cache_dir=work / "cache")
     head["teacher_cache_builds"] = feed.build_seconds
     cell = CellResults(path, work / "locks" / f"{path.name}.lock", head)
-    data = cell.save()
+    data = cell.data()
     runs_dir = work / "runs" / pair.name / regime
 
     def student() -> torch.nn.Module:

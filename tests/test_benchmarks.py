@@ -252,8 +252,10 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     else:
         assert data["ari_final"]["baselines"] == [] and data["ari_final"]["value"] is None
     assert (quick["results"] / "quality_resnet34_low_paper.png").is_file()
-    # started again: every run is found finished and kept, the numbers do not change
+    # started again: every run is found finished and kept; a call that trains nothing writes nothing
+    written = path.read_bytes()
     assert accuracy.main(argv) == 1
+    assert path.read_bytes() == written
     again = json.loads(path.read_text())
     assert again["methods"]["featkd"]["runs"] == data["methods"]["featkd"]["runs"]
     # --seeds 3 adds a seed to the methods named; the others keep theirs, and the cell still needs
@@ -319,9 +321,9 @@ def test_cell_results_keep_what_other_processes_wrote(tmp_path):
         return {**common.summarize_runs(runs, 10), "method": "m"}
 
     first, second = cell("python a"), cell("python b --methods kd")
-    first.save()
+    first.save("ce", unfinished=entry(0))
     second.save("kd", unfinished=entry(0))  # b never read what a wrote, nor a what b wrote
-    first.save("ce", done=entry(0, 1))
+    first.save("ce", done=entry(0, 1), unfinished=None)
     data = second.save("kd", done=entry(0, 1), unfinished=None)
     assert set(data["methods"]) == {"ce", "kd"} and data["unfinished"] == {}
     assert data["commands"] == ["python a", "python b --methods kd"]
