@@ -191,8 +191,10 @@ class CellResults:
         return _previous(self.path, self.head["settings"], keep_errors)
 
     def data(self) -> dict[str, Any]:
-        """What the file holds now (``complete`` False when there is no file yet)."""
-        return common.read_json(self.path) if self.path.is_file() else {"complete": False}
+        """What the file holds now (``complete`` False when there is none with these settings)."""
+        if not self.path.is_file() or self.read().other_settings:
+            return {"complete": False}
+        return common.read_json(self.path)
 
     def save(self, row: str, *, done: Any = KEEP, unfinished: Any = KEEP) -> dict[str, Any]:
         """Write the file with ``row``'s finished entry ``done`` and its ``unfinished`` one (None

@@ -321,6 +321,7 @@ def test_cell_results_keep_what_other_processes_wrote(tmp_path):
         return {**common.summarize_runs(runs, 10), "method": "m"}
 
     first, second = cell("python a"), cell("python b --methods kd")
+    assert first.data() == {"complete": False}  # no file yet
     first.save("ce", unfinished=entry(0))
     second.save("kd", unfinished=entry(0))  # b never read what a wrote, nor a what b wrote
     first.save("ce", done=entry(0, 1), unfinished=None)
@@ -328,6 +329,9 @@ def test_cell_results_keep_what_other_processes_wrote(tmp_path):
     assert set(data["methods"]) == {"ce", "kd"} and data["unfinished"] == {}
     assert data["commands"] == ["python a", "python b --methods kd"]
     assert data["teacher_cache_builds"] == [{"seconds": 8}, {"seconds": 21}]
+    assert first.data() == data
+    other = accuracy.CellResults(first.path, first.lock, {**first.head, "settings": {"seeds": 2, "epochs": 9}})
+    assert other.data() == {"complete": False}  # a file with other settings is not this cell's
     failed = first.save("sp", done={"error": "RuntimeError: nan"})  # a failure stays in the file
     assert failed["methods"]["sp"]["error"] and set(failed["methods"]) == {"ce", "kd", "sp"}
     assert "sp" not in first.read().methods and first.read(keep_errors=True).methods["sp"] == failed["methods"]["sp"]
