@@ -151,6 +151,11 @@ class Previous:
     other_settings: bool = False  # there is a file, written with other settings (nothing kept)
 
 
+def _same_cell(old: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a results file's data was written with ``settings`` (its number of seeds may differ)."""
+    return {**old.get("settings", {}), "seeds": None} == {**settings, "seeds": None}
+
+
 def _previous(path: Path, settings: dict[str, Any], keep_errors: bool = False) -> Previous:
     """What an earlier results file with the same settings holds (failed rows left out, so that
     they train again, unless ``keep_errors``).
@@ -162,7 +167,7 @@ def _previous(path: Path, settings: dict[str, Any], keep_errors: bool = False) -
     if not path.is_file():
         return Previous()
     old = common.read_json(path)
-    if {**old.get("settings", {}), "seeds": None} != {**settings, "seeds": None}:
+    if not _same_cell(old, settings):
         return Previous(other_settings=True)
     return Previous(methods={m: e for m, e in old.get("methods", {}).items() if keep_errors or "error" not in e},
                     unfinished=dict(old.get("unfinished", {})), builds=list(old.get("teacher_cache_builds", [])),
@@ -192,9 +197,10 @@ class CellResults:
 
     def data(self) -> dict[str, Any]:
         """What the file holds now (``complete`` False when there is none with these settings)."""
-        if not self.path.is_file() or self.read().other_settings:
+        if not self.path.is_file():
             return {"complete": False}
-        return common.read_json(self.path)
+        old = common.read_json(self.path)
+        return old if _same_cell(old, self.head["settings"]) else {"complete": False}
 
     def save(self, row: str, *, done: Any = KEEP, unfinished: Any = KEEP) -> dict[str, Any]:
         """Write the file with ``row``'s finished entry ``done`` and its ``unfinished`` one (None
