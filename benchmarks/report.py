@@ -133,9 +133,20 @@ class CellStats:
                 + sum(self.vs_ce.get(b) is not None and self.vs_ce[b].p is not None for b in BASELINES))
 
     @property
+    def baselines_run(self) -> list[str]:
+        """The baselines compared with ce so far."""
+        return [b for b in BASELINES if self.vs_ce.get(b) is not None]
+
+    @property
     def judged(self) -> bool:
-        """Whether sensitivity can be judged yet: at least one baseline was compared with ce."""
-        return any(self.vs_ce.get(b) is not None for b in BASELINES)
+        """Whether sensitivity is settled: a baseline beats ce, or every baseline was run and none does."""
+        return bool(self.sensitive) or len(self.baselines_run) == len(BASELINES)
+
+    @property
+    def pending(self) -> str:
+        """Why an unjudged cell is not judged yet."""
+        run = len(self.baselines_run)
+        return f"{run} of {len(BASELINES)} baselines run" + (", none beats ce so far" if run else "")
 
 
 def seed_points(entry: dict[str, Any] | None, key: str = "final_test_acc") -> list[float]:
@@ -252,10 +263,10 @@ def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
     lines = [f"A cell is *sensitive* when at least one baseline ({', '.join(BASELINES)}) beats ce significantly: "
              f"only there can the benchmark tell methods apart. (With {len(BASELINES)} baselines and none truly "
              f"better than ce, about {100 * chance:.0f} % of cells would be flagged by chance.)", ""]
-    unjudged = [f"{pair} {regime}" for (pair, regime), s in sorted_cells(analysed) if not s.judged]
+    unjudged = [f"{pair} {regime} ({s.pending})" for (pair, regime), s in sorted_cells(analysed) if not s.judged]
     judged = len(analysed) - len(unjudged)
     if unjudged:
-        lines += [f"Not judged yet (no baseline run): {', '.join(unjudged)}.", ""]
+        lines += [f"Not judged yet: {'; '.join(unjudged)}.", ""]
     if not sensitive:
         return lines + [f"**No cell is sensitive**: in none of the {judged} cells judged does any baseline beat ce "
                         "significantly, so no verdict below can rank the methods.", ""]
@@ -271,7 +282,7 @@ def overview_table(cells: dict[tuple[str, str], Any], analysed: dict[tuple[str, 
     rows = []
     for (pair, regime), s in sorted_cells(analysed):
         partial = "" if cells[(pair, regime)].get("complete") else " (partial)"
-        flag = ", ".join(s.sensitive) or ("no" if s.judged else "not known (no baseline run)")
+        flag = ", ".join(s.sensitive) or ("no" if s.judged else f"not known yet ({s.pending})")
         rows.append([f"{pair}{partial}", regime, flag]
                     + [describe(s.comparisons.get(k)) for k in shown])
     return table(["pair", "regime", "sensitive (baselines beating ce)"] + [f"{a} − {b}" for a, b in shown],
@@ -643,12 +654,13 @@ def is_new_format(d: dict[str, Any]) -> bool:
 def sensitivity_text(s: CellStats) -> str:
     if s.sensitive:
         return "**Sensitive**: " + ", ".join(f"{b} beats ce ({describe(s.vs_ce[b])})" for b in s.sensitive) + "."
-    if not s.judged:
+    if not s.baselines_run:
         return "Sensitivity not known yet: no baseline was run."
-    tested = [b for b in BASELINES if s.vs_ce.get(b) is not None]
-    best = max(tested, key=lambda b: s.vs_ce[b].diff)
-    return (f"Not sensitive: no baseline beats ce significantly (the largest difference: {best} "
-            f"{describe(s.vs_ce[best])}).")
+    best = max(s.baselines_run, key=lambda b: s.vs_ce[b].diff)
+    largest = f"the largest difference: {best} {describe(s.vs_ce[best])}"
+    if not s.judged:
+        return f"Sensitivity not known yet ({s.pending}; {largest})."
+    return f"Not sensitive: no baseline beats ce significantly ({largest})."
 
 
 def comparison_cells(c: stats.Comparison | None, holm: float | None) -> list[str]:

@@ -172,10 +172,31 @@ def test_a_cell_without_baselines_is_not_judged_sensitive_or_not(results):
     text = render(results)
     assert "Sensitivity not known yet: no baseline was run." in section(text, f"### {PAIR}, full regime")
     summary = section(text, "## Summary")
-    assert f"Not judged yet (no baseline run): {PAIR} full." in summary
+    assert f"Not judged yet: {PAIR} full (0 of 7 baselines run)." in summary
     assert "**No cell is sensitive**: in none of the 1 cells judged" in summary
     full = [line for line in summary.splitlines() if line.startswith(f"| {PAIR} (partial) | full |")]
-    assert len(full) == 1 and "| not known (no baseline run) |" in full[0]
+    assert len(full) == 1 and "| not known yet (0 of 7 baselines run) |" in full[0]
+
+
+def test_a_cell_with_some_baselines_is_not_called_insensitive_until_all_have_run(results):
+    """kd ties ce, the other baselines are missing: "not sensitive" would be premature."""
+    partial = {m: a for m, a in LOW.items() if m not in report.BASELINES or m == "kd"}
+    write(results, f"accuracy_{PAIR}_full.json", accuracy_file("full", partial))
+    text = render(results)
+    assert ("Sensitivity not known yet (1 of 7 baselines run, none beats ce so far; the largest difference: kd"
+            in section(text, f"### {PAIR}, full regime"))
+    summary = section(text, "## Summary")
+    assert f"Not judged yet: {PAIR} full (1 of 7 baselines run, none beats ce so far)." in summary
+    full = [line for line in summary.splitlines() if line.startswith(f"| {PAIR} (partial) | full |")]
+    assert len(full) == 1 and "| not known yet (1 of 7 baselines run, none beats ce so far) |" in full[0]
+
+
+def test_one_baseline_beating_ce_settles_sensitivity_before_the_others_run(results):
+    partial = {m: a for m, a in FULL.items() if m not in report.BASELINES or m == "kd"}
+    write(results, f"accuracy_{PAIR}_full.json", accuracy_file("full", partial))
+    summary = section(render(results), "## Summary")
+    assert "Not judged yet" not in summary
+    assert f"**Sensitive cells (1 of 2 judged)**: {PAIR} full (kd beat ce)." in summary
 
 
 def test_convergence_check_and_teacher_gaps(results):
