@@ -300,7 +300,8 @@ def tally_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
         return table(["comparison", "question"] + list(VERDICTS), rows) if rows else ["No comparison was run."]
 
     sensitive = [s for s in analysed.values() if s.sensitive]
-    lines = [f"Verdicts over all {len(analysed)} cells:", ""] + tally(list(analysed.values())) + [""]
+    lines = [f"Verdicts over all {len(analysed)} cells (a comparison counts in a cell once both its methods "
+             "have run):", ""] + tally(list(analysed.values())) + [""]
     if not sensitive:
         return lines + ["Over sensitive cells only: none (no cell is sensitive).", ""]
     if len(sensitive) == len(analysed):

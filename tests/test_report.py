@@ -147,6 +147,7 @@ def test_sensitivity_flags_and_summary(results):
     assert f"**Sensitive cells (1 of 2 judged)**: {PAIR} full (kd beat ce)." in summary
     assert "Not judged yet" not in summary
     assert "No cell is sensitive" not in summary
+    assert "Verdicts over all 2 cells (a comparison counts in a cell once both its methods have run)" in summary
     every_cell, sensitive_cells = summary.split("The same over the 1 sensitive cell(s) only")
     # featkd vs ce: better in the full cell, no significant difference in the low cell
     assert row(every_cell, "featkd vs ce")[2:] == ["1", "1", "0", "0"]
