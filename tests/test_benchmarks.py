@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import accuracy  # noqa: E402
+import carry  # noqa: E402
 import common  # noqa: E402
 import convergence  # noqa: E402
 import layer_validity  # noqa: E402
@@ -562,3 +563,58 @@ def test_a_restarted_layer_validity_run_keeps_the_results_it_finds(tmp_path):
     assert layer_validity.kept_runs(path, head, protocols) == {"t1_s4": runs["t1_s4"]}  # t9: no longer planned
     other = {**head, "settings": {"epochs": 8, "seeds": 2}}
     assert layer_validity.kept_runs(path, other, protocols) == {}  # other settings: nothing kept
+
+
+# --------------------------------------------------------------------------- carry
+def test_carry_takes_an_unfinished_run_to_a_fresh_checkout_where_it_resumes_exactly(tmp_path):
+    from torch import nn
+
+    from featkd.api import train_teacher
+    from featkd.data import get_datasets
+    from featkd.train import read_metrics
+
+    train, test = get_datasets("synthetic", num_classes=3, samples_per_class=8, test_per_class=4, image_size=8)
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+    options = dict(epochs=3, lr=0.01, batch_size=8, progress=False, device="cpu")
+    work, inflight = tmp_path / "work", tmp_path / "inflight"
+    cut, done = work / "runs" / "pair" / "full" / "ce" / "run-0", work / "runs" / "pair" / "full" / "kd" / "run-0"
+    train_teacher(net, train, test, out=str(cut), stop_after_epochs=1, **options)
+    train_teacher(net, train, test, out=str(done), **options)
+
+    assert carry.save(work, inflight) == {"saved": [str(cut.relative_to(work))], "dropped": []}
+    assert not (inflight / done.relative_to(work)).exists()  # finished runs live in the results files
+    assert carry.save(work / "absent", inflight)["dropped"] == []  # not restored yet: kept
+
+    shutil.rmtree(work)  # the fresh checkout
+    assert carry.restore(work, inflight) == {"restored": [str(cut.relative_to(work))], "kept": []}
+    assert carry.epochs_done(cut) == 1
+    resumed = train_teacher(net, train, test, out=str(cut), **options)
+    whole = train_teacher(net, train, test, out=str(tmp_path / "whole"), **options)
+    assert resumed.finished
+    timing = ("epoch_time_s", "images_per_s")
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(cut)]
+            == [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / "whole")])
+
+    assert carry.restore(work, inflight)["kept"] == [str(cut.relative_to(work))]  # finished here: left alone
+    assert carry.save(work, inflight) == {"saved": [], "dropped": [str(cut.relative_to(work))]}
+    assert not inflight.exists() or not any(inflight.iterdir())
+
+
+def test_carry_restore_keeps_a_run_that_is_further_along(tmp_path):
+    work, inflight = tmp_path / "work", tmp_path / "inflight"
+    for root, epochs in ((work, 5), (inflight, 2)):
+        run = root / "runs" / "ce" / "run-0"
+        run.mkdir(parents=True)
+        (run / "checkpoint.pt").write_bytes(str(epochs).encode())
+        (run / "metrics.jsonl").write_text("{}\n" * epochs)
+    assert carry.restore(work, inflight) == {"restored": [], "kept": ["runs/ce/run-0"]}
+    assert (work / "runs" / "ce" / "run-0" / "checkpoint.pt").read_bytes() == b"5"
+    assert carry.save(work, inflight)["saved"] == ["runs/ce/run-0"]  # the newer one replaces the old entry
+    assert (inflight / "runs" / "ce" / "run-0" / "checkpoint.pt").read_bytes() == b"5"
+    assert sorted(p.name for p in (inflight / "runs" / "ce").iterdir()) == ["run-0"]  # no staging left
+    fresh = tmp_path / "fresh"
+    assert carry.main(["restore", "--work", str(fresh), "--inflight", str(inflight)]) == 0
+    assert (fresh / "runs" / "ce" / "run-0" / "checkpoint.pt").read_bytes() == b"5"
