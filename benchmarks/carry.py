@@ -8,7 +8,8 @@ every unfinished run directory under the work root (one holding
 run has finished since; commit that folder. ``restore`` copies the entries back
 where the work root has no checkpoint or an older one; the benchmark command
 then resumes them from their last epoch (a resumed run is the same as an
-uninterrupted one).
+uninterrupted one). The checkout must be at the same path: a run's config.yaml
+names its teacher by absolute path, and a run whose config differs is refused.
 
     python benchmarks/carry.py save       # before stopping; then commit benchmarks/inflight
     python benchmarks/carry.py restore    # on a fresh checkout, before starting the benchmark again
