@@ -25,24 +25,22 @@ import tempfile
 from pathlib import Path
 
 from common import BENCH_DIR, WORK_ROOT
+from featkd.train import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, read_metrics
 
 log = logging.getLogger("benchmarks.carry")
 
 INFLIGHT_ROOT = BENCH_DIR / "inflight"
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-METRICS = "metrics.jsonl"
 
 
 def unfinished_runs(root: Path) -> list[Path]:
     """Run directories under ``root`` (relative to it) that hold a checkpoint and no final model."""
-    return sorted(p.parent.relative_to(root) for p in root.rglob(CHECKPOINT) if not (p.parent / MODEL).exists())
+    checkpoints = root.rglob(CHECKPOINT_FILE)
+    return sorted(p.parent.relative_to(root) for p in checkpoints if not (p.parent / MODEL_FILE).exists())
 
 
 def epochs_done(run_dir: Path) -> int:
     """Epochs recorded in ``run_dir``'s metrics.jsonl (0 when it has none)."""
-    metrics = run_dir / METRICS
-    return sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.is_file() else 0
+    return len(read_metrics(run_dir)) if (run_dir / METRICS_FILE).is_file() else 0
 
 
 def _copy_dir(source: Path, target: Path) -> None:
@@ -82,7 +80,7 @@ def save(work: Path = WORK_ROOT, inflight: Path = INFLIGHT_ROOT) -> dict[str, li
         log.info("saved %s (%d epochs)", rel, epochs_done(work / rel))
     dropped = []
     for rel in unfinished_runs(inflight) if inflight.is_dir() else []:
-        if (work / rel / MODEL).exists():
+        if (work / rel / MODEL_FILE).exists():
             shutil.rmtree(inflight / rel)
             dropped.append(str(rel))
             log.info("dropped %s: finished", rel)
@@ -99,7 +97,7 @@ def restore(work: Path = WORK_ROOT, inflight: Path = INFLIGHT_ROOT) -> dict[str,
     restored, kept = [], []
     for rel in unfinished_runs(inflight) if inflight.is_dir() else []:
         here = work / rel
-        if (here / MODEL).exists() or ((here / CHECKPOINT).exists()
+        if (here / MODEL_FILE).exists() or ((here / CHECKPOINT_FILE).exists()
                                        and epochs_done(here) >= epochs_done(inflight / rel)):
             kept.append(str(rel))
             continue

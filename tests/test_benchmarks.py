@@ -592,7 +592,7 @@ def test_carry_takes_an_unfinished_run_to_a_fresh_checkout_where_it_resumes_exac
     assert carry.restore(work, inflight) == {"restored": [str(cut.relative_to(work))], "kept": []}
     assert carry.epochs_done(cut) == 1
     resumed = train_teacher(net, train, test, out=str(cut), **options)
-    whole = train_teacher(net, train, test, out=str(tmp_path / "whole"), **options)
+    train_teacher(net, train, test, out=str(tmp_path / "whole"), **options)
     assert resumed.finished
     timing = ("epoch_time_s", "images_per_s")
     assert ([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(cut)]
