@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -593,6 +594,13 @@ def quality_path(work: Path, teacher: str, regime: str, variant: str) -> Path:
     return work / "quality" / f"quality_{teacher}_{regime}_{variant}.json"
 
 
+def teacher_digest(scale: Scale, teacher: str, work: Path) -> str:
+    """SHA-256 of the trained ``teacher``'s weights file: names the teacher a quality report measured."""
+    from featkd.checkpoint import weights_path
+
+    return hashlib.sha256(weights_path(teacher_dir(work, teacher, scale)).read_bytes()).hexdigest()
+
+
 def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant: str | None = None,
                    results: Path | None = None) -> tuple[Any, float]:
     """Knowledge quality of the trained ``teacher``'s candidate layers on ``regime``'s training split.
@@ -600,41 +608,55 @@ def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant:
     The layers and the linear probe's scoring split are those of ``--teacher-layers auto``
     (:func:`featkd.selection.candidate_layers`, the validation split). Cached in
     ``work/quality``; a copy of the JSON and the Q plot (top 4 marked) go to ``results``.
+    A stored report (the copy in ``results`` first, then the cache) is reused only when it names
+    the teacher's weights (``settings["teacher_sha256"]``): a fresh checkout reuses the committed
+    measurement instead of repeating it, and a retrained teacher is measured again.
     Returns (report, seconds the measurement took).
     """
-    from featkd.quality import QualityReport, measure
+    from featkd.quality import measure
     from featkd.selection import candidate_layers
 
     variant = variant or scale.quality_variant
     path = quality_path(work, teacher, regime, variant)
-    timing = path.with_suffix(".time.json")
-    if path.is_file():
-        report = QualityReport.from_json(path)
-        seconds = read_json(timing)["seconds"] if timing.is_file() else 0.0
-    else:
+    record = results / path.name if results is not None else None
+    digest = teacher_digest(scale, teacher, work)
+    sources = [source for source in (record, path) if source is not None]  # the committed record first
+    stored = {source: _stored_quality(source, digest) for source in sources}
+    report = next((found for found in stored.values() if found is not None), None)
+    if report is None:
         splits = load_regime(scale, regime)
         model = load_teacher(scale, teacher, work, splits.train)
-        device = resolve_device(scale.device)
         start = time.perf_counter()
         report = measure(model, splits.train, candidate_layers(model, 4), variant=variant, seed=0,
-                         device=device, subset_size=scale.quality_subset, model_name=teacher,
-                         progress=False, probe_set=splits.val)
-        seconds = time.perf_counter() - start
-        path.parent.mkdir(parents=True, exist_ok=True)
-        report.to_json(path)
-        write_json(timing, {"seconds": seconds})
-        log.info("quality of %s on %s (%s): %.0f s, top 4 by Q %s", teacher, regime, variant, seconds,
-                 report.select(4, "Q"))
-    if results is not None:
-        results.mkdir(parents=True, exist_ok=True)
-        report.to_json(results / path.name)
-        plot = results / path.with_suffix(".png").name
+                         device=resolve_device(scale.device), subset_size=scale.quality_subset,
+                         model_name=teacher, progress=False, probe_set=splits.val)
+        report.settings.update(teacher_sha256=digest, seconds=time.perf_counter() - start)
+        log.info("quality of %s on %s (%s): %.0f s, top 4 by Q %s", teacher, regime, variant,
+                 report.settings["seconds"], report.select(4, "Q"))
+    data = report.to_dict()
+    for target in sources:  # the cache and the record end up holding the same report
+        if stored[target] is None or json.dumps(stored[target].to_dict()) != json.dumps(data):
+            write_json(target, data)
+    if record is not None:
+        plot = record.with_suffix(".png")
         if not plot.is_file():
             try:
                 report.plot(plot, 4, "Q")
             except ImportError as err:
                 log.warning("quality plot skipped: %s", err)
-    return report, seconds
+    return report, report.settings["seconds"]
+
+
+def _stored_quality(path: Path, digest: str) -> Any:
+    """The quality report stored at ``path`` when it was measured on the teacher with weights
+    ``digest``, else None (missing, unreadable, or of other weights)."""
+    from featkd.quality import QualityReport
+
+    try:
+        report = QualityReport.from_json(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if report.settings.get("teacher_sha256") == digest else None
 
 
 def resolve_device(spec: str) -> torch.device:

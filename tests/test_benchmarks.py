@@ -274,6 +274,40 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert json.loads(path.read_text())["methods"]["ce"]["runs"] == more["methods"]["ce"]["runs"]
 
 
+def test_quality_report_reuses_the_record_of_the_same_teacher_only(quick, tmp_path, monkeypatch):
+    """A fresh work folder takes the results folder's quality report of the same teacher weights
+    (nothing measured, the record untouched); other weights are measured again."""
+    import featkd.quality
+    from featkd.checkpoint import load_tensors, save_tensors
+
+    scale = common.build_scale("quick")
+    record = quick["results"] / "quality_resnet34_low_paper.json"  # written by the accuracy run above
+    written = record.read_bytes()
+    fresh = tmp_path / "work"
+    shutil.copytree(quick["work"] / "teachers", fresh / "teachers")
+
+    def measure(*args, **kwargs):
+        raise RuntimeError("measured")
+
+    monkeypatch.setattr(featkd.quality, "measure", measure)
+    report, seconds = common.quality_report(scale, "resnet34", "low", fresh, "paper", quick["results"])
+    assert report.settings["teacher_sha256"] == common.teacher_digest(scale, "resnet34", fresh)
+    assert seconds == report.settings["seconds"] > 0  # the time the recorded measurement took
+    cache = common.quality_path(fresh, "resnet34", "low", "paper")
+    assert record.read_bytes() == written and cache.read_bytes() == written
+    again, _ = common.quality_report(scale, "resnet34", "low", fresh, "paper")  # from the cache
+    assert again.to_dict() == report.to_dict()
+    # retrained: the same architecture with other weights
+    weights = fresh / "teachers" / "resnet34" / "model.pt"
+    tensors = load_tensors(weights)
+    tensors["stem.conv.weight"] = tensors["stem.conv.weight"] * 1.01
+    save_tensors(weights, tensors)
+    for results in (quick["results"], None):
+        with pytest.raises(RuntimeError, match="measured"):
+            common.quality_report(scale, "resnet34", "low", fresh, "paper", results)
+    assert record.read_bytes() == written
+
+
 def test_accuracy_resumes_seed_by_seed_from_the_results_file_alone(quick, tmp_path, monkeypatch):
     """A new checkout has the committed results file but no work directory: the seeds it lists as
     finished are kept, only the others train."""
