@@ -639,7 +639,7 @@ def quality_report(scale: Scale, teacher: str, regime: str, work: Path, variant:
             write_json(target, data)
     if record is not None:
         plot = record.with_suffix(".png")
-        if not plot.is_file():
+        if stored[record] is not report or not plot.is_file():  # drawn again with a new record
             try:
                 report.plot(plot, 4, "Q")
             except ImportError as err:
