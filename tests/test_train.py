@@ -505,6 +505,23 @@ def test_compile_option_trains_through_torch_compile(data, monkeypatch):
     assert TrainConfig(compile=True).differences(TrainConfig()) == []   # a runtime option: resumable
 
 
+def test_compiled_runs_in_one_process_each_tap_their_own_layers(data, teacher, monkeypatch):
+    # torch does not guard compiled code on module hooks: featkd compiled after ce (no hooks) once
+    # reused ce's code, the taps never fired and it failed; compiled must equal eager, run after run
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
+    train, test = data
+
+    def losses(method: str, compiled: bool) -> list[float]:
+        result = api.distill(teacher, lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test,
+                             method=method, teacher_name="resnet34", student_name="resnet9", epochs=1,
+                             compile=compiled, **FAST)
+        return [r["loss"] for r in result.runs[0].history]
+
+    for method in ("ce", "featkd", "simkd", "fitnet"):
+        assert losses(method, True) == losses(method, False), method
+
+
 def test_eval_every_evaluates_some_epochs_and_the_last_and_picks_among_them(tmp_path):
     from featkd.data import load_splits
     from featkd.report import load_run

@@ -603,6 +603,9 @@ class Trainer:
 
     def _wrap(self, model: nn.Module, loader: Any, teacher: TeacherFeed | None) -> nn.Module:
         if self.config.compile:
+            # Dynamo does not guard on module hooks, and each method taps other layers: code compiled
+            # for an earlier run in this process (e.g. ce, no hooks) would be reused and skip the taps
+            torch.compiler.reset()
             model = torch.compile(model)
         if not self.context.distributed:
             return model
