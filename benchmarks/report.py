@@ -720,6 +720,8 @@ def section_throughput(found: dict[str, Any]) -> list[str]:
               f"thread(s), one process; featkd teacher layers {s['q_layers']}. Images/s counts the training "
               "loop only; setup is the time before the first epoch (mostly the teacher cache build). Peak "
               "memory growth is over the process's size when the method started." +
+              (" A compiled case (`torch.compile`) trains two epochs and reports the second; its setup holds "
+               "the compilation and the first epoch." if any(c.get("compiled") for c in d["cases"].values()) else "") +
               ("" if d.get("complete") else " **Partial.**"), ""]
     rows = [[label, number(c["images_per_s"], ".0f"), number(c["speed_vs_ce"]), number(c["epoch_time_s"], ".1f"),
              number(c["setup_s"], ".1f"), number(c["peak_memory_mb"], ".0f"), number(c["peak_memory_growth_mb"], ".0f"),
