@@ -39,6 +39,8 @@ class OnlineTeacher:
     """Run the teacher on each batch: ``OnlineTeacher(teacher, layers, need_logits)(x)``.
 
     When logits are not needed the forward pass stops after the deepest tapped layer.
+    Outputs are float32, as the cache stores them, so that under autocast a method
+    sees the same numbers in both teacher modes.
     """
 
     def __init__(self, teacher: nn.Module, layers: Sequence[int | str], need_logits: bool) -> None:
@@ -55,7 +57,8 @@ class OnlineTeacher:
         logits = None
         with FeatureTap(self.teacher, self.layers, stop_early=not self.need_logits) as tap:
             logits = self.teacher(x)
-        return TeacherOutputs(tap.outputs, logits if self.need_logits else None)
+        features = [f.float() for f in tap.outputs]
+        return TeacherOutputs(features, logits.float() if self.need_logits else None)
 
 
 def _remove_directory(directory: Path | None) -> None:
