@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +17,12 @@ def restore_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (two contend on a busy machine); restores the count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,8 @@ import throughput  # noqa: E402
 PAIR = "resnet34-resnet9"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; the scripts set torch's thread count, restore it after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run fastest on one thread; the scripts set torch's thread count, the fixture restores it
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- statistics
