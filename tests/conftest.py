@@ -26,3 +26,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile on the eager backend: Dynamo traces for real; inductor's C++ code generation
+    (minutes on this CPU) is skipped."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))

@@ -459,10 +459,7 @@ def test_layer_validity_asks_for_missing_teachers(tmp_path, capsys):
     assert f"no trained teacher at {tmp_path / 'none' / 'vit_b'}" in err and "featkd train-teacher --model vit_b" in err
 
 
-def test_throughput_quick(quick, monkeypatch):
-    # the eager backend: Dynamo traces for real, inductor's C++ code generation (minutes here) is skipped
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
+def test_throughput_quick(quick, eager_compile):
     assert throughput.main(_args(quick)) == 0
     data = json.loads((quick["results"] / "throughput.json").read_text())
     assert data["complete"] and [c["teacher_mode"] for c in data["cases"].values()][-3:] == ["cache", "online", "cache"]

@@ -514,11 +514,9 @@ def test_compile_option_trains_through_torch_compile(data, monkeypatch):
     assert TrainConfig(compile=True).differences(TrainConfig()) == []   # a runtime option: resumable
 
 
-def test_compiled_runs_in_one_process_each_tap_their_own_layers(data, teacher, monkeypatch):
+def test_compiled_runs_in_one_process_each_tap_their_own_layers(data, teacher, eager_compile):
     # torch does not guard compiled code on module hooks: featkd compiled after ce (no hooks) once
     # reused ce's code, the taps never fired and it failed; compiled must equal eager, run after run
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
     train, test = data
 
     def losses(method: str, compiled: bool) -> list[float]:
