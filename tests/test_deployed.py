@@ -78,6 +78,20 @@ def test_featkd_runs_reload_the_student_from_each_run_directory(tmp_path, data, 
         api.load_trained_model(tmp_path)
 
 
+def test_runs_started_without_model_names_reload_when_the_student_is_the_deployed_network(tmp_path, data, teacher):
+    """The README's API example names only the student: its featkd run reloads; a SimKD run, whose
+    deployed network holds the teacher's classifier, says that it needs the teacher's name."""
+    train, test = data
+    names = dict(student_name="resnet9", student_width=WIDTH)
+    result = api.distill(teacher, student, train, test, method="featkd", teacher_layers=[12, 13, 14, 15],
+                         out=str(tmp_path / "featkd"), **names, **FAST)
+    model = api.load_trained_model(tmp_path / "featkd")
+    assert type(model) is type(student()) and accuracy(model, test) == result.runs[0].final_test_acc
+    api.distill(teacher, student, train, test, method="simkd", out=str(tmp_path / "simkd"), **names, **FAST)
+    with pytest.raises(ValueError, match="holds a part of the teacher.*names no teacher"):
+        api.load_trained_model(tmp_path / "simkd")
+
+
 def test_train_teacher_runs_record_and_reload_the_model(tmp_path, data):
     train, test = data
     result = api.train_teacher(student, train, test, model_name="resnet9", width=WIDTH, out=str(tmp_path),

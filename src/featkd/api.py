@@ -628,7 +628,7 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
     describe the weights.
     """
     from featkd.checkpoint import load_model_weights
-    from featkd.distillation import build_method
+    from featkd.distillation import METHOD_INFO, build_method
     from featkd.models import create_model
 
     run_dir = Path(run_dir)
@@ -648,9 +648,15 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
                          f"rebuild it yourself and load {weights} with featkd.checkpoint.load_model_weights")
     if is_teacher_run:
         network = build(config.model, config.width)
+    elif config.teacher is None and not METHOD_INFO[config.method].deploys_teacher_part:
+        network = build(config.student, config.student_width)  # the student is the deployed network
+    elif config.teacher is None:
+        raise ValueError(f"the deployed {config.method} network holds a part of the teacher, but "
+                         f"{root / 'config.yaml'} names no teacher (pass teacher_name= to distill); rebuild "
+                         f"it yourself and load {weights} with featkd.checkpoint.load_model_weights")
     else:
         student = build(config.student, config.student_width)
-        teacher = build(config.teacher, config.teacher_width) if config.teacher else None
+        teacher = build(config.teacher, config.teacher_width)
         method = build_method(
             config.method, teacher, student, teacher_layers=summary.get("teacher_layers"),
             student_layers=summary.get("student_layers"), num_classes=num_classes,

@@ -76,13 +76,15 @@ class MethodInfo:
     quality), "classifier" (the input of the classifier, on both sides:
     :func:`featkd.layers.classifier_input`) or None (no teacher layers).
     ``teacher_logits`` / ``teacher_features``: whether the teacher outputs must
-    include them.
+    include them. ``deploys_teacher_part``: whether the deployed network holds a
+    part of the teacher (SimKD's reused classifier), so rebuilding it needs the teacher.
     """
 
     teacher_layers: str | None
     teacher_logits: bool
     teacher_features: bool
     description: str
+    deploys_teacher_part: bool = False
 
 
 class Method(nn.Module):
@@ -547,11 +549,12 @@ _REGISTRY: dict[str, _Entry] = {
                  _build_sp),
     "simkd": _Entry(MethodInfo("classifier", False, True, "feature MSE only between the "
                                "projected student feature and the teacher's classifier input; "
-                               "the teacher's frozen classifier predicts"),
+                               "the teacher's frozen classifier predicts", deploys_teacher_part=True),
                     functools.partial(_build_simkd, feature_loss=True)),
     "simkd_ce_kd": _Entry(MethodInfo("standard", True, False, "CE + KD on the logits of the "
                                      "teacher's frozen tail after its last standard layer, "
-                                     "applied to the projected last student feature"),
+                                     "applied to the projected last student feature",
+                                     deploys_teacher_part=True),
                           functools.partial(_build_simkd, feature_loss=False)),
     "semckd": _Entry(MethodInfo("standard", True, True, "CE + KD + attention-weighted "
                                 "all-to-all feature MSE"), _build_semckd),
