@@ -94,6 +94,7 @@ BAD = [
     ([*TEACHER, "--batch-size", "0"], "batch_size must be >= 1"),
     ([*TEACHER, "--milestones", "5,3"], "milestones must be increasing"),
     ([*TEACHER, "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
+    ([*TEACHER, "--seed", "-1"], "seed must be >= 0, got -1"),
     ([*TEACHER, "--amp", "fp8"], "amp must be one of auto, bf16, none"),
     ([*TEACHER, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     ([*TEACHER, "--data-options", "colour:red"], "unknown option(s) ['colour'] for dataset 'synthetic'"),
@@ -127,6 +128,10 @@ BAD = [
     ([*DISTILL, "--teacher-checkpoint", "{files}/corrupt.safetensors"], "is not a readable safetensors file"),
     ([*DISTILL, "--augment", "--teacher-mode", "cache"], "teacher_mode=cache needs augment=false"),
     ([*DISTILL, "--quality-variant", "best"], "quality_variant must be one of paper, corrected"),
+    ([*DISTILL, "--seed", "-1"], "seed must be >= 0, got -1"),
+    # found only once the directory is claimed: what was written is removed again
+    ([*DISTILL, "--method", "semckd", "--train-limit", "4"], "smaller than one batch of 6"),
+    ([*DISTILL, "--method", "featkd", "--quality-subset", "3"], "every class needs at least 2 samples"),
     # quality
     ([*QUALITY, "--checkpoint", "{files}/empty.pt"], "empty.pt is empty (0 bytes)"),
     ([*QUALITY, "--checkpoint", "{files}/runs_code.pt"], "posix.system"),
@@ -135,6 +140,9 @@ BAD = [
     ([*QUALITY, "--layers", "-9"], "layer index -9 out of range: resnet9 has 6"),
     ([*QUALITY, "--variant", "best"], "argument --variant: invalid choice: 'best'"),
     ([*QUALITY, "--k", "0"], "--k must be at least 1"),
+    ([*QUALITY, "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
+    *([([*QUALITY, "--device", "cuda"], "device 'cuda' asked for but CUDA is not available")]
+      if not torch.cuda.is_available() else []),
     (["quality", "--data", "synthetic"], "give --model (or a train-teacher run directory as --checkpoint)"),
     # demo
     (["demo", "--quick", "--methods", "featkd,magic"], "unknown method(s) ['magic']"),

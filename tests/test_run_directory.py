@@ -130,3 +130,29 @@ def test_more_runs_add_seeds_and_keep_the_finished_ones(teacher_dir, tmp_path, c
     assert main(distill_args(teacher_dir, single, "--method", "kd")) == 0
     assert main(distill_args(teacher_dir, single, "--method", "kd", "--runs", "2")) == 2
     assert "runs: 1 -> 2" in capsys.readouterr().err
+
+
+def test_a_failure_before_any_progress_leaves_the_output_as_it_was_found(tmp_path):
+    from featkd.train import output_untouched_on_error
+
+    def fail_after_writing(out):
+        with pytest.raises(ValueError, match="late"), output_untouched_on_error(out):
+            (out / "run-0").mkdir(parents=True, exist_ok=True)
+            for name in ("config.yaml", "run.json", "quality.json", "run-0/metrics.jsonl"):
+                (out / name).write_text("x")
+            raise ValueError("late")
+
+    nested = tmp_path / "new" / "deeper" / "out"
+    fail_after_writing(nested)
+    assert list(tmp_path.iterdir()) == []                    # every folder it created is gone
+
+    existing = tmp_path / "existing"
+    (existing / "notes").mkdir(parents=True)
+    fail_after_writing(existing)
+    assert sorted(p.name for p in existing.iterdir()) == ["notes"]   # the user's folder and files stay
+
+    started = tmp_path / "started"
+    (started / "run-0").mkdir(parents=True)
+    (started / "run-0" / "checkpoint.pt").write_text("progress")
+    fail_after_writing(started)
+    assert (started / "config.yaml").is_file() and (started / "run-0" / "metrics.jsonl").is_file()

@@ -158,6 +158,8 @@ class RunConfig:
             m < 1 for m in self.milestones
         ):
             raise ValueError(f"milestones must be increasing positive epochs, got {self.milestones}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,15 +111,21 @@ class DistContext:
 
 
 def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; ValueError for a
+    device that does not exist here."""
     if isinstance(spec, torch.device):
         return spec
     if spec in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {spec!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {spec!r} asked for but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
@@ -820,11 +826,33 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
         existing = out / CONFIG_FILE
         if existing.is_file() and not has_started(out) and _differences(existing, config):
             log.info("%s held an unstarted run of another config: replacing it", out)
-            for path in (f for d in (out, *out.glob("run-*")) for f in map(d.joinpath, UNSTARTED_FILES)):
-                path.unlink(missing_ok=True)
+            _remove_unstarted_files(out)
         out.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(existing, config.to_yaml())
     context.barrier()
+
+
+def _remove_unstarted_files(out: Path) -> None:
+    for path in (f for d in (out, *out.glob("run-*")) for f in map(d.joinpath, UNSTARTED_FILES)):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_untouched_on_error(out: Path) -> Iterator[None]:
+    """When the body fails before any run of ``out`` saved progress (bad input found late: a
+    training set smaller than a batch, subsets too small for the quality report), remove what it
+    wrote there and the folders it created, so a failed command leaves ``out`` as it found it.
+    A started directory is never touched. Call it on the main process only."""
+    created = [d for d in (out, *out.parents) if not d.exists()]
+    try:
+        yield
+    except Exception:
+        if not has_started(out):
+            _remove_unstarted_files(out)
+            for folder in [*out.glob("run-*"), *created]:  # deepest first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
 
 
 def train_runs(

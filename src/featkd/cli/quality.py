@@ -53,8 +53,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", default="runs/quality", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets A and B")
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="host memory budget (GB)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -105,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.layers import resolve_layers
     from featkd.quality import measure
     from featkd.selection import measure_variant, resolve_rule
+    from featkd.train import resolve_device
 
     layers = parse_layers(args.layers)
     if isinstance(layers, str) and layers != "all":
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         variant = measure_variant(rule, args.variant)
     except ValueError as err:
         raise CliError(f"--by: {err}") from err
+    device = resolve_device(args.device)
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     settings = run_settings(args)
     splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         except (IndexError, ValueError) as err:
             raise CliError(str(err)) from err
     report = measure(
-        model, train, layers, variant=variant, seed=args.seed, device=args.device,
+        model, train, layers, variant=variant, seed=args.seed, device=device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
         subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
         probe_set=splits.val,

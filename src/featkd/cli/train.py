@@ -10,10 +10,13 @@ Under ``torchrun --nproc_per_node=N`` the same command trains with DDP.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import re
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from featkd.cli.common import CliError
@@ -110,7 +113,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
         raise CliError(f"give --model NAME (known: {', '.join(list_models())}, torchvision:NAME or timm:NAME)")
     _require_out(config)
-    return _execute(lambda: train_teacher_from_config(config), "train-teacher")
+    return _execute(lambda: train_teacher_from_config(config), "train-teacher", config.out)
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -123,7 +126,7 @@ def run_distill(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err)) from err
     _require_out(config)
-    return _execute(lambda: distill_from_config(config), "distill")
+    return _execute(lambda: distill_from_config(config), "distill", config.out)
 
 
 def _require_out(config: RunConfig) -> None:
@@ -131,11 +134,14 @@ def _require_out(config: RunConfig) -> None:
         raise CliError("give --out DIR: the run directory (rerun with the same DIR to resume)")
 
 
-def _execute(job: Any, command: str) -> int:
-    from featkd.train import finish_distributed, is_main_process
+def _execute(job: Any, command: str, out: str) -> int:
+    from featkd.train import finish_distributed, is_main_process, output_untouched_on_error
 
+    first_rank = os.environ.get("RANK", "0") == "0"  # torchrun's rank: the group is not joined yet
+    guard = output_untouched_on_error(Path(out)) if first_rank else contextlib.nullcontext()
     try:
-        result = job()
+        with guard:
+            result = job()
     except FloatingPointError as err:
         print(f"featkd {command}: error: {err}", file=sys.stderr)
         return 1
