@@ -563,3 +563,80 @@ def test_minima_are_recomputed_exactly_from_the_closest_pairs():
     assert fast["intra_min"] == pytest.approx(exact["intra_min"], rel=1e-7)
     squared = quality._exact_pairs(x, torch.tensor([0, 3]), torch.tensor([20, 4]), torch.device("cpu"))[1]
     assert squared.tolist() == pytest.approx([((x[0] - x[20]) ** 2).sum().item(), ((x[3] - x[4]) ** 2).sum().item()])
+    chunked = quality._exact_pairs(x, torch.tensor([0, 3, 7]), torch.tensor([20, 4, 30]), torch.device("cpu"),
+                                   budget=1)  # one pair at a time
+    whole = quality._exact_pairs(x, torch.tensor([0, 3, 7]), torch.tensor([20, 4, 30]), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
+
+
+def test_min_inter_is_found_among_many_near_ties():
+    """40 cross-class pairs 0.010 to 0.049 apart on a large offset: all of them lie within float32
+    rounding of the closest, more than the REFINE_PAIRS first recomputed; the closest must still be
+    found (it was missed, minInter 0.0170 instead of 0.0100: E +70 %, Q +30 %)."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 40, 256
+    x = 300 + 30 * torch.randn(2 * n, dim, generator=gen, dtype=torch.float64)
+    for i in range(n):
+        v = torch.randn(dim, generator=gen, dtype=torch.float64)
+        x[n + i] = x[i] + v / v.norm() * (0.010 + 0.001 * i)
+    labels = torch.arange(2).repeat_interleave(n)
+    x32 = x.float()
+    exact = layer_quality(x32.double(), labels, num_train=100, **EXACT)  # the same float32 input
+    fast = layer_quality(x32, labels, num_train=100)
+    assert exact["min_inter"] == pytest.approx(0.00999, rel=1e-3)
+    for key in ("min_inter", "E", "Q"):
+        assert fast[key] == pytest.approx(exact[key], rel=1e-6), key
+
+
+def test_intra_min_is_found_among_many_near_ties():
+    """Per class 40 antipodal pairs about a large mean, at angles 3e-5 (1 + 0.001 i): 1 - cosine
+    (about 2e-9) differs between the pairs by less than float32 rounding, and I scales with
+    1 - intraMin. The widest pair must still be found (it was missed: I off by 48 %)."""
+    gen = torch.Generator().manual_seed(2)
+    m, dim = 40, 256
+    x = torch.empty(4 * m, dim, dtype=torch.float64)
+    for c in range(2):
+        mu = 300 + 30 * torch.randn(dim, generator=gen, dtype=torch.float64)
+        for i in range(m):
+            v = torch.randn(dim, generator=gen, dtype=torch.float64)
+            v -= (v @ mu) / (mu @ mu) * mu
+            v *= 3e-5 * (1 + 0.001 * i) * mu.norm() / v.norm()
+            x[2 * m * c + i], x[2 * m * c + m + i] = mu + v, mu - v
+    labels = torch.arange(2).repeat_interleave(2 * m)
+    x32 = x.float()
+    exact = layer_quality(x32.double(), labels, num_train=100, **EXACT)
+    fast = layer_quality(x32, labels, num_train=100)
+    assert 1 - exact["intra_min"] == pytest.approx(1.94e-9, rel=1e-2)
+    assert 1 - fast["intra_min"] == pytest.approx(1 - exact["intra_min"], rel=1e-6)
+    assert_agrees(fast, exact, keys=("I", "Q"), rel=1e-4)  # I's rest: float32 spectra, ~1e-6
+
+
+def test_certified_minimum_searches_beyond_the_refined_pairs():
+    """The search on a synthetic pair matrix known to +-0.01: the true minimum hides in a row whose
+    approximate minimum is far from the smallest, at an entry that is not that row's argmin."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = torch.arange(50), torch.arange(50, 110)  # sample ids; every sample has weight 1
+    weight = torch.ones(110, dtype=torch.float64)
+    exact = 1 + 0.01 * torch.rand(50, 60, generator=gen, dtype=torch.float64)
+    approx = exact + 0.02 * torch.rand(50, 60, generator=gen, dtype=torch.float64) - 0.01
+    approx[37] = approx[37].clamp(min=1.005)  # row 37: far from the REFINE_PAIRS smallest rows ...
+    exact[37, 5], approx[37, 5] = 0.995, 1.012  # ... and the true minimum not its argmin
+    evaluated = []
+
+    def search(approx, exact):
+        minima = quality._RowMinima()
+        minima.add(approx[:25], cols)  # two row blocks
+        minima.add(approx[25:], cols)
+        evaluated.clear()
+
+        def exact_pairs(i, j):
+            evaluated.append(len(i))
+            return exact[i, j - 50]
+
+        return quality._certified_minimum(minima, rows, cols, weight, lambda at: approx[at].clone(),
+                                          exact_pairs, 7, torch.finfo(torch.float64).eps)
+
+    assert approx[37].argmin() != 5 and (approx.amin(1) < approx[37].min()).sum() > quality.REFINE_PAIRS
+    assert search(approx, exact).item() == 0.995
+    # exact approximations (float64 products): beyond the refined pairs, only the minimum's own row
+    assert search(exact, exact).item() == 0.995 and sum(evaluated) <= quality.REFINE_PAIRS + 1

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,7 +83,8 @@ FLOAT32_BYTES = 4
 DEFAULT_DTYPE = torch.float32
 CHUNK_BYTES = 256 * 1024**2  # working size of one column chunk when no budget is given
 MIN_CHUNK_COLUMNS = 512
-REFINE_PAIRS = 16  # per class, the closest pairs (one per row) whose minimum is recomputed exactly
+REFINE_PAIRS = 16  # per class and minimum, the closest pairs (one per row) recomputed exactly first
+ERROR_MARGIN = 16  # rounding error elsewhere: at most this many times the worst seen on those pairs
 
 
 def _check_variant(variant: str) -> None:
@@ -269,9 +270,12 @@ def sample_statistics(
 
     ``feats`` (n, ...) is flattened (see :func:`flatten_features`). One Gram matrix
     gives everything; the O(n^2) pass runs over row blocks. The two minima (intraMin,
-    minInter) are then recomputed in float64 straight from the features for each
-    class's REFINE_PAIRS closest pairs, so that float32 products cannot blur them
-    where the pairs nearly coincide. ``memory_budget``
+    minInter) are then recomputed in float64 straight from the features, so that
+    float32 products cannot blur them where pairs nearly coincide: first over each
+    class's REFINE_PAIRS closest pairs (one per row); the rounding error seen on
+    those pairs, times ERROR_MARGIN, is taken to bound the error of every other
+    pair (scaled to its samples' norms), and every pair that could beat the minimum
+    found under that bound is recomputed exactly as well. ``memory_budget``
     (bytes, ``None``: unbounded) must hold the n x n float64 Gram; the rest of it
     sizes the column chunks and row blocks. Results do not depend on the blocking.
     """
@@ -299,14 +303,14 @@ def sample_statistics(
         )
     inv_norm = torch.where(zero, torch.zeros_like(norms), 1 / norms)
     nonzero = (~zero).to(torch.float64)
-    # rank-2 terms: plain Gram = centred + [cross + |mu|^2, 1] [1, cross]^T and
-    # squared distances = [|z|^2, 1] [1, |z|^2]^T - 2 centred, one fused pass each
-    centred_sq = gram.centred.diagonal()[:, None]
-    ones = torch.ones_like(centred_sq)
-    plain_left = torch.cat([gram.cross[:, None] + gram.mean_sq, ones], 1)
-    plain_right = torch.cat([ones, gram.cross[:, None]], 1).T
-    dist_left = torch.cat([centred_sq, ones], 1)
-    dist_right = torch.cat([ones, centred_sq], 1).T
+    pairs = _PairBlocks(gram, inv_norm, nonzero)
+    # rounding weights t, an entry's error taken to be at most scale (t_i + t_j) (_certified_minimum):
+    # a squared distance's rounding scales with |z_i| |z_j|, a cosine's with w_i w_j, where
+    # w = (|z| + |mu|) / r as the plain Gram's rounding scales with |z| + |mu|; a b <= (a^2 + b^2) / 2
+    centred_sq = gram.centred.diagonal().clamp(min=0)
+    dist_weight = centred_sq
+    cos_weight = ((centred_sq.sqrt() + gram.mean_sq.abs().sqrt()) * inv_norm).square() / 2
+    eps = torch.finfo(dtype).eps
     cos_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     intra_min = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
     inter_sq = torch.full((num_classes,), math.inf, dtype=torch.float64, device=device)
@@ -314,25 +318,22 @@ def sample_statistics(
     step = _row_block(n, spare)
     for c in range(num_classes):
         members = (position == c).nonzero().squeeze(1)
-        closest_cos = _Smallest()
-        closest_dist = _Smallest()
+        cos_minima, dist_minima = _RowMinima(), _RowMinima()
         for start in range(0, len(members), step):
-            rows = members[start : start + step]
-            local = torch.arange(len(rows), device=device)
+            at = everyone[start : min(start + step, len(members))]  # positions in members
+            rows = members[at]
             block = gram.centred.index_select(0, rows)
-            cos = torch.addmm(block, plain_left[rows], plain_right).abs_()
-            cos.mul_(inv_norm[rows, None]).mul_(inv_norm[None, :])
-            cos[local, rows] = nonzero[rows]  # self-similarity exactly 1
+            cos = pairs.cosines(block, rows)
             cos_sums[c].index_add_(0, position, cos.sum(0))
-            intra = cos.index_select(1, members)
-            intra[local, local + start] = math.inf  # pairs i != j only
-            closest_cos.add(intra, rows, members)
-            sq_dist = torch.addmm(block, dist_left[rows], dist_right, beta=-2)
-            sq_dist.index_fill_(1, members, math.inf)
-            closest_dist.add(sq_dist, rows, everyone)
-        # the minima, recomputed exactly (float64, straight from the features) over the closest pairs
-        intra_min[c] = _exact_pairs(feats, *closest_cos.pairs(), device)[0].min()
-        inter_sq[c] = _exact_pairs(feats, *closest_dist.pairs(), device)[1].min()
+            cos_minima.add(pairs.within(cos, at, members), members)
+            dist_minima.add(pairs.between(block, rows, members), everyone)
+        # the minima, recomputed exactly (float64, straight from the features) wherever they may lie
+        intra_min[c] = _certified_minimum(
+            cos_minima, members, members, cos_weight, lambda at: pairs.within_rows(at, members),
+            lambda i, j: _exact_pairs(feats, i, j, device, spare)[0], step, eps)
+        inter_sq[c] = _certified_minimum(
+            dist_minima, members, everyone, dist_weight, lambda at: pairs.between_rows(at, members),
+            lambda i, j: _exact_pairs(feats, i, j, device, spare)[1], step, eps)
 
     counts64 = counts.to(torch.float64)
     block_sums = cos_sums.diagonal()
@@ -354,39 +355,136 @@ def sample_statistics(
     }
 
 
-class _Smallest:
-    """Candidates for the minimum of a pair matrix seen in row blocks: the smallest entry of each
-    row, kept for the REFINE_PAIRS rows where it is smallest, as (row, column) sample pairs. The
-    minimum is then recomputed exactly over them."""
+class _PairBlocks:
+    """Row blocks of subset A's pair matrices read off the Gram (float64 arithmetic): |cosine| and
+    squared distance. The O(n^2) pass and the search for the minima both take their approximate
+    values, and their excluded pairs, from here."""
+
+    def __init__(self, gram: GramStatistics, inv_norm: Tensor, nonzero: Tensor) -> None:
+        # rank-2 terms: plain Gram = centred + [cross + |mu|^2, 1] [1, cross]^T and
+        # squared distances = [|z|^2, 1] [1, |z|^2]^T - 2 centred, one fused pass each
+        centred_sq = gram.centred.diagonal()[:, None]
+        ones = torch.ones_like(centred_sq)
+        self.plain_left = torch.cat([gram.cross[:, None] + gram.mean_sq, ones], 1)
+        self.plain_right = torch.cat([ones, gram.cross[:, None]], 1).T
+        self.dist_left = torch.cat([centred_sq, ones], 1)
+        self.dist_right = torch.cat([ones, centred_sq], 1).T
+        self.centred = gram.centred
+        self.inv_norm = inv_norm
+        self.nonzero = nonzero
+
+    def cosines(self, block: Tensor, rows: Tensor) -> Tensor:
+        """|cosine| of samples ``rows`` (``block``: their rows of the centred Gram) to every sample;
+        a sample's own entry is exactly 1 (0 for a zero-norm sample)."""
+        cos = torch.addmm(block, self.plain_left[rows], self.plain_right).abs_()
+        cos.mul_(self.inv_norm[rows, None]).mul_(self.inv_norm[None, :])
+        cos[torch.arange(len(rows), device=rows.device), rows] = self.nonzero[rows]
+        return cos
+
+    def within(self, cos: Tensor, at: Tensor, members: Tensor) -> Tensor:
+        """The class's columns of ``cos``, whose rows are members[at]; a row's own entry excluded
+        (infinite): pairs i != j only."""
+        intra = cos.index_select(1, members)
+        intra[torch.arange(len(at), device=at.device), at] = math.inf
+        return intra
+
+    def between(self, block: Tensor, rows: Tensor, members: Tensor) -> Tensor:
+        """Squared distances of samples ``rows`` (``block`` as for :meth:`cosines`) to every sample;
+        the class's own columns excluded (infinite)."""
+        sq_dist = torch.addmm(block, self.dist_left[rows], self.dist_right, beta=-2)
+        return sq_dist.index_fill_(1, members, math.inf)
+
+    def within_rows(self, at: Tensor, members: Tensor) -> Tensor:
+        """:meth:`within` for the rows members[at] alone."""
+        rows = members[at]
+        return self.within(self.cosines(self.centred.index_select(0, rows), rows), at, members)
+
+    def between_rows(self, at: Tensor, members: Tensor) -> Tensor:
+        """:meth:`between` for the rows members[at] alone."""
+        rows = members[at]
+        return self.between(self.centred.index_select(0, rows), rows, members)
+
+
+class _RowMinima:
+    """The smallest entry of every row of a pair matrix seen in row blocks, and its column."""
 
     def __init__(self) -> None:
-        self.values: Tensor | None = None
-        self.rows: Tensor | None = None
-        self.cols: Tensor | None = None
+        self.values: list[Tensor] = []
+        self.cols: list[Tensor] = []
 
-    def add(self, block: Tensor, rows: Tensor, cols: Tensor) -> None:
-        """Offer ``block`` (len(rows), len(cols)); infinite entries (excluded pairs) never count."""
+    def add(self, block: Tensor, cols: Tensor) -> None:
+        """Offer the next rows, ``block`` (rows, len(cols)); infinite entries (excluded pairs) never
+        count while a row has a finite one."""
         row_min, at = block.min(1)  # one pass, as a plain minimum would take
-        found = (row_min, rows, cols[at])
-        if self.values is not None:
-            found = tuple(torch.cat([old, new]) for old, new in zip((self.values, self.rows, self.cols), found))
-        keep = found[0].topk(min(REFINE_PAIRS, len(found[0])), largest=False).indices
-        self.values, self.rows, self.cols = (t[keep] for t in found)
+        self.values.append(row_min)
+        self.cols.append(cols[at])
 
-    def pairs(self) -> tuple[Tensor, Tensor]:
-        finite = torch.isfinite(self.values)
-        return self.rows[finite], self.cols[finite]
+    def result(self) -> tuple[Tensor, Tensor]:
+        return torch.cat(self.values), torch.cat(self.cols)
 
 
-def _exact_pairs(feats: Tensor, first: Tensor, second: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+def _certified_minimum(
+    minima: _RowMinima,
+    members: Tensor,
+    cols: Tensor,
+    weight: Tensor,
+    approx: Callable[[Tensor], Tensor],
+    exact: Callable[[Tensor, Tensor], Tensor],
+    step: int,
+    eps: float,
+) -> Tensor:
+    """The exact minimum of a pair matrix (rows: samples ``members``, columns: samples ``cols``)
+    known approximately: ``minima`` holds every row's smallest approximate entry, ``approx(at)``
+    gives the rows members[at] again (a new tensor, which is overwritten), ``exact(first, second)``
+    the exact (float64) values of sample pairs.
+
+    The REFINE_PAIRS rows with the smallest minima have that pair recomputed exactly; the smallest
+    gives ``best``. An approximate entry (i, j) is taken to be off by at most
+    scale * (weight_i + weight_j), scale being ERROR_MARGIN times the largest error seen on those
+    pairs per unit of weight (at least ERROR_MARGIN * ``eps``, the product precision's). Every pair
+    that could beat ``best`` under that bound is recomputed exactly too: the rows where one can lie
+    are gone through again, ``step`` rows at a time.
+    """
+    row_min, row_col = minima.result()
+    first = row_min.topk(min(REFINE_PAIRS, len(row_min)), largest=False).indices
+    rows, partner = members[first], row_col[first]
+    values = exact(rows, partner)
+    best = values.min()
+    if best <= 0:  # neither minimum can go lower
+        return best
+    pair_weight = weight[rows] + weight[partner]
+    error = (row_min[first] - values).abs()
+    ratio = torch.where(pair_weight > 0, error / torch.where(pair_weight > 0, pair_weight, 1.0), 0.0)
+    scale = ERROR_MARGIN * max(ratio.max().item(), eps)
+    doubtful = (row_min - scale * (weight[members] + weight.max()) < best).nonzero().squeeze(1)
+    for start in range(0, len(doubtful), step):
+        at = doubtful[start : start + step]
+        rows = members[at]
+        lower = approx(at).sub_(scale * weight[rows, None]).sub_(scale * weight[None, cols])
+        i, j = (lower < best).nonzero(as_tuple=True)
+        del lower
+        if len(i):
+            best = torch.minimum(best, exact(rows[i], cols[j]).min())
+    return best
+
+
+def _exact_pairs(
+    feats: Tensor, first: Tensor, second: Tensor, device: torch.device, budget: int | None = None
+) -> tuple[Tensor, Tensor]:
     """(|cosine|, squared distance) of the sample pairs (first[k], second[k]), in float64 from the
-    features themselves (a zero-norm sample has cosine 0)."""
-    a = feats.index_select(0, first.to(feats.device)).to(device, torch.float64)
-    b = feats.index_select(0, second.to(feats.device)).to(device, torch.float64)
-    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
-    dots = (a * b).sum(1).abs_()
-    cos = torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 0.0)
-    return cos, (a - b).square_().sum(1)
+    features themselves (a zero-norm sample has cosine 0). The pairs' float64 copies are made a
+    chunk at a time, about CHUNK_BYTES (or ``budget`` bytes, if less) each."""
+    size = CHUNK_BYTES if budget is None else min(budget, CHUNK_BYTES)
+    chunk = max(size // (2 * FLOAT64_BYTES * max(feats.shape[1], 1)), 1)
+    cos, sq_dist = [], []
+    for start in range(0, len(first), chunk):
+        a = feats.index_select(0, first[start : start + chunk].to(feats.device)).to(device, torch.float64)
+        b = feats.index_select(0, second[start : start + chunk].to(feats.device)).to(device, torch.float64)
+        norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+        dots = torch.linalg.vecdot(a, b).abs_()
+        cos.append(torch.where(norms > 0, dots / torch.where(norms > 0, norms, 1.0), 0.0))
+        sq_dist.append(a.sub_(b).square_().sum(1))  # a is a copy: the features are not changed
+    return torch.cat(cos), torch.cat(sq_dist)
 
 
 def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) -> int | None:
