@@ -1,14 +1,24 @@
-"""OnlineTeacher and TeacherCache (RAM and memmap) give the same teacher outputs."""
+"""OnlineTeacher and TeacherCache (RAM and memmap) give the same teacher outputs; the memmap
+folders never outlive their run (SIGTERM, or removed at the restart after a kill)."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import featkd.api as api
 from featkd.data import ImageDataset
 from featkd.distillation import (
     DistillModel, OnlineTeacher, TeacherCache, TeacherOutputs, build_method,
 )
+from featkd.distillation.teacher import remove_stale_caches
 from featkd.layers import extract
 from featkd.models import create_model
+from featkd.train import read_metrics
 
 NUM_CLASSES = 5
 TEACHERS = {"resnet34": [3, 16], "vit_b": [2, 10]}
@@ -122,3 +132,95 @@ def test_cached_and_online_teacher_give_identical_losses(budget, tmp_path):
     assert from_cache.keys() == from_online.keys() == {"ce", "kd", "feat"}
     for key in from_cache:
         assert torch.equal(from_cache[key], from_online[key]), key
+
+
+# ----------------------------------------------------------------------------- memmap folders of a killed run
+# 48 images of 32x32: the features of layers 3, 7, 13, 16 take ~1.5 MB, over a 1 MiB budget (memmap).
+DISK = dict(method="featkd", teacher_layers=[3, 7, 13, 16], student_name="resnet9", teacher_mode="cache",
+            cache_memory_mb=1, epochs=2, batch_size=16, eval_batch_size=64, progress=False, device="cpu")
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in records]
+
+
+def tiny_student():
+    return create_model("resnet9", NUM_CLASSES, width=1 / 16)
+
+
+@pytest.fixture(scope="module")
+def disk_run(tmp_path_factory):
+    """teacher, train, test and the metrics of an undisturbed run whose cache goes to memmap files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    teacher, train, test = make_teacher("resnet34"), make_dataset(48, augment=False), make_dataset(10, augment=False)
+    out = tmp_path_factory.mktemp("clean")
+    api.distill(teacher, tiny_student, train, test, out=str(out), **DISK)
+    torch.set_num_threads(threads)
+    return teacher, train, test, without_timing(read_metrics(out))
+
+
+def cache_folders(directory):
+    return sorted(p.name for p in directory.glob("featkd-teacher-cache-*"))
+
+
+def test_a_restarted_run_removes_the_cache_folder_a_killed_process_left(tmp_path, caplog, disk_run, one_thread):
+    teacher, train, test, reference = disk_run
+    stale = tmp_path / "featkd-teacher-cache-old"   # as SIGKILL leaves it: memmaps and an unheld lock
+    stale.mkdir()
+    (stale / "feature0.bin").write_bytes(bytes(4096))
+    (stale / "owner.lock").touch()
+    with caplog.at_level(logging.INFO, logger="featkd"):
+        api.distill(teacher, tiny_student, train, test, out=str(tmp_path), **DISK)
+    assert "in memmap files under" in caplog.text                     # the run did cache to disk
+    assert f"removing the stale teacher cache {stale}" in caplog.text
+    assert cache_folders(tmp_path) == []                              # the stale one and its own are gone
+    assert without_timing(read_metrics(tmp_path)) == reference
+
+
+def test_sigterm_removes_the_cache_folder_and_the_run_resumes(tmp_path, disk_run, one_thread):
+    teacher, train, test, reference = disk_run
+    seen = []
+
+    def terminate(record):
+        seen.append(cache_folders(tmp_path))
+        # never send it to a default handler: that would end pytest
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as stopped:
+        api.distill(teacher, tiny_student, train, test, out=str(tmp_path), callbacks=[terminate], **DISK)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert len(seen) == 1 and len(seen[0]) == 1                       # a memmap cache existed at the signal
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL         # handler restored
+    assert cache_folders(tmp_path) == [] and (tmp_path / "checkpoint.pt").is_file()
+    api.distill(teacher, tiny_student, train, test, out=str(tmp_path), **DISK)
+    assert cache_folders(tmp_path) == []
+    assert without_timing(read_metrics(tmp_path)) == reference
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_stale_cache_removal_keeps_the_caches_in_use(tmp_path):
+    dead = tmp_path / "featkd-teacher-cache-dead"          # its process died before taking the lock
+    dead.mkdir()
+    ours = TeacherCache.build(make_teacher("resnet34"), make_dataset(size=4), [16], need_logits=False,
+                              batch_size=4, device="cpu", memory_budget_bytes=0, cache_dir=tmp_path,
+                              progress=False)
+    other = tmp_path / "featkd-teacher-cache-other"        # held by another live process
+    other.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'wb'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(other / "owner.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert remove_stale_caches(tmp_path) == [dead]
+        assert cache_folders(tmp_path) == sorted([ours.directory.name, other.name])
+        assert len(ours.lookup(torch.arange(4)).features[0]) == 4
+    finally:
+        holder.kill()                                      # SIGKILL: the OS drops its lock
+        holder.wait()
+        holder.stdout.close()
+    assert remove_stale_caches(tmp_path) == [other]
+    ours.close()
+    assert cache_folders(tmp_path) == [] and remove_stale_caches(tmp_path / "missing") == []

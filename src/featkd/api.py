@@ -47,6 +47,7 @@ from featkd.train import (
     default_lr,
     init_distributed,
     prepare_output,
+    sigterm_as_exit,
     train_runs,
 )
 
@@ -472,14 +473,15 @@ def distill(
     settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
                 "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
                 "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
-    try:
-        with experiment_logs(config, context.is_main) as loggers:
-            return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
-                              teacher=feed, callbacks=[*callbacks, *loggers], extra=extra,
-                              settings=settings, val_set=val_set)
-    finally:
-        if teacher_feed is None:  # a feed passed in belongs to the caller
-            feed.close()
+    with sigterm_as_exit():  # SIGTERM unwinds like SIGINT, so the cache's files are deleted
+        try:
+            with experiment_logs(config, context.is_main) as loggers:
+                return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                                  teacher=feed, callbacks=[*callbacks, *loggers], extra=extra,
+                                  settings=settings, val_set=val_set)
+        finally:
+            if teacher_feed is None:  # a feed passed in belongs to the caller
+                feed.close()
 
 
 def _check_layers(model: nn.Module, layers: Sequence[int | str], role: str, name: str | None) -> None:

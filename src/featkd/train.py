@@ -818,8 +818,11 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
     """Claim ``out`` for ``config``: check it (:func:`check_output`) and write config.yaml.
 
     Call it once setup has succeeded. An unstarted directory of another
-    configuration is cleared of its files and reused without asking.
+    configuration is cleared of its files and reused without asking. Teacher-cache
+    folders left there by a killed process are deleted (those in use are kept).
     """
+    from featkd.distillation.teacher import remove_stale_caches
+
     check_output(out, config)
     context.barrier()
     if context.is_main:
@@ -829,6 +832,7 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
             _remove_unstarted_files(out)
         out.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(existing, config.to_yaml())
+        remove_stale_caches(out)  # a killed run's teacher cache; no cache of this run exists yet
     context.barrier()
 
 
@@ -853,6 +857,35 @@ def output_untouched_on_error(out: Path) -> Iterator[None]:
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """In the body, SIGTERM raises ``SystemExit(143)`` as SIGINT raises KeyboardInterrupt, so that
+    ``finally`` blocks and context managers run before the process ends (the teacher cache's
+    memmap files are deleted; the last checkpoint stays for the resume). A second SIGTERM ends
+    the process at once. Only on the main thread, and only while SIGTERM has its default action:
+    a handler the program installed is left alone.
+    """
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        log.warning("SIGTERM: stopping; rerun the same command to resume from the last checkpoint")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is stop:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def train_runs(

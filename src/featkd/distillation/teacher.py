@@ -14,6 +14,12 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a mapped file there cannot be deleted while in use anyway
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
@@ -22,9 +28,16 @@ from tqdm.auto import tqdm
 
 from featkd.layers import FeatureTap, resolve_layers
 
-__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs"]
+__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs", "remove_stale_caches"]
 
 log = logging.getLogger(__name__)
+
+CACHE_PREFIX = "featkd-teacher-cache-"
+# Held locked (flock) by the process whose cache the folder is; the OS drops the lock when that
+# process ends, however it ends, so an unlockable folder belongs to a live process.
+_LOCK_FILE = "owner.lock"
+# Cache folders of this process that are still in use (for platforms without flock).
+_LIVE_DIRECTORIES: set[Path] = set()
 
 
 @dataclass
@@ -61,26 +74,82 @@ class OnlineTeacher:
         return TeacherOutputs(features, logits.float() if self.need_logits else None)
 
 
-def _remove_directory(directory: Path | None) -> None:
+def _remove_directory(directory: Path | None, lock: IO[bytes] | None = None) -> None:
+    if lock is not None:
+        lock.close()  # releases the flock
     if directory is not None:
+        _LIVE_DIRECTORIES.discard(directory.resolve())
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _lock_directory(directory: Path) -> IO[bytes] | None:
+    """Lock ``directory`` for this process: the lock holds while the returned file stays open."""
+    _LIVE_DIRECTORIES.add(directory.resolve())
+    if fcntl is None:
+        return None
+    lock = open(directory / _LOCK_FILE, "wb")  # closed by _remove_directory
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _in_use(directory: Path) -> bool:
+    """Whether ``directory`` is the cache of a live process (this one or another)."""
+    if directory.resolve() in _LIVE_DIRECTORIES:
+        return True
+    if fcntl is None:
+        return False
+    try:
+        lock = open(directory / _LOCK_FILE, "rb")
+    except FileNotFoundError:
+        return False  # never locked: its process died while creating it (or predates the lock)
+    except OSError:
+        return True  # not ours to judge (permissions): leave it
+    with lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def remove_stale_caches(directory: str | Path) -> list[Path]:
+    """Delete the memmap cache folders (``featkd-teacher-cache-*``) in ``directory`` that no live
+    process uses: those of a process killed (SIGKILL, a crash, an unhandled signal) before it could
+    remove them. A cache is always rebuilt from the teacher, so nothing of value is lost. Caches in
+    use, by this process or another, are kept. Returns the folders removed.
+    """
+    removed = []
+    for folder in sorted(Path(directory).glob(f"{CACHE_PREFIX}*")):
+        if not folder.is_dir() or folder.is_symlink() or _in_use(folder):
+            continue
+        log.info("removing the stale teacher cache %s left by an earlier process", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 class TeacherCache:
     """Teacher outputs for every sample of a dataset, looked up by sample index.
 
     Build with :meth:`build`. Arrays live in RAM when they fit ``memory_budget_bytes``,
-    otherwise in ``np.memmap`` files inside a fresh sub-directory of ``cache_dir``
-    (a temporary directory when None); the files are removed by :meth:`close` or
-    when the cache is garbage-collected.
+    otherwise in ``np.memmap`` files inside a fresh sub-directory ``featkd-teacher-cache-*``
+    of ``cache_dir`` (a temporary directory when None); the files are removed by
+    :meth:`close` or when the cache is garbage-collected. A folder left by a killed
+    process is deleted by :func:`remove_stale_caches` (``featkd.train.prepare_output``
+    calls it when a run directory is claimed).
     """
 
     def __init__(self, features: list[Tensor | np.memmap], logits: Tensor | np.memmap | None,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, lock: IO[bytes] | None = None) -> None:
         self._features = features
         self._logits = logits
         self.directory = directory
-        self._finalizer = weakref.finalize(self, _remove_directory, directory)
+        self._finalizer = weakref.finalize(self, _remove_directory, directory, lock)
 
     @property
     def in_memory(self) -> bool:
@@ -146,9 +215,10 @@ class TeacherCache:
                     bar.update(len(indices))
             storage.flush()
         except BaseException:
-            _remove_directory(storage.directory if storage is not None else None)
+            if storage is not None:
+                _remove_directory(storage.directory, storage.lock)
             raise
-        return cls(storage.features, storage.logits, storage.directory)
+        return cls(storage.features, storage.logits, storage.directory, storage.lock)
 
 
 class _Storage:
@@ -162,6 +232,7 @@ class _Storage:
         if first.logits is not None:
             total += count * first.logits.shape[1] * 4
         self.directory: Path | None = None
+        self.lock: IO[bytes] | None = None
         if total <= budget:
             log.info("teacher cache: %.1f MB in RAM", total / 1e6)
             self.features = [torch.empty((count, *s), dtype=dtype) for s in shapes]
@@ -169,13 +240,18 @@ class _Storage:
                            if first.logits is not None else None)
             return
         parent = Path(cache_dir) if cache_dir is not None else None
-        self.directory = Path(tempfile.mkdtemp(prefix="featkd-teacher-cache-", dir=parent))
+        self.directory = Path(tempfile.mkdtemp(prefix=CACHE_PREFIX, dir=parent))
         log.info("teacher cache: %.1f MB in memmap files under %s", total / 1e6, self.directory)
         np_dtype = np.float16 if dtype == torch.float16 else np.float32
-        self.features = [self._memmap(f"feature{i}.bin", (count, *s), np_dtype)
-                         for i, s in enumerate(shapes)]
-        self.logits = (self._memmap("logits.bin", (count, first.logits.shape[1]), np.float32)
-                       if first.logits is not None else None)
+        try:
+            self.lock = _lock_directory(self.directory)
+            self.features = [self._memmap(f"feature{i}.bin", (count, *s), np_dtype)
+                             for i, s in enumerate(shapes)]
+            self.logits = (self._memmap("logits.bin", (count, first.logits.shape[1]), np.float32)
+                           if first.logits is not None else None)
+        except BaseException:
+            _remove_directory(self.directory, self.lock)
+            raise
 
     def _memmap(self, name: str, shape: tuple[int, ...], dtype: type) -> np.memmap:
         return np.memmap(self.directory / name, dtype=dtype, mode="w+", shape=shape)
