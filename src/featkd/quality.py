@@ -320,7 +320,7 @@ def sample_statistics(
         members = (position == c).nonzero().squeeze(1)
         cos_minima, dist_minima = _RowMinima(), _RowMinima()
         for start in range(0, len(members), step):
-            at = everyone[start : min(start + step, len(members))]  # positions in members
+            at = torch.arange(start, min(start + step, len(members)), device=device)  # positions in members
             rows = members[at]
             block = gram.centred.index_select(0, rows)
             cos = pairs.cosines(block, rows)

@@ -18,7 +18,7 @@ from typing import IO
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; a mapped file there cannot be deleted while in use anyway
+except ImportError:  # Windows: no flock, so no cache folder can be told stale; none is removed
     fcntl = None  # type: ignore[assignment]
 
 import numpy as np
@@ -34,10 +34,9 @@ log = logging.getLogger(__name__)
 
 CACHE_PREFIX = "featkd-teacher-cache-"
 # Held locked (flock) by the process whose cache the folder is; the OS drops the lock when that
-# process ends, however it ends, so an unlockable folder belongs to a live process.
+# process ends, however it ends, so an unlockable folder belongs to a live process (this one
+# included: flock locks of separate opens conflict).
 _LOCK_FILE = "owner.lock"
-# Cache folders of this process that are still in use (for platforms without flock).
-_LIVE_DIRECTORIES: set[Path] = set()
 
 
 @dataclass
@@ -78,13 +77,11 @@ def _remove_directory(directory: Path | None, lock: IO[bytes] | None = None) -> 
     if lock is not None:
         lock.close()  # releases the flock
     if directory is not None:
-        _LIVE_DIRECTORIES.discard(directory.resolve())
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def _lock_directory(directory: Path) -> IO[bytes] | None:
     """Lock ``directory`` for this process: the lock holds while the returned file stays open."""
-    _LIVE_DIRECTORIES.add(directory.resolve())
     if fcntl is None:
         return None
     lock = open(directory / _LOCK_FILE, "wb")  # closed by _remove_directory
@@ -98,10 +95,8 @@ def _lock_directory(directory: Path) -> IO[bytes] | None:
 
 def _in_use(directory: Path) -> bool:
     """Whether ``directory`` is the cache of a live process (this one or another)."""
-    if directory.resolve() in _LIVE_DIRECTORIES:
-        return True
     if fcntl is None:
-        return False
+        return True  # cannot tell: keep it
     try:
         lock = open(directory / _LOCK_FILE, "rb")
     except FileNotFoundError:
