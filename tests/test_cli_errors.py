@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from featkd.cli import join_negative_values, main
+from featkd.cli.common import out_of_memory_message
 from featkd.models import create_model
 
 DATA = ["--data", "synthetic", "--data-options", "num_classes:3,samples_per_class:6,test_per_class:2",
@@ -208,6 +209,35 @@ def test_a_real_process_ends_with_the_one_line_and_no_traceback(files, tmp_path)
         f"featkd distill: error: checkpoint {files / 'truncated.pt'} is not a readable torch file (corrupt, "
         "truncated, or not written by torch.save); featkd reads .pt/.pth state dicts and .safetensors files")
     assert not out.exists()
+
+
+def test_an_allocation_beyond_any_memory_ends_in_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    big = ["--image-size", "10000000"]  # 3 x 10^14 values per image: more than any address space
+    code, _, err = run([*TEACHER, *big, "--out", str(out)], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        "featkd train-teacher: error: out of host memory: tried to allocate 3274.2 TiB; "
+        "lower --batch-size, --eval-batch-size or --image-size"]
+    assert not out.exists()
+
+
+def test_device_allocation_failures_are_named_and_other_errors_are_not():
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                  "capacity of 79.15 GiB of which 1.20 GiB is free.")
+    assert out_of_memory_message(cuda, "quality") == (
+        "out of CUDA memory: tried to allocate 2.00 GiB; lower --subset-size, --batch-size or --image-size")
+    mps = RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB). Tried to allocate 256 bytes.")
+    assert out_of_memory_message(mps, "distill").startswith("out of MPS backend memory: tried to allocate 256 bytes;")
+    assert out_of_memory_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "distill") is None
+
+
+def test_a_runtime_error_that_is_not_an_allocation_keeps_its_traceback(monkeypatch, tmp_path):
+    def fails(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr("featkd.cli.report.run", fails)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["report", str(tmp_path)])
 
 
 # --------------------------------------------------------------------------- checkpoint formats

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from featkd.cli.common import CliError
+from featkd.cli.common import CliError, out_of_memory_message
 
 __all__ = ["build_parser", "main"]
 
@@ -63,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"featkd {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        message = out_of_memory_message(err, args.command)
+        if message is None or args.debug:
+            raise
+        print(f"featkd {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 def join_negative_values(argv: Sequence[str]) -> list[str]:

@@ -3,20 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
     from featkd.checkpoint import WeightsFile
 
-__all__ = ["CliError", "DefaultsHelpFormatter", "build_model_from_args", "parse_layers"]
+__all__ = ["CliError", "DefaultsHelpFormatter", "build_model_from_args", "out_of_memory_message", "parse_layers"]
 
 LAYER_KEYWORDS = ("all", "auto", "standard", "paper")
 
 
 class CliError(Exception):
     """A bad command-line value: reported in one line, exit status 2."""
+
+
+# The sizes a failed allocation reports: in bytes on the CPU, as "2.00 GiB" on CUDA and MPS.
+_HOST_REQUEST = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+_DEVICE_REQUEST = re.compile(r"[Tt]ried to allocate (\d+(?:\.\d+)? ?[KMGTP]?i?B|\d+ bytes)")
+_MEMORY_OPTIONS = {"quality": "--subset-size, --batch-size or --image-size"}
+
+
+def out_of_memory_message(err: BaseException, command: str) -> str | None:
+    """One line for an allocation that failed on any device, naming the options that lower the
+    memory ``command`` needs; None when ``err`` is not an allocation failure."""
+    text = str(err)
+    host = _HOST_REQUEST.search(text)
+    if host:
+        memory, request = "host memory", _binary_size(int(host[1]))
+    elif isinstance(err, torch.OutOfMemoryError) or " out of memory" in text:
+        backend = text.split(" out of memory")[0].strip()  # "CUDA", "MPS backend"
+        memory = f"{backend or 'device'} memory"
+        found = _DEVICE_REQUEST.search(text)
+        request = found[1] if found else None
+    else:
+        return None
+    tried = f": tried to allocate {request}" if request else ""
+    options = _MEMORY_OPTIONS.get(command, "--batch-size, --eval-batch-size or --image-size")
+    return f"out of {memory}{tried}; lower {options}"
+
+
+def _binary_size(n: int) -> str:
+    exponent = min(4, (n.bit_length() - 1) // 10) if n else 0
+    return f"{n} B" if exponent == 0 else f"{n / 1024 ** exponent:.1f} {'KMGT'[exponent - 1]}iB"
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
