@@ -98,23 +98,6 @@ def layer_lists(scale: Scale, pair: common.Pair, regime: str, work: Path) -> dic
     }
 
 
-# --------------------------------------------------------------------------- derived numbers
-def derived(methods: dict[str, Any]) -> dict[str, Any]:
-    """Gains over ce (final epoch and best-validation epoch, points; no test) and the paper's ARI of
-    featkd, from per-method summaries."""
-    out: dict[str, Any] = {"gain_final": {}, "gain_best_val": {}}
-    ce = methods.get("ce")
-    for name, entry in methods.items():
-        if ce is None or "final_test_acc" not in entry or "final_test_acc" not in ce:
-            continue
-        out["gain_final"][name] = common.gain_over(entry["final_test_acc"], ce["final_test_acc"])
-        out["gain_best_val"][name] = common.gain_over(entry["test_acc_at_best_val"], ce["test_acc_at_best_val"])
-    for which in ("final", "best_val"):
-        gains = {name: g["mean"] for name, g in out[f"gain_{which}"].items()}
-        out[f"ari_{which}"] = common.ari(gains)
-    return out
-
-
 def pair_results_path(results: Path, pair: str, regime: str) -> Path:
     return results / f"accuracy_{pair}_{regime}.json"
 
@@ -135,7 +118,7 @@ def write_pair_results(path: Path, head: dict[str, Any], methods: dict[str, Any]
     data = {**head, "complete": not missing, "missing": missing, "updated": common.now(),
             "finished": common.now() if not missing else None,
             "methods": {m: methods[m] for m in rows if m in methods},
-            "unfinished": {m: unfinished[m] for m in rows if m in unfinished}, **derived(methods)}
+            "unfinished": {m: unfinished[m] for m in rows if m in unfinished}, **common.derived(methods)}
     common.write_json(path, data)
     return data
 

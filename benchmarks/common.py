@@ -429,18 +429,45 @@ def gain_over(method: dict[str, Any], reference: dict[str, Any]) -> dict[str, An
     return {"mean": diff, "std": std}
 
 
-def ari(gains: dict[str, float | None], method: str = "featkd",
-        baselines: Sequence[str] = BASELINES, min_gain: float = ARI_MIN_GAIN) -> dict[str, Any]:
-    """The paper's ARI: mean over baselines b with gain_b >= ``min_gain`` points of gain_method / gain_b.
+def ari(gains: dict[str, float | None], qualify_by: dict[str, float | None] | None = None,
+        method: str = "featkd", baselines: Sequence[str] = BASELINES,
+        min_gain: float = ARI_MIN_GAIN) -> dict[str, Any]:
+    """The paper's ARI: mean over the qualifying baselines b of gain_method / gain_b.
 
-    ``gains`` are mean gains over ce in percentage points. ``value`` is None (n/a) when no
-    baseline qualifies or the method's gain is missing.
+    ``gains`` are mean test gains over ce in percentage points. A baseline qualifies when its
+    gain in ``qualify_by`` (the validation gains; ``gains`` itself when None) is at least
+    ``min_gain`` points, so the choice is made on validation, not on test. ``value`` is None
+    (n/a, with a ``note``) when no baseline qualifies, when the method's gain is missing, or when
+    a qualifying baseline's test gain is not positive (its ratio would flip sign).
     """
+    chooser = gains if qualify_by is None else qualify_by
+    qualifying = [b for b in baselines if chooser.get(b) is not None and chooser[b] >= min_gain]
     own = gains.get(method)
-    qualifying = [b for b in baselines if gains.get(b) is not None and gains[b] >= min_gain]
-    ratios = {b: own / gains[b] for b in qualifying} if own is not None else {}
+    flat = [b for b in qualifying if gains.get(b) is None or gains[b] <= 0]
+    where = "" if qualify_by is None else " on validation"
+    note = (f"no baseline gains {min_gain} points or more over ce{where}" if not qualifying
+            else f"{method} not run" if own is None
+            else f"qualifying {', '.join(flat)} without a positive test gain" if flat else "")
+    ratios = {} if note else {b: own / gains[b] for b in qualifying}
     value = sum(ratios.values()) / len(ratios) if ratios else None
-    return {"value": value, "baselines": qualifying, "ratios": ratios, "min_gain": min_gain}
+    return {"value": value, "baselines": qualifying, "ratios": ratios, "min_gain": min_gain, "note": note}
+
+
+def derived(methods: dict[str, Any]) -> dict[str, Any]:
+    """Gains over ce in points (final epoch, best-validation epoch, and final validation accuracy;
+    no test) and the paper's ARI of featkd, its baselines chosen on the validation gains."""
+    out: dict[str, Any] = {"gain_final": {}, "gain_best_val": {}, "gain_val": {}}
+    ce = methods.get("ce")
+    for key, field in (("gain_final", "final_test_acc"), ("gain_best_val", "test_acc_at_best_val"),
+                       ("gain_val", "final_val_acc")):
+        for name, entry in methods.items():
+            if ce is not None and field in entry and field in ce:
+                out[key][name] = gain_over(entry[field], ce[field])
+    val = {name: g["mean"] for name, g in out["gain_val"].items()}
+    for which in ("final", "best_val"):
+        gains = {name: g["mean"] for name, g in out[f"gain_{which}"].items()}
+        out[f"ari_{which}"] = ari(gains, qualify_by=val)
+    return out
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

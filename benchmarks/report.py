@@ -132,28 +132,41 @@ class CellStats:
         return (sum(c is not None and c.p is not None for c in self.comparisons.values())
                 + sum(self.vs_ce.get(b) is not None and self.vs_ce[b].p is not None for b in BASELINES))
 
+    def all_comparisons(self) -> dict[tuple[str, str], stats.Comparison | None]:
+        """The sensitivity tests (each baseline vs ce), then the fixed comparisons."""
+        return {**{(b, "ce"): self.vs_ce.get(b) for b in BASELINES}, **self.comparisons}
+
     @property
     def baselines_run(self) -> list[str]:
         """The baselines compared with ce so far."""
         return [b for b in BASELINES if self.vs_ce.get(b) is not None]
 
     @property
+    def baselines_tested(self) -> list[str]:
+        """The baselines run whose comparison with ce has a test (not one seed, not both samples constant)."""
+        return [b for b in self.baselines_run if self.vs_ce[b].p is not None]
+
+    @property
     def judged(self) -> bool:
-        """Whether sensitivity is settled: a baseline beats ce, or every baseline was run and none does."""
-        return bool(self.sensitive) or len(self.baselines_run) == len(BASELINES)
+        """Whether sensitivity is settled: a baseline beats ce, or every baseline was tested against ce and
+        none beats it (a comparison without a test settles nothing)."""
+        return bool(self.sensitive) or len(self.baselines_tested) == len(BASELINES)
 
     @property
     def pending(self) -> str:
         """Why an unjudged cell is not judged yet."""
-        run = len(self.baselines_run)
-        return f"{run} of {len(BASELINES)} baselines run" + (", none beats ce so far" if run else "")
+        run, tested = len(self.baselines_run), len(self.baselines_tested)
+        untested = f" ({run - tested} without a test)" if run > tested else ""
+        return f"{run} of {len(BASELINES)} baselines run{untested}" + (", none beats ce so far" if tested else "")
 
 
 def seed_points(entry: dict[str, Any] | None, key: str = "final_test_acc") -> list[float]:
-    """Per-seed accuracies (%) of a method's finished runs; empty when the method is missing or failed."""
+    """Per-seed accuracies (%) of a method's finished runs with a finite value (as the stored summaries
+    count them); empty when the method is missing or failed."""
     if not entry or "error" in entry:
         return []
-    return [100 * r[key] for r in entry.get("runs", []) if r.get("finished", True) and r.get(key) is not None]
+    return [100 * r[key] for r in entry.get("runs", [])
+            if r.get("finished", True) and r.get(key) is not None and math.isfinite(r[key])]
 
 
 def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
@@ -186,7 +199,9 @@ def interval(c: stats.Comparison | None) -> str:
 
 
 def verdict_text(c: stats.Comparison) -> str:
-    return f"**{c.verdict}**" if c.significant else c.verdict
+    """The verdict, bold when significant, marked when it is close and wants more seeds."""
+    text = f"**{c.verdict}**" if c.significant else c.verdict
+    return f"{text} (close: {c.n_a} vs {c.n_b} seeds, {stats.SEEDS_WHEN_CLOSE} wanted)" if c.wants_seeds else text
 
 
 def describe(c: stats.Comparison | None) -> str:
@@ -241,6 +256,7 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
                         ""] + rule
     lines += [method_of_test(test), ""]
     lines += sensitivity_lines(analysed)
+    lines += close_verdict_lines(analysed)
     lines += overview_table(cells, analysed)
     lines += tally_lines(analysed)
     lines += multiplicity_lines(analysed)
@@ -262,7 +278,8 @@ def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
     chance = 1 - (1 - stats.ALPHA / 2) ** len(BASELINES)
     lines = [f"A cell is *sensitive* when at least one baseline ({', '.join(BASELINES)}) beats ce significantly: "
              f"only there can the benchmark tell methods apart. (With {len(BASELINES)} baselines and none truly "
-             f"better than ce, about {100 * chance:.0f} % of cells would be flagged by chance.)", ""]
+             f"better than ce, at most about {100 * chance:.0f} % of cells would be flagged by chance; fewer, "
+             "since all the tests of a cell share its ce runs.)", ""]
     unjudged = [f"{pair} {regime} ({s.pending})" for (pair, regime), s in sorted_cells(analysed) if not s.judged]
     judged = len(analysed) - len(unjudged)
     if unjudged:
@@ -272,6 +289,26 @@ def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
                         "significantly, so no verdict below can rank the methods.", ""]
     return lines + [f"**Sensitive cells ({len(sensitive)} of {judged} judged)**: " + "; ".join(
         f"{pair} {regime} ({', '.join(baselines)} beat ce)" for (pair, regime), baselines in sensitive) + ".", ""]
+
+
+def close_verdict_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+    """The close verdicts still on too few seeds, with the command that gives them their seeds."""
+    low, high = stats.CLOSE_P
+    head = (f"A verdict is *close* when {low} ≤ p ≤ {high}: a few more seeds could move it across "
+            f"{stats.ALPHA}, so it wants {stats.SEEDS_WHEN_CLOSE} seeds on each side.")
+    lines, count = [], 0
+    for (pair, regime), s in sorted_cells(analysed):
+        close = [key for key, c in s.all_comparisons().items() if c is not None and c.wants_seeds]
+        count += len(close)
+        if close:
+            methods = ",".join(dict.fromkeys(m for key in close for m in key))
+            lines.append(f"- {pair} {regime}: {', '.join(f'{a} vs {b}' for a, b in close)}: "
+                         f"`python benchmarks/accuracy.py --pairs {pair} --regimes {regime} --methods {methods} "
+                         f"--seeds {stats.SEEDS_WHEN_CLOSE}`")
+    if not lines:
+        return [head + " None is on fewer seeds.", ""]
+    return [head + f" {count} close verdicts are on fewer seeds so far; the commands that extend them:", "",
+            *lines, ""]
 
 
 OVERVIEW = (("featkd", "ce"), ("featkd", "kd"), ("featkd", "featkd_std"), ("featkd_default", "featkd"))
@@ -496,7 +533,8 @@ def section_teachers(found: dict[str, Any]) -> list[str]:
         flag = "" if gap is None else (" (**small**)" if gap < SMALL_GAP else "")
         rows.append([pair, regime, accuracy_text(d["teacher"].get("final_test_acc")),
                      f"{mean_std_points(ce)} ({len(ce)})", number(gap) + flag])
-    lines += table(["pair", "regime", "teacher test acc (%)", "ce final test acc (%) (seeds)", "gap (points)"], rows)
+    lines += table(["pair", "regime", "teacher test acc (%)", "ce final test acc (%), mean ± sample std (seeds)",
+                    "gap (points)"], rows)
     return lines + [""]
 
 
@@ -636,10 +674,11 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
             for a, b, question in COMPARISONS if (a, b) in s.comparisons]
     lines += table(["comparison", "question", "difference (points)", "95 % CI", "p", "Holm p", "verdict"], rows)
     lines.append("")
-    ari = d.get("ari_final")
+    ari = common.derived(methods)["ari_final"] if "ce" in methods else None
     if ari:
-        lines.append(f"ARI (the paper's ratio of mean gains; no test): {number(ari.get('value'))} over "
-                     f"{', '.join(ari.get('baselines') or []) or 'no qualifying baseline'}.")
+        found = (f"n/a: {ari['note']}" if ari["value"] is None else f"{number(ari['value'])} over "
+                 f"{', '.join(ari['baselines'])} (the baselines gaining ≥ {ari['min_gain']} points on validation)")
+        lines.append(f"ARI (the paper's ratio of mean test gains over ce; no test): {found}.")
     builds = d.get("teacher_cache_builds") or []
     if builds:
         lines.append("Teacher cache builds: " + "; ".join(

@@ -21,6 +21,8 @@ from scipy import stats as scipy_stats
 
 ALPHA = 0.05  # two-sided level of every verdict; the intervals are (1 - ALPHA) = 95 %
 BOOTSTRAP_RESAMPLES = 10_000
+CLOSE_P = (0.01, 0.10)  # a p-value in this range could cross ALPHA with a few more seeds
+SEEDS_WHEN_CLOSE = 5  # the seeds a close verdict needs on each side
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class Comparison:
     @property
     def significant(self) -> bool:
         return self.p is not None and self.p < ALPHA
+
+    @property
+    def wants_seeds(self) -> bool:
+        """A close verdict (``CLOSE_P[0] <= p <= CLOSE_P[1]``) with fewer than ``SEEDS_WHEN_CLOSE`` seeds on a side."""
+        return (self.p is not None and CLOSE_P[0] <= self.p <= CLOSE_P[1]
+                and min(self.n_a, self.n_b) < SEEDS_WHEN_CLOSE)
 
     @property
     def verdict(self) -> str:

@@ -44,6 +44,30 @@ def test_ari_is_undefined_without_a_qualifying_baseline():
     assert common.ari({"kd": 1.0})["value"] is None  # featkd missing
 
 
+def test_ari_chooses_its_baselines_on_validation_gains():
+    test = {"featkd": 2.0, "kd": 1.0, "fitnet": 4.0, "sp": 2.0}
+    val = {"featkd": 1.0, "kd": 0.2, "fitnet": 0.5, "sp": 0.8}
+    out = common.ari(test, qualify_by=val)
+    assert out["baselines"] == ["fitnet", "sp"] and out["note"] == ""
+    assert out["value"] == pytest.approx((2.0 / 4.0 + 2.0 / 2.0) / 2)
+    flat = common.ari({**test, "sp": -0.1}, qualify_by=val)  # qualifies on validation, loses on test
+    assert flat["value"] is None and flat["note"] == "qualifying sp without a positive test gain"
+    assert common.ari(test, qualify_by={"kd": 0.4})["note"] == (
+        "no baseline gains 0.5 points or more over ce on validation")
+
+
+def test_derived_gains_and_ari_use_validation_for_the_choice():
+    def entry(test: float, val: float) -> dict:
+        return {"final_test_acc": {"mean": test, "std": 0.01}, "test_acc_at_best_val": {"mean": test, "std": 0.01},
+                "final_val_acc": {"mean": val, "std": 0.01}}
+
+    out = common.derived({"ce": entry(0.80, 0.80), "featkd": entry(0.82, 0.81), "kd": entry(0.84, 0.802),
+                          "sp": entry(0.81, 0.81)})
+    assert out["gain_val"]["kd"]["mean"] == pytest.approx(0.2)
+    assert out["ari_final"]["baselines"] == ["sp"]  # kd gains 4 points on test but 0.2 on validation
+    assert out["ari_final"]["value"] == pytest.approx(2.0 / 1.0)
+
+
 def test_spearman_matches_known_values_and_handles_ties():
     assert common.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -241,12 +265,11 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert gain == pytest.approx(100 * (data["methods"]["featkd"]["final_test_acc"]["mean"]
                                         - data["methods"]["ce"]["final_test_acc"]["mean"]))
     # the ARI by hand: kd is the only baseline run here; it counts when it gains >= 0.5 points over ce
+    # on validation, and then needs a positive test gain
     kd_gain = data["gain_final"]["kd"]["mean"]
-    if kd_gain >= 0.5:
-        assert data["ari_final"]["baselines"] == ["kd"]
-        assert data["ari_final"]["value"] == pytest.approx(gain / kd_gain)
-    else:
-        assert data["ari_final"]["baselines"] == [] and data["ari_final"]["value"] is None
+    qualifies = data["gain_val"]["kd"]["mean"] >= 0.5
+    assert data["ari_final"]["baselines"] == (["kd"] if qualifies else [])
+    assert data["ari_final"]["value"] == (pytest.approx(gain / kd_gain) if qualifies and kd_gain > 0 else None)
     assert (quick["results"] / "quality_resnet34_low_paper.png").is_file()
     # started again: every run is found finished and kept; a call that trains nothing writes nothing
     written = path.read_bytes()
@@ -648,3 +671,22 @@ def test_carry_restore_keeps_a_run_that_is_further_along(tmp_path):
     fresh = tmp_path / "fresh"
     assert carry.main(["restore", "--work", str(fresh), "--inflight", str(inflight)]) == 0
     assert (fresh / "runs" / "ce" / "run-0" / "checkpoint.pt").read_bytes() == b"5"
+
+
+def test_baselines_without_a_test_leave_sensitivity_unjudged():
+    """A baseline vs ce with no test (one seed, or both samples constant) cannot show the cell insensitive."""
+    def entry(accs):
+        return {"runs": [{"seed": s, "finished": True, "final_test_acc": a / 100} for s, a in enumerate(accs)]}
+
+    one_seed = {"methods": {"ce": entry([85.0]), **{b: entry([85.5]) for b in common.BASELINES}}}
+    s = report.analyse(one_seed)
+    assert all(s.vs_ce[b].p is None for b in common.BASELINES)
+    assert not s.judged and s.sensitive == []
+    assert s.pending == "7 of 7 baselines run (7 without a test)"
+    assert report.sensitivity_text(s).startswith("Sensitivity not known yet (7 of 7 baselines run (7 without a test)")
+    tested = {"methods": {"ce": entry([85.0, 85.2, 84.8]), **{b: entry([85.1, 84.9, 85.3]) for b in common.BASELINES}}}
+    tested["methods"]["kd"] = entry([85.1])  # one untested baseline still leaves the cell open
+    s = report.analyse(tested)
+    assert not s.judged and s.pending == "7 of 7 baselines run (1 without a test), none beats ce so far"
+    tested["methods"]["kd"] = entry([85.1, 84.9, 85.3])
+    assert report.analyse(tested).judged

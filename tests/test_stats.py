@@ -63,6 +63,17 @@ def test_verdict_words_follow_p_and_the_interval():
         assert c.significant == (c.ci[0] > 0 or c.ci[1] < 0)
 
 
+def test_a_close_verdict_wants_five_seeds_on_each_side():
+    near = stats.welch([85.0, 86.0, 87.0], [83.0, 84.0, 85.0])  # p 0.070
+    assert stats.CLOSE_P[0] <= near.p <= stats.CLOSE_P[1] and near.wants_seeds
+    five = stats.welch([85.0, 86.0, 87.0, 85.5, 86.5], [83.5, 84.5, 85.5, 84.0, 85.0])  # p 0.017, 5 vs 5
+    assert stats.CLOSE_P[0] <= five.p <= stats.CLOSE_P[1] and not five.wants_seeds
+    assert stats.welch([85.0, 86.0, 87.0, 85.5, 86.5], [83.0, 84.0, 85.0]).wants_seeds  # 5 vs 3
+    assert not stats.welch([88.0, 88.1, 87.9], [85.0, 85.2, 84.8]).wants_seeds  # p < 0.01: settled
+    assert not stats.welch([85.0, 86.0, 84.0], [85.5, 86.4, 84.6]).wants_seeds  # p > 0.10
+    assert not stats.welch([85.0], [84.0, 84.6]).wants_seeds  # no test
+
+
 @pytest.mark.parametrize("n_a, n_b, sd_a, sd_b", [(3, 3, 0.5, 0.5), (3, 5, 0.2, 1.0), (5, 5, 1.0, 0.3)])
 def test_welch_interval_covers_the_true_difference_about_95_percent(n_a, n_b, sd_a, sd_b):
     rng = np.random.default_rng(0)
