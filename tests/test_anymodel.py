@@ -283,6 +283,8 @@ def test_model_names_build_library_models_without_weights():
         create_model("torchvision:resnet19", 7)
     with pytest.raises(ValueError, match="weights='DEFAULT' is refused"):
         create_model("torchvision:resnet18:weights=DEFAULT", 7)
+    for no_weights in ("None", "null", "none"):  # what featkd passes anyway: accepted, not refused
+        assert create_model(f"torchvision:resnet18:weights={no_weights}", 7).fc.out_features == 7
     with pytest.raises(ValueError, match="width=0.5 scales zoo models only"):
         create_model("torchvision:resnet18", 7, width=0.5)
     with pytest.raises(ValueError, match="key=value"):
@@ -296,6 +298,9 @@ def test_timm_names_take_factory_arguments():
     assert net(torch.randn(2, 1, 32, 32)).shape == (2, 3)
     with pytest.raises(ValueError, match="did you mean resnet10t"):
         create_model("timm:resnet10", 3)
+    assert create_model("timm:resnet10t:pretrained=false", 3).fc.out_features == 3
+    with pytest.raises(ValueError, match="pretrained=True is refused"):
+        create_model("timm:resnet10t:pretrained=true", 3)
 
 
 # ----------------------------------------------------------------------------- learning

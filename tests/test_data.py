@@ -343,8 +343,10 @@ def test_train_limit_is_stratified_seeded_and_sets_stats():
     assert torch.bincount(small.labels).tolist() == [5] * 4
     assert torch.equal(small.images, again.images)
     assert torch.equal(small.mean, channel_stats(small.images)[0]) and not torch.equal(small.mean, full.mean)
-    with pytest.raises(ValueError, match="subset size"):
+    with pytest.raises(ValueError, match=r"train_limit must be in \[1, 24\] for synthetic's 24 training images, got"):
         synthetic(train_limit=1000)
+    with pytest.raises(ValueError, match=r"train_limit must be in \[1, 20\] .* left after the validation split"):
+        synthetic(train_limit=24, val_size=4)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -531,3 +533,79 @@ def test_validation_split_is_held_out_first_stratified_and_fixed():
     assert not split.val.augment
     with pytest.raises(ValueError, match="val_size"):
         load_splits("synthetic", num_classes=3, samples_per_class=20, val_size=60)
+
+
+def write_cifar10(root, batches, meta=None):
+    """cifar-10-batches-py under ``root``: ``batches`` maps file name -> (data, labels)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data, labels = batches.get(name, (np.zeros((2, 3072), np.uint8), [0, 9]))
+        pickle.dump({"data": data, "labels": labels}, open(folder / name, "wb"))
+    if meta is not None:
+        pickle.dump(meta, open(folder / "batches.meta", "wb"))
+    return folder
+
+
+@pytest.mark.parametrize("batch, message", [
+    ((np.zeros((2, 3000), np.uint8), [0, 1]), r"'data' has shape \(2, 3000\), not rows of 3072 bytes"),
+    ((np.zeros((2, 3072), np.uint8), [0]), "1 labels for 2 images"),
+    ((np.zeros((2, 3072), np.uint8), [3, 10]), r"labels holds 1 value\(s\) outside 0..9 \(e.g. 10\)"),
+])
+def test_cifar_batches_that_do_not_fit_name_their_file(tmp_path, batch, message):
+    folder = write_cifar10(tmp_path, {"data_batch_3": batch})
+    with pytest.raises(ValueError, match=message) as error:
+        get_datasets("cifar10", root=tmp_path)
+    assert str(error.value).startswith(f"{folder / 'data_batch_3'}: ")
+
+
+def test_cifar_meta_names_are_read_as_text_and_checked(tmp_path):
+    write_cifar10(tmp_path, {}, meta={b"label_names": [f"c{i}".encode() for i in range(10)]})
+    train, _ = get_datasets("cifar10", root=tmp_path)
+    assert train.classes == [f"c{i}" for i in range(10)]
+    folder = write_cifar10(tmp_path, {}, meta={"names": ["a"]})
+    with pytest.raises(ValueError, match="'label_names' should hold the 10 class names; found none") as error:
+        get_datasets("cifar10", root=tmp_path)
+    assert str(error.value).startswith(str(folder / "batches.meta"))
+
+
+def test_tiny_imagenet_refuses_a_class_without_images_and_names_bad_annotation_lines(tmp_path):
+    folder = tmp_path / "tiny-imagenet-200"
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("n01\nn02\n")
+    save_solid(folder / "train" / "n01" / "images" / "n01_0.JPEG", (250, 10, 10), (64, 64))
+    save_solid(folder / "val" / "images" / "val_0.JPEG", (250, 10, 10), (64, 64))
+    annotations = folder / "val" / "val_annotations.txt"
+    annotations.write_text("val_0.JPEG\tn01\t0\t0\t63\t63\n")
+    with pytest.raises(ValueError, match="no training images for class 'n02'"):
+        get_datasets("tiny_imagenet", root=tmp_path)
+    save_solid(folder / "train" / "n02" / "images" / "n02_0.JPEG", (10, 10, 250), (64, 64))
+    annotations.write_text("val_0.JPEG n01 0 0 63 63\r\n")  # spaces and CRLF read the same
+    _, test = get_datasets("tiny_imagenet", root=tmp_path)
+    assert test.labels.tolist() == [0]
+    annotations.write_text("val_0.JPEG\tn01\nval_1.JPEG\n")
+    with pytest.raises(ValueError, match=f"{annotations}, line 2: expected"):
+        get_datasets("tiny_imagenet", root=tmp_path)
+    annotations.write_text("val_0.JPEG\tn07\n")
+    with pytest.raises(ValueError, match=f"{annotations}, line 1: 'n07' is not in wnids.txt"):
+        get_datasets("tiny_imagenet", root=tmp_path)
+
+
+def test_imagefolder_scales_16_bit_images_refuses_float_ones_and_skips_hidden_files(tmp_path):
+    for split in ("train", "test"):
+        for name, value in (("dark", 4112), ("light", 60395)):  # 16 and 235 in 8 bits
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8), value, np.uint16)).save(tmp_path / split / name / "0.png")
+    hidden = tmp_path / "train" / "dark" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    save_solid(hidden / "0-checkpoint.png", (1, 2, 3), (8, 8))
+    (tmp_path / "train" / "dark" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    train, _ = get_datasets("imagefolder", root=tmp_path, image_size=8)
+    assert train.labels.tolist() == [0, 1]
+    assert train.images[:, :, 4, 4].tolist() == [[16] * 3, [235] * 3]
+    bad = tmp_path / "train" / "light" / "1.tif"
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(bad)
+    with pytest.raises(ValueError, match="floating-point pixels") as error:
+        get_datasets("imagefolder", root=tmp_path, image_size=8)
+    assert str(error.value).startswith(f"{bad}:")

@@ -325,3 +325,10 @@ def test_imagenet_init_errors(tmp_path):
     torch.save([torch.zeros(1)], bad)
     with pytest.raises(ValueError, match="not a state_dict"):
         load_imagenet_weights(create_model("resnet34", 10), "resnet34", bad)
+
+
+@pytest.mark.parametrize("name", ["vgg11_bn", "vgg19_bn"])
+def test_vgg_refuses_images_its_max_pools_would_shrink_to_nothing(name):
+    assert create_model(name, 3, image_size=32, width=SMALL)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(ValueError, match=f"{name} needs image_size >= 32 .* got 28"):
+        create_model(name, 3, image_size=28, width=SMALL)

@@ -25,7 +25,9 @@ Datasets (``get_datasets(name, ...)``; ``root`` defaults to ``$FEATKD_DATA`` or
 * ``imagefolder``: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), RGB,
   ``image_size`` square (default 32): the shorter side is resized and the centre cropped
   (``resize="stretch"`` resizes both sides instead). A file that does not decode, or a class
-  folder without images, is an error naming it; hidden folders are not classes.
+  folder without images, is an error naming it; hidden folders are not classes and hidden files
+  (``._x.png``, ``.ipynb_checkpoints/``) are not images. 16-bit grey images are scaled to 8 bits;
+  32-bit integer or float images are refused.
 * ``synthetic``: one smooth random template per class plus seeded noise, for tests.
 
 ``download=True`` fetches CIFAR and Fashion-MNIST with torchvision (TinyImageNet with torchvision's

@@ -84,6 +84,27 @@ def _fit_image(image: Any, size: int, resize: str) -> Any:
     return image.crop((left, top, left + size, top + size))
 
 
+class _UnsupportedImage(ValueError):
+    """An image that decodes but whose pixel values have no fixed 8-bit mapping."""
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _as_rgb(image: Any, path: Path) -> Any:
+    """``image`` as 8-bit RGB: 16-bit grey scaled by 255/65535 (PIL's own conversion clips it at 255)."""
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise _UnsupportedImage(f"{path}: {kind} pixels (PIL mode {image.mode}) have no fixed range; "
+                                "convert the images to 8- or 16-bit")
+    return image.convert("RGB")
+
+
 def _read_image_files(paths: Sequence[Path], size: int, desc: str, resize: str = "crop") -> Tensor:
     """Decode image files to uint8 RGB (N, 3, size, size); a file that does not decode raises ValueError naming it."""
     from PIL import Image
@@ -96,7 +117,9 @@ def _read_image_files(paths: Sequence[Path], size: int, desc: str, resize: str =
     def read(i: int) -> None:
         try:
             with Image.open(paths[i]) as image:
-                out[i] = np.asarray(_fit_image(image.convert("RGB"), size, resize))
+                out[i] = np.asarray(_fit_image(_as_rgb(image, paths[i]), size, resize))
+        except _UnsupportedImage:
+            raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{paths[i]}: cannot decode image (corrupt or truncated?): {reason}") from None
@@ -110,7 +133,9 @@ def _read_image_files(paths: Sequence[Path], size: int, desc: str, resize: str =
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under ``folder``, sorted; hidden files and folders (``._x.png``, ``.ipynb_checkpoints``) skipped."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _torchvision_download(dataset_class: str, root: Path) -> None:
@@ -233,15 +258,44 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
-def _read_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[Tensor, Tensor]:
-    entries = [_unpickle(p) for p in paths]
-    for path, entry in zip(paths, entries):
-        missing = [key for key in ("data", label_key) if key not in entry]
-        if missing:
-            raise ValueError(f"{path}: not a CIFAR batch (no {' or '.join(map(repr, missing))} entry)")
-    images = np.concatenate([np.asarray(e["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for e in entries])
-    labels = np.concatenate([np.asarray(e[label_key], dtype=np.int64) for e in entries])
+def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) and labels (N,) of one CIFAR python batch; ValueError naming ``path`` if they
+    do not fit."""
+    entry = _unpickle(path)
+    missing = [key for key in ("data", label_key) if key not in entry]
+    if missing:
+        raise ValueError(f"{path}: not a CIFAR batch (no {' or '.join(map(repr, missing))} entry)")
+    try:
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{path}: not a CIFAR batch ({type(err).__name__}: {err})") from None
+    pixels = 3 * 32 * 32
+    if data.ndim < 1 or data.size % pixels or (data.ndim > 1 and math.prod(data.shape[1:]) != pixels):
+        raise ValueError(f"{path}: 'data' has shape {data.shape}, not rows of {pixels} bytes (3x32x32 images)")
+    images = data.reshape(-1, 3, 32, 32)
+    if labels.size != len(images):
+        raise ValueError(f"{path}: {labels.size} {label_key} for {len(images)} images")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+        raise ValueError(f"{path}: {label_key} holds {outside.size} value(s) outside 0..{num_classes - 1} "
+                         f"(e.g. {int(outside[0])})")
+    return images, labels
+
+
+def _read_cifar_batches(paths: Sequence[Path], label_key: str, num_classes: int) -> tuple[Tensor, Tensor]:
+    batches = [_read_cifar_batch(p, label_key, num_classes) for p in paths]
+    images = np.concatenate([images for images, _ in batches])
+    labels = np.concatenate([labels for _, labels in batches])
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _cifar_class_names(path: Path, key: str, num_classes: int) -> list[str]:
+    names = _unpickle(path).get(key)
+    if not isinstance(names, (list, tuple)) or len(names) != num_classes:
+        found = f"{len(names)} names" if isinstance(names, (list, tuple)) else "none"
+        raise ValueError(f"{path}: {key!r} should hold the {num_classes} class names; found {found}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _load_cifar(root: Path | None, download: bool, variant: str) -> _Splits:
@@ -260,12 +314,12 @@ def _load_cifar(root: Path | None, download: bool, variant: str) -> _Splits:
                          "https://www.cs.toronto.edu/~kriz/cifar.html), "
                          "or download=True where a network exists.")
     folder = complete[0]
-    train_x, train_y = _read_cifar_batches([folder / n for n in info["train"]], info["label_key"])
-    test_x, test_y = _read_cifar_batches([folder / n for n in info["test"]], info["label_key"])
     num_classes = 10 if variant == "cifar10" else 100
+    train_x, train_y = _read_cifar_batches([folder / n for n in info["train"]], info["label_key"], num_classes)
+    test_x, test_y = _read_cifar_batches([folder / n for n in info["test"]], info["label_key"], num_classes)
     classes = [str(c) for c in range(num_classes)]
     if (folder / info["meta"]).is_file():
-        classes = list(_unpickle(folder / info["meta"])[info["names_key"]])
+        classes = _cifar_class_names(folder / info["meta"], info["names_key"], num_classes)
     return _Splits(train_x, train_y, test_x, test_y, classes)
 
 
@@ -303,14 +357,21 @@ def _load_tiny_imagenet(root: Path | None, download: bool) -> _Splits:
     train_paths, train_labels = [], []
     for wnid in wnids:
         files = _image_files(folder / "train" / wnid / "images")
+        if not files:
+            raise ValueError(f"{folder / 'train' / wnid / 'images'}: no training images for class {wnid!r} "
+                             "of wnids.txt")
         train_paths += files
         train_labels += [class_of[wnid]] * len(files)
     test_paths, test_labels = [], []
-    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+    annotations = folder / "val" / "val_annotations.txt"
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
         if line.strip():
-            file_name, wnid = line.split("\t")[:2]
+            fields = line.split()
+            if len(fields) < 2:
+                raise ValueError(f"{annotations}, line {number}: expected '<file> <wnid> ...', got {line!r}")
+            file_name, wnid = fields[:2]
             if wnid not in class_of:
-                raise ValueError(f"val_annotations.txt names {wnid!r}, which is not in wnids.txt")
+                raise ValueError(f"{annotations}, line {number}: {wnid!r} is not in wnids.txt")
             test_paths.append(folder / "val" / "images" / file_name)
             test_labels.append(class_of[wnid])
     return _Splits(_read_image_files(train_paths, 64, "tiny_imagenet train"), torch.tensor(train_labels),
@@ -463,6 +524,10 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
         val_x, val_y = train_x[held], train_y[held]
         train_x, train_y = train_x[~held], train_y[~held]
     if train_limit is not None:
+        if not 1 <= train_limit <= train_y.numel():
+            held_out = " left after the validation split" if val_size is not None else ""
+            raise ValueError(f"train_limit must be in [1, {train_y.numel()}] for {key}'s {train_y.numel()} "
+                             f"training images{held_out}, got {train_limit}")
         keep = stratified_subset(train_y, train_limit, seed)
         train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)

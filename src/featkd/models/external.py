@@ -58,8 +58,9 @@ def parse_external(name: str) -> tuple[str, str, dict[str, Any]]:
                          ":key=value,... arguments")
     arguments = _parse_arguments(text, name)
     for key, reason in _REFUSED.items():
-        if arguments.get(key):
-            raise ValueError(f"model {name!r}: {key}={arguments[key]!r} is refused ({reason}); "
+        value = arguments.pop(key, None)  # no weights (None, false) is what featkd passes anyway
+        if value and str(value).lower() != "none":
+            raise ValueError(f"model {name!r}: {key}={value!r} is refused ({reason}); "
                              "load trained weights with a checkpoint instead")
     return library, factory.strip(), arguments
 

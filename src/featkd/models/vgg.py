@@ -26,7 +26,10 @@ HIDDEN = 4096
 def build_vgg(name: str, num_classes: int, in_channels: int, image_size: int,
               width: float) -> nn.Sequential:
     """VGG-BN with classifier Linear(512, 4096)-ReLU-Dropout-Linear(4096, 4096)-ReLU-Dropout-Linear."""
-    del image_size  # the adaptive pool makes the network size-agnostic
+    smallest = 2 ** CONFIGS[name].count(POOL)  # each max-pool halves the map; below this one ends at 0x0
+    if image_size < smallest:
+        raise ValueError(f"{name} needs image_size >= {smallest} (its {CONFIGS[name].count(POOL)} max-pools "
+                         f"halve the map), got {image_size}; pass a larger image size")
     layers: list[nn.Module] = []
     in_ch = in_channels
     for item in CONFIGS[name]:
