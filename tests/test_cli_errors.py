@@ -148,6 +148,14 @@ BAD = [
     # demo
     (["demo", "--quick", "--methods", "featkd,magic"], "unknown method(s) ['magic']"),
     (["demo", "--quick", "--epochs", "0"], "epochs and teacher epochs must be >= 1"),
+    (["train-teacher", "--model", "torchvision:alexnet", *DATA],
+     "the model (AlexNet) fails on a sample batch of shape (2, 3, 8, 8)"),
+    (["train-teacher", "--model", "torchvision:resnet18:num_classes=5", *DATA],
+     "the model outputs shape (2, 5) in eval mode, expected logits (2, 3) for the data's 3 classes"),
+    (["distill", "--teacher", "resnet34", "--teacher-width", "1/16", "--student",
+      "torchvision:resnet18:num_classes=5", *DATA], "the student outputs shape (2, 5)"),
+    ([*QUALITY, "--model", "torchvision:resnet18:num_classes=5", "--width", "1"],
+     "the model outputs shape (2, 5) in eval mode, expected logits (2, 10)"),
     (["demo", "--quick", "--config", "{files}/bad.yaml"], "bad.yaml is not valid YAML"),
     (["demo", "--quick", "--config", "{files}/demo_types.yaml"], "teacher_width must be a number"),
 ]

@@ -13,6 +13,7 @@ from featkd.models import (
     PAPER_Q_LAYERS,
     PAPER_STUDENT_LAYERS,
     STANDARD_TEACHER_LAYERS,
+    check_classifier,
     create_model,
     list_models,
     load_imagenet_weights,
@@ -332,3 +333,31 @@ def test_vgg_refuses_images_its_max_pools_would_shrink_to_nothing(name):
     assert create_model(name, 3, image_size=32, width=SMALL)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     with pytest.raises(ValueError, match=f"{name} needs image_size >= 32 .* got 28"):
         create_model(name, 3, image_size=28, width=SMALL)
+
+
+def test_check_classifier_names_outputs_that_are_not_logits_in_either_mode():
+    from collections import namedtuple
+
+    Outputs = namedtuple("Outputs", "logits aux_logits")
+
+    class AuxHeads(torch.nn.Module):
+        aux_logits = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.bn = torch.nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            logits = self.fc(self.bn(x.flatten(1)))
+            return Outputs(logits, logits) if self.training else logits
+
+    model, sample = AuxHeads().train(), torch.randn(2, 4)
+    before = model.bn.running_mean.clone()
+    check_classifier(model, sample, 3, training=False)  # eval mode alone gives logits
+    with pytest.raises(ValueError, match=r"returns Outputs in training mode, not a logits tensor "
+                                         r"\(pass :aux_logits=False in the name\)"):
+        check_classifier(model, sample, 3, "student")
+    assert model.training and torch.equal(model.bn.running_mean, before)  # mode and statistics kept
+    with pytest.raises(ValueError, match=r"outputs shape \(2, 3\) in eval mode, expected logits \(2, 4\)"):
+        check_classifier(model, sample, 4, training=False)

@@ -561,7 +561,7 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
     data, then the weights' fit; the run directory is claimed only after all of them.
     """
     from featkd.checkpoint import load_model_weights, read_weights
-    from featkd.models import create_model
+    from featkd.models import check_classifier, create_model
 
     if config.model is None:
         raise ValueError("no model: give --model NAME")
@@ -579,7 +579,9 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
             load_model_weights(net, initial, config.model)
         return net
 
-    factory()  # a model that cannot be built, or weights that do not fit, fail before the directory is claimed
+    # a model that cannot be built, weights that do not fit, or a model that cannot take the data's
+    # images fail before the directory is claimed
+    check_classifier(factory(), _sample_input(train_set), num_classes)
     return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context,
                          val_set=val_set)
 
@@ -591,7 +593,7 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
     the teacher before anything is written.
     """
     from featkd.checkpoint import load_model_weights, read_weights
-    from featkd.models import create_model
+    from featkd.models import check_classifier, create_model
 
     config = complete_distill_config(config)
     context = init_distributed(config.device)
@@ -608,6 +610,10 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
     def student() -> nn.Module:
         return create_model(config.student, num_classes, in_channels=channels, image_size=size,
                             width=config.student_width)
+
+    sample = _sample_input(train_set)
+    check_classifier(teacher, sample, num_classes, "teacher", training=False)  # the teacher never trains here
+    check_classifier(student(), sample, num_classes, "student")
 
     return distill(teacher, student, train_set, test_set, config=config, method=config.method,
                    teacher_layers=config.teacher_layers, student_layers=config.student_layers,

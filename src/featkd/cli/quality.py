@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.checkpoint import read_weights
     from featkd.data import load_splits
     from featkd.layers import resolve_layers
+    from featkd.models import check_classifier
     from featkd.quality import measure
     from featkd.selection import measure_variant, resolve_rule
     from featkd.train import resolve_device
@@ -126,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     channels, size, _ = train.image_shape
     model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels, size,
                                   checkpoint=weights)
+    sample = train.with_augment(False).batch(torch.arange(min(2, len(train))))[0]
+    check_classifier(model, sample, train.num_classes, training=False)  # it can take the data's images
     if layers != "all":
         try:
             resolve_layers(model, layers, model_name=settings["model"])

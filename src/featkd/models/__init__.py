@@ -11,8 +11,10 @@ those libraries' models with random weights.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .common import check_args
@@ -29,6 +31,7 @@ __all__ = [
     "PAPER_STUDENT_LAYERS",
     "STANDARD_TEACHER_LAYERS",
     "ImageNetLoadReport",
+    "check_classifier",
     "check_model_name",
     "create_model",
     "list_models",
@@ -136,3 +139,33 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
         return create_external(name, num_classes, in_channels)
     _, builder = _lookup(name)
     return builder(name, num_classes, in_channels, image_size, width)
+
+
+@torch.no_grad()
+def check_classifier(model: nn.Module, sample: torch.Tensor, num_classes: int, role: str = "model",
+                     training: bool = True) -> None:
+    """Run ``model`` once on ``sample`` in eval mode and, when ``training``, once in training mode (on a
+    copy: BatchNorm statistics change); ValueError in one line unless each returns (batch, num_classes)
+    logits. So a model that cannot take the data's images fails before any file is written."""
+    modes = (False, True) if training else (False,)
+    probe = copy.deepcopy(model) if training else model
+    was_training = model.training
+    try:
+        for mode in modes:
+            probe.train(mode)
+            try:
+                output = probe(sample)
+            except (RuntimeError, TypeError, ValueError, AssertionError, IndexError) as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(f"the {role} ({type(model).__name__}) fails on a sample batch of shape "
+                                 f"{tuple(sample.shape)}: {reason}") from None
+            phase = "training" if mode else "eval"
+            if not isinstance(output, torch.Tensor):
+                hint = " (pass :aux_logits=False in the name)" if hasattr(model, "aux_logits") else ""
+                raise ValueError(f"the {role} returns {type(output).__name__} in {phase} mode, not a logits "
+                                 f"tensor{hint}")
+            if tuple(output.shape) != (len(sample), num_classes):
+                raise ValueError(f"the {role} outputs shape {tuple(output.shape)} in {phase} mode, expected "
+                                 f"logits ({len(sample)}, {num_classes}) for the data's {num_classes} classes")
+    finally:
+        model.train(was_training)
