@@ -148,6 +148,8 @@ BAD = [
     # demo
     (["demo", "--quick", "--methods", "featkd,magic"], "unknown method(s) ['magic']"),
     (["demo", "--quick", "--epochs", "0"], "epochs and teacher epochs must be >= 1"),
+    ([*DISTILL, "--teacher-layers", "paper"], "teacher_layers: 'paper' is a keyword of the other model's layers"),
+    ([*DISTILL, "--student-layers", "auto"], "student_layers takes paper or a list of GL indices"),
     (["train-teacher", "--model", "torchvision:alexnet", *DATA],
      "the model (AlexNet) fails on a sample batch of shape (2, 3, 8, 8)"),
     (["train-teacher", "--model", "torchvision:resnet18:num_classes=5", *DATA],

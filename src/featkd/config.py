@@ -309,6 +309,10 @@ def _check_layers(name: str, value: Any, keywords: tuple[str, ...]) -> None:
     if value is None or isinstance(value, list):
         if isinstance(value, list) and not value:
             raise ValueError(f"{name} is an empty list")
+        misplaced = [v for v in value or [] if v in (*TEACHER_LAYER_KEYWORDS, *STUDENT_LAYER_KEYWORDS)]
+        if misplaced:  # parsed as a module name, since it is not a keyword of this field
+            raise ValueError(f"{name}: {misplaced[0]!r} is a keyword of the other model's layers; {name} takes "
+                             f"{' or '.join(keywords)} or a list of GL indices / module names")
         return
     if value not in keywords:
         raise ValueError(
