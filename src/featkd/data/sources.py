@@ -138,6 +138,9 @@ def _image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+_DOWNLOAD_OPTION = "(--data-options download:true)"  # how the command line says download=True
+
+
 def _torchvision_download(dataset_class: str, root: Path) -> None:
     import torchvision.datasets
 
@@ -185,8 +188,8 @@ def _load_fashion_mnist(root: Path | None, download: bool, *, pad: int = 2) -> _
         raise _not_found("Fashion-MNIST IDX files", looked,
                          f"{', '.join(FASHION_MNIST_FILES)} (each .gz or uncompressed) in one folder",
                          "Install them with `apt-get install dataset-fashion-mnist` (puts them in "
-                         f"{FASHION_MNIST_SYSTEM_DIR}), pass root=<that folder>, or use download=True "
-                         "where a network exists.")
+                         f"{FASHION_MNIST_SYSTEM_DIR}), pass root=<that folder> (--data-root), or use download=True "
+                         f"{_DOWNLOAD_OPTION} where a network exists.")
     arrays = [_read_idx(_idx_file(complete[0], stem)) for stem in FASHION_MNIST_FILES]
     images = [F.pad(torch.from_numpy(a.copy()).unsqueeze(1), (pad,) * 4) for a in arrays[0::2]]
     labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2]]
@@ -310,9 +313,9 @@ def _load_cifar(root: Path | None, download: bool, variant: str) -> _Splits:
     if not complete:
         raise _not_found(f"{variant} pickle batches", looked,
                          f"{info['folder']}/{{{', '.join(needed)}, {info['meta']}}}",
-                         "Pass root=<folder holding that directory> (the python version from "
+                         "Pass root=<folder holding that directory> (--data-root; the python version from "
                          "https://www.cs.toronto.edu/~kriz/cifar.html), "
-                         "or download=True where a network exists.")
+                         f"or download=True {_DOWNLOAD_OPTION} where a network exists.")
     folder = complete[0]
     num_classes = 10 if variant == "cifar10" else 100
     train_x, train_y = _read_cifar_batches([folder / n for n in info["train"]], info["label_key"], num_classes)
@@ -349,8 +352,8 @@ def _load_tiny_imagenet(root: Path | None, download: bool) -> _Splits:
         raise _not_found("TinyImageNet", looked,
                          "tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, "
                          "val/val_annotations.txt}",
-                         f"Unzip {TINY_IMAGENET_URL} under root, "
-                         "or use download=True where a network exists.")
+                         f"Unzip {TINY_IMAGENET_URL} under root (--data-root), "
+                         f"or use download=True {_DOWNLOAD_OPTION} where a network exists.")
     folder = found[0]
     wnids = (folder / "wnids.txt").read_text().split()
     class_of = {w: i for i, w in enumerate(wnids)}
