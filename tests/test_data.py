@@ -590,6 +590,9 @@ def test_tiny_imagenet_refuses_a_class_without_images_and_names_bad_annotation_l
     annotations.write_text("val_0.JPEG\tn07\n")
     with pytest.raises(ValueError, match=f"{annotations}, line 1: 'n07' is not in wnids.txt"):
         get_datasets("tiny_imagenet", root=tmp_path)
+    annotations.write_text("val_0.JPEG\tn01\nval_9.JPEG\tn02\n")  # names an image that is not there
+    with pytest.raises(ValueError, match=r"val_9.JPEG: image file not found"):
+        get_datasets("tiny_imagenet", root=tmp_path)
 
 
 def test_imagefolder_scales_16_bit_images_refuses_float_ones_and_skips_hidden_files(tmp_path):

@@ -120,6 +120,8 @@ def _read_image_files(paths: Sequence[Path], size: int, desc: str, resize: str =
                 out[i] = np.asarray(_fit_image(_as_rgb(image, paths[i]), size, resize))
         except _UnsupportedImage:
             raise
+        except FileNotFoundError:
+            raise ValueError(f"{paths[i]}: image file not found") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{paths[i]}: cannot decode image (corrupt or truncated?): {reason}") from None
