@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from featkd.cli import main
 from featkd.quality import QualityReport
@@ -25,6 +26,29 @@ def test_quality_command_prints_table_and_writes_files(tmp_path, capsys):
     assert data["variant"] == "corrected" and data["model"] == "resnet9"
     assert data["selected"][DEFAULT_RULE] == selected and data["settings"]["dataset"] == "synthetic"
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_selects_what_distills_auto_takes(tmp_path, capsys):
+    """The same weights, data, rule and k: `featkd quality` prints and writes the layers
+    `featkd distill --teacher-layers auto` takes (never the stem GL 0 or a GL of the head)."""
+    from featkd.api import _quality_layers
+    from featkd.data import load_splits
+    from featkd.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet9", 10, in_channels=3, image_size=32, width=0.0625)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    train = load_splits("synthetic").train
+    for i, rule in enumerate(["Q/paper", DEFAULT_RULE]):
+        out = tmp_path / f"q{i}"
+        assert main(BASE + ["--checkpoint", str(tmp_path / "teacher.pt"), "--by", rule, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        auto = _quality_layers(teacher, "resnet9", 4, train, torch.device("cpu"), None, None, None, 5000, 0,
+                               False, rule, None)
+        assert 0 not in auto and f"selected by {rule} (k=4): {','.join(map(str, auto))}" in printed
+        assert json.loads((out / "quality.json").read_text())["selected"][rule] == auto
+        marked = [line.split()[0] for line in printed.splitlines() if line.endswith(" *")]
+        assert marked == [str(t) for t in auto]
 
 
 def test_layer_subset_and_selection_criterion(tmp_path, capsys):

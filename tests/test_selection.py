@@ -1,5 +1,6 @@
 """Selection rules (featkd.selection), the linear probe, and the rules applied to a QualityReport."""
 
+import json
 import math
 
 import pytest
@@ -167,6 +168,42 @@ def test_candidate_layers_leave_out_the_stem_and_the_head():
     assert selection.candidate_layers(tiny, k=2) == [0, 1]  # too few: every GL
 
 
+def with_stem_and_head(q):
+    """A report of GLs 0..5 with Q = q[i] whose candidates are GLs 1-4 (0: the stem, 5: in the head)."""
+    rows = [LayerQuality(index=i, name=f"l{i}", shape=[4], D=4, S=0.0, I=0.5, E=0.5, sqrtIE=0.5, Q=v)
+            for i, v in enumerate(q)]
+    return QualityReport(rows, variant="paper", model="net", candidates=[1, 2, 3, 4])
+
+
+def test_select_chooses_among_the_candidates_only():
+    report = with_stem_and_head([0.9, 0.1, 0.5, 0.3, 0.2, 0.8])
+    assert report.select(2, "Q") == [2, 3]  # neither GL 0 nor GL 5, though their Q is the highest
+    assert report.select(4, "Q") == [1, 2, 3, 4]
+    assert report.select(2, "bands:Q") == [2, 3]  # bands 1-2 and 3-4
+    assert report.select(2, "depth") == [3, 4]
+    assert report.select(5, "Q") == [0, 2, 3, 4, 5]  # fewer than k candidates: every layer, as candidate_layers
+    assert report.to_dict(k=2)["selected"]["Q/paper"] == [2, 3]
+    table = report.table(2, "Q").splitlines()
+    assert len(table) == 7 and [line.split()[0] for line in table if line.endswith("*")] == ["2", "3"]
+    assert report.values("Q") == [0.9, 0.1, 0.5, 0.3, 0.2, 0.8]  # every layer is still shown
+    assert selection.choosable(range(6), [1, 2, 3, 4], 4) == [1, 2, 3, 4]
+    assert selection.choosable(range(6), [1, 2, 3, 4], 5) == list(range(6))
+    assert selection.choosable([1, 3], None, 2) == [1, 3]
+
+
+def test_candidates_survive_json_and_old_reports_choose_among_every_layer():
+    report = with_stem_and_head([0.9, 0.1, 0.5, 0.3, 0.2, 0.8])
+    data = json.loads(report.to_json(k=2))
+    assert data["candidates"] == [1, 2, 3, 4]
+    again = QualityReport.from_json(report.to_json(k=2))
+    assert again.candidates == [1, 2, 3, 4] and again.select(2, "Q") == [2, 3]
+    del data["candidates"]  # written before reports held candidates
+    old = QualityReport.from_json(json.dumps(data))
+    assert old.candidates is None and old.select(2, "Q") == [0, 5] and old.select(2, "bands:Q") == [0, 5]
+    report.candidates = None
+    assert "candidates" not in report.to_dict()  # a report of candidates only writes what it wrote before
+
+
 # ------------------------------------------------------------------ the probe
 def test_pool_features_average_positions_and_tokens():
     x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
@@ -239,6 +276,23 @@ def test_measure_scores_every_layer_with_the_probe(synthetic_train):
     assert report.select(1, "probe") == [max(report.layers, key=lambda r: (r.probe, r.index)).index]
     assert QualityReport.from_json(report.to_json()).layers[0].probe == report.layers[0].probe
     assert not math.isnan(report.layers[0].probe)
+
+
+def test_measure_records_the_candidate_layers(synthetic_train):
+    from featkd.models import create_model
+    from featkd.quality import measure
+
+    torch.manual_seed(0)
+    model = create_model("resnet9", 3, image_size=8, width=1 / 16).eval()
+    options = dict(subset_size=30, per_class_b=8, progress=False)
+    report = measure(model, synthetic_train, "all", **options)
+    assert [row.index for row in report.layers] == list(range(6))
+    assert report.candidates == selection.candidate_layers(model) == [1, 2, 3, 4, 5]
+    assert 0 not in report.select(4, "Q") and 0 not in report.to_dict(k=4)["selected"]["bands:Q/paper"]
+    some = measure(model, synthetic_train, [0, 2, 5], **options)
+    assert some.candidates == [2, 5] and some.select(2, "depth") == [2, 5]
+    assert some.select(3, "depth") == [0, 2, 5]  # fewer than k candidates: every layer measured
+    assert measure(model, synthetic_train, [1, 5], **options).candidates is None  # every one a candidate
 
 
 # ------------------------------------------------------------------ the rule in distillation

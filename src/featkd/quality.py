@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featkd.selection import VARIANTS
+from featkd.selection import VARIANTS, candidate_layers
 
 __all__ = [
     "DEFAULT_DTYPE",
@@ -763,12 +763,15 @@ class LayerQuality:
 
 @dataclass
 class QualityReport:
-    """Quality of every measured layer, in depth order."""
+    """Quality of every measured layer, in depth order; ``candidates``: the GL indices a rule may
+    choose among (None: every layer; all of them too when fewer than k are candidates, see
+    :func:`featkd.selection.choosable`)."""
 
     layers: list[LayerQuality]
     variant: str = "paper"
     model: str | None = None
     settings: dict = field(default_factory=dict)
+    candidates: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -799,9 +802,10 @@ class QualityReport:
         return [getattr(row, by) for row in self.layers]
 
     def select(self, k: int = 4, by: str | None = None) -> list[int]:
-        """GL indices chosen by rule ``by`` (default :data:`featkd.selection.DEFAULT_RULE`, in this
-        report's variant: see :func:`featkd.selection.resolve_rule`), in
-        depth order: e.g. "Q" (the k highest Q; ties go deeper) or "bands:S" (see featkd.selection)."""
+        """GL indices chosen among :attr:`candidates` by rule ``by`` (default
+        :data:`featkd.selection.DEFAULT_RULE`, in this report's variant: see
+        :func:`featkd.selection.resolve_rule`), in depth order: e.g. "Q" (the k highest Q; ties go
+        deeper) or "bands:S" (see featkd.selection)."""
         from featkd.selection import select
 
         return select(self, k, by)
@@ -815,12 +819,15 @@ class QualityReport:
         return [rule.name for rule in rules if self.has_probe or rule.score != "probe"]
 
     def to_dict(self, k: int = 4) -> dict:
-        """Plain data; ``selected`` holds the min(k, layers) layers of every rule it can apply."""
+        """Plain data; ``selected`` holds the min(k, layers) layers of every rule it can apply;
+        ``candidates`` is left out when None (every layer)."""
         k = min(k, len(self.layers))
+        candidates = {"candidates": self.candidates} if self.candidates is not None else {}
         return {
             "variant": self.variant,
             "model": self.model,
             "settings": self.settings,
+            **candidates,
             "selected": {rule: self.select(k, rule) for rule in self.rules()} if k else {},
             "layers": [asdict(row) for row in self.layers],
         }
@@ -841,7 +848,7 @@ class QualityReport:
         data = json.loads(text)
         rows = [LayerQuality(**row) for row in data["layers"]]
         return cls(rows, variant=data["variant"], model=data.get("model"),
-                   settings=data.get("settings", {}))
+                   settings=data.get("settings", {}), candidates=data.get("candidates"))
 
     def table(self, k: int = 4, by: str | None = None) -> str:
         """The per-layer table as text; ``*`` marks the layers rule ``by`` selects."""
@@ -991,6 +998,11 @@ def measure(
 ) -> QualityReport:
     """Knowledge quality of ``layers`` (GL indices or names, or "all") of ``model`` on ``dataset``.
 
+    The report's ``candidates`` are the measured layers among
+    :func:`featkd.selection.candidate_layers` (None when that is every one), so that its rules
+    choose as ``--teacher-layers auto`` does: never the stem or a head layer unless fewer than k
+    others were measured.
+
     ``dataset`` is the training split (``.labels``; ``.batch(indices)`` when
     present; augmentation is switched off). Subset A holds floor(subset_size / C)
     samples per class, subset B min(per_class_b, N / C), both capped at the
@@ -1091,8 +1103,9 @@ def measure(
                   f"ridge on pooled features, fitted on subset A, scored on a held-out split of "
                   f"{len(probe_labels)} images"),
     }
+    candidates = sorted(set(indices) & set(candidate_layers(model)))
     return QualityReport(rows, variant=variant, model=model_name or type(model).__name__,
-                         settings=settings)
+                         settings=settings, candidates=None if candidates == indices else candidates)
 
 
 def _probes(pooled_a: list[Tensor], labels_a: Tensor, seed: int, model: nn.Module, probe_set,

@@ -39,6 +39,7 @@ __all__ = [
     "bands",
     "VARIANT_FREE",
     "candidate_layers",
+    "choosable",
     "measure_variant",
     "parse_rule",
     "resolve_rule",
@@ -181,16 +182,17 @@ def measure_variant(rule: str | Rule, variant: str | None = None) -> str:
 
 
 def select(report: Any, k: int, rule: str | Rule | None = None) -> list[int]:
-    """GL indices ``rule`` chooses among the layers of ``report`` (a QualityReport), in depth order
-    (default: :func:`resolve_rule` in the report's variant)."""
+    """GL indices ``rule`` chooses among the candidate layers of ``report`` (a QualityReport; see
+    :func:`choosable`), in depth order (default: :func:`resolve_rule` in the report's variant)."""
     rule = resolve_rule(rule, report.variant)
     if rule.variant not in (None, report.variant):
         raise ValueError(f"rule {rule.name} needs knowledge quality measured in the {rule.variant} variant; "
                          f"this report holds the {report.variant} variant (measure it again with "
                          f"variant {rule.variant})")
     layers = [row.index for row in report.layers]
-    chosen = rule.choose(layers, report.values(rule.score), k)
-    return sorted(chosen)
+    pool = choosable(layers, report.candidates, k)
+    scores = [score for layer, score in zip(layers, report.values(rule.score)) if layer in pool]
+    return sorted(rule.choose(pool, scores, k))
 
 
 def set_score(scores: dict[int, float], layers: Sequence[int]) -> float:
@@ -209,5 +211,11 @@ def candidate_layers(model: Any, k: int = 1) -> list[int]:
 
     count = len(generalized_layers(model))
     head = min(head_index(model), count)
-    layers = list(range(1, head))
-    return layers if len(layers) >= k else list(range(count))
+    return choosable(range(count), range(1, head), k)
+
+
+def choosable(layers: Sequence[int], candidates: Sequence[int] | None, k: int) -> list[int]:
+    """The layers a rule chooses ``k`` from: those of ``layers`` among ``candidates`` (None: every
+    one), or all of ``layers`` when fewer than ``k`` of them are candidates."""
+    pool = [layer for layer in layers if candidates is None or layer in candidates]
+    return pool if len(pool) >= k else list(layers)
