@@ -25,6 +25,17 @@ def test_round_trip_nested(tmp_path):
     assert os.listdir(tmp_path / "a") == ["c.pt"]  # no temporary left behind
 
 
+def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
+    """Atomic writes go through mkstemp (owner-only); model.pt must be as readable as results.json."""
+    old = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "c.pt", {"w": torch.ones(1)})
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+
+
 def test_rejects_objects_and_keeps_old_file(tmp_path):
     path = tmp_path / "c.pt"
     save_tensors(path, {"w": torch.ones(1)})

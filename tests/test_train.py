@@ -101,6 +101,65 @@ def test_refuses_to_resume_with_a_different_config(tmp_path, data):
         api.train_teacher(dropout_net, train, test, out=str(tmp_path), epochs=2, lr=0.01, **FAST)
 
 
+def test_stop_after_epochs_counts_the_epochs_of_every_run_in_the_call(tmp_path, data):
+    """--stop-after-epochs N trains N epochs per command, not N per run (here 2 + 1, then the rest)."""
+    train, test = data
+    options = dict(epochs=2, lr=0.01, runs=2, **FAST)
+    full = api.train_teacher(dropout_net, train, test, out=str(tmp_path / "full"), **options)
+    out = str(tmp_path / "cut")
+    part = api.train_teacher(dropout_net, train, test, out=out, stop_after_epochs=3, **options)
+    assert [len(r.history) for r in part.runs] == [2, 1] and not part.finished
+    spent = api.train_teacher(dropout_net, train, test, out=str(tmp_path / "two"), stop_after_epochs=2, **options)
+    assert [len(r.history) for r in spent.runs] == [2, 0] and not spent.finished
+    assert not (tmp_path / "two" / "run-1").exists()  # a run this call had no epochs left for is not started
+    resumed = api.train_teacher(dropout_net, train, test, out=out, **options)
+    assert [without_timing(r.history) for r in resumed.runs] == [without_timing(r.history) for r in full.runs]
+
+
+def _rewrite_checkpoint(path, edit):
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(tmp_path, data):
+    from featkd.checkpoint import CheckpointError
+
+    train, test = data
+    options = dict(epochs=2, lr=0.01, out=str(tmp_path), **FAST)
+    api.train_teacher(dropout_net, train, test, stop_after_epochs=1, **options)
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    torch.save({"fc.weight": torch.zeros(1)}, path)  # e.g. a weights file copied over it
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt is not a featkd training checkpoint"):
+        api.train_teacher(dropout_net, train, test, **options)
+    path.write_bytes(good)
+    _rewrite_checkpoint(path, lambda state: state.pop("model.model.4.bias"))
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt does not fit this run .*model\.4\.bias"):
+        api.train_teacher(dropout_net, train, test, **options)
+    path.write_bytes(good)
+    assert api.train_teacher(dropout_net, train, test, **options).finished
+
+
+def test_a_checkpoint_from_another_world_size_or_device_is_refused(tmp_path, data):
+    """Processes and device type change the results and are no config field: the checkpoint records them."""
+    train, test = data
+    options = dict(epochs=2, lr=0.01, out=str(tmp_path), **FAST)
+    api.train_teacher(dropout_net, train, test, stop_after_epochs=1, **options)
+    path = tmp_path / "checkpoint.pt"
+
+    def as_if_two_processes(state):
+        meta = json.loads(state["meta"].numpy().tobytes())
+        assert meta["runtime"] == {"device": "cpu", "world_size": 1}
+        meta["runtime"]["world_size"] = 2
+        state["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).clone()
+
+    _rewrite_checkpoint(path, as_if_two_processes)
+    with pytest.raises(ValueError, match="written on cpu with 2 processes, this command runs on cpu with 1 process"):
+        api.train_teacher(dropout_net, train, test, **options)
+    assert len(read_metrics(tmp_path)) == 1
+
+
 def test_several_runs_get_directories_and_finished_runs_are_skipped(tmp_path, data):
     train, test = data
     options = dict(epochs=1, lr=0.01, runs=2, seed=5, **FAST)

@@ -17,6 +17,7 @@ with one line that names the file.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -77,11 +78,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
             torch.save(tensors, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once (reading it means setting it, so not on every write)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_tensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

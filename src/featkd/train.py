@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featkd.checkpoint import load_tensors, save_tensors
+from featkd.checkpoint import CheckpointError, load_tensors, save_tensors
 from featkd.config import RunConfig
 
 __all__ = [
@@ -276,14 +276,20 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     seed: int,
     device: torch.device,
+    world_size: int = 1,
 ) -> None:
-    """Write the training state after ``len(history)`` epochs, atomically, tensors only."""
+    """Write the training state after ``len(history)`` epochs, atomically, tensors only.
+
+    It records where it ran (device type, number of processes): both change the results, and
+    neither is a config field, so :func:`load_checkpoint` refuses to resume elsewhere.
+    """
     tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     tensors.update(_rng_state(device))
     meta = {
         "format": _FORMAT_VERSION,
         "epoch": len(history),
         "seed": seed,
+        "runtime": _runtime(device, world_size),
         "optimizer": pack_state(optimizer.state_dict(), tensors, "optim"),
         "scheduler": pack_state(scheduler.state_dict(), tensors, "sched"),
         "history": history,
@@ -298,17 +304,58 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     device: torch.device,
+    world_size: int = 1,
 ) -> list[dict[str, Any]]:
-    """Restore state written by :func:`save_checkpoint`; returns the epoch history."""
+    """Restore state written by :func:`save_checkpoint`; returns the epoch history.
+
+    :class:`featkd.checkpoint.CheckpointError` (one line naming the file) for a file that is
+    not a featkd training checkpoint or does not fit the model, and ValueError for one written
+    on another device type or number of processes (resuming there would change the results).
+    """
     tensors = load_tensors(path)
-    meta = json.loads(_tensor_text(tensors["meta"]))
+    try:
+        meta = json.loads(_tensor_text(tensors["meta"]))
+        if not isinstance(meta, dict):
+            raise TypeError("its metadata is not a mapping")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {path} is not a featkd training checkpoint ({_first_line(err)}); "
+                              "move it away to restart this run") from None
     if meta.get("format") != _FORMAT_VERSION:
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    optimizer.load_state_dict(unpack_state(meta["optimizer"], tensors))
-    scheduler.load_state_dict(unpack_state(meta["scheduler"], tensors))
-    _set_rng_state(tensors, device)
-    return meta["history"]
+    saved, here = meta.get("runtime"), _runtime(device, world_size)
+    if saved is not None and saved != here:
+        raise ValueError(f"{path} was written on {_describe(saved)}, this command runs on {_describe(here)}: "
+                         "resuming would change the results; resume it where it started, or choose a new --out")
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer.load_state_dict(unpack_state(meta["optimizer"], tensors))
+        scheduler.load_state_dict(unpack_state(meta["scheduler"], tensors))
+        _set_rng_state(tensors, device)
+        history = meta["history"]
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({_first_line(err)}); "
+                              "move it away to restart this run") from None
+    if not isinstance(history, list) or len(history) != meta.get("epoch"):
+        raise CheckpointError(f"checkpoint {path} is damaged (its epoch history does not match its epoch count); "
+                              "move it away to restart this run")
+    return history
+
+
+def _runtime(device: torch.device, world_size: int) -> dict[str, Any]:
+    return {"device": device.type, "world_size": int(world_size)}
+
+
+def _describe(runtime: dict[str, Any]) -> str:
+    n = runtime.get("world_size")
+    return f"{runtime.get('device')} with {n} process{'' if n == 1 else 'es'}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip() and not line.strip().endswith(":")),
+                 text.splitlines()[0] if text else "")
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 # --------------------------------------------------------------------------- files
@@ -495,7 +542,8 @@ class Trainer:
     """Trains one model for one seed; resumes from ``run_dir/checkpoint.pt`` when present.
 
     ``callbacks`` are called with each epoch's record after its checkpoint is written
-    (an exception there stops training; rerunning resumes).
+    (an exception there stops training; rerunning resumes). ``config.stop_after_epochs``
+    bounds the epochs trained by this trainer over all its ``fit`` calls (one command).
     """
 
     def __init__(
@@ -512,6 +560,7 @@ class Trainer:
         if self.lr is None:
             raise ValueError("Trainer needs a learning rate (config.lr or lr=...)")
         self.callbacks = list(callbacks)
+        self.epochs_left = config.stop_after_epochs  # None: no limit
 
     @property
     def device(self) -> torch.device:
@@ -551,17 +600,20 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg, self.lr, len(loader))
         history = self._restore(run_dir, model, optimizer, scheduler, seed)
         train_model = model
-        if len(history) < cfg.epochs:
+        last = cfg.epochs if self.epochs_left is None else min(cfg.epochs, len(history) + self.epochs_left)
+        if len(history) < last:
             if hasattr(teacher, "prepare"):  # e.g. build a teacher cache outside the timed epochs
                 with torch.no_grad(), autocast_context(self.device, cfg.amp):
                     teacher.prepare()
             train_model = self._wrap(model, loader, teacher)
-        last = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, len(history) + cfg.stop_after_epochs)
         for epoch in range(len(history), last):
             record = self._epoch(train_model, model, loader, eval_loaders, optimizer, scheduler, teacher, epoch, seed)
             history.append(record)
+            if self.epochs_left is not None:
+                self.epochs_left -= 1
             if ctx.is_main and run_dir is not None:
-                save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, history, seed, self.device)
+                save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, history, seed, self.device,
+                                ctx.world_size)
                 with open(run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
             for callback in self.callbacks:
@@ -587,7 +639,7 @@ class Trainer:
         checkpoint = run_dir / CHECKPOINT_FILE if run_dir is not None else None
         if checkpoint is None or not checkpoint.is_file():
             return []
-        history = load_checkpoint(checkpoint, model, optimizer, scheduler, self.device)
+        history = load_checkpoint(checkpoint, model, optimizer, scheduler, self.device, self.context.world_size)
         if len(history) > self.config.epochs:
             raise ValueError(f"{checkpoint} holds {len(history)} epochs but epochs={self.config.epochs}")
         if self.context.is_main:
@@ -922,12 +974,15 @@ def train_runs(
     results = []
     for seed in config.seeds:
         run_dir = run_directory(out, seed, config.runs)
-        if run_dir is not None and context.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
-        model, export = build_run(seed)
-        result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export, teacher=teacher,
-                             val_set=val_set)
+        if trainer.epochs_left == 0 and (run_dir is None or not (run_dir / CHECKPOINT_FILE).is_file()):
+            result = RunResult(seed, [], False, None, run_dir)  # stop_after_epochs spent before this run began
+        else:
+            if run_dir is not None and context.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            model, export = build_run(seed)
+            result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export,
+                                 teacher=teacher, val_set=val_set)
         results.append(result)
         if run_dir is not None and context.is_main and result.finished and config.runs > 1:
             write_json(run_dir / RESULTS_FILE, result.to_dict())
