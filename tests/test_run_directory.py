@@ -156,3 +156,35 @@ def test_a_failure_before_any_progress_leaves_the_output_as_it_was_found(tmp_pat
     (started / "run-0" / "checkpoint.pt").write_text("progress")
     fail_after_writing(started)
     assert (started / "config.yaml").is_file() and (started / "run-0" / "metrics.jsonl").is_file()
+
+
+def test_a_resume_with_other_teacher_weights_is_refused_and_old_directories_still_resume(teacher_dir, tmp_path,
+                                                                                       capsys):
+    from featkd.checkpoint import load_tensors, weights_digest
+    from featkd.models import create_model
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    out = tmp_path / "run"
+    args = distill_args(teacher, out, "--method", "kd", "--epochs", "2", "stop_after_epochs=1")
+    assert main(args) == 0
+    model = create_model("resnet34", 3, in_channels=3, image_size=8, width=1 / 16)
+    model.load_state_dict(load_tensors(teacher / "model.pt"))
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["teacher_sha256"]
+    assert recorded == weights_digest(model)
+    original = (teacher / "model.pt").read_bytes()
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, teacher / "model.pt")  # the teacher retrained in place
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "teacher_sha256: " in capsys.readouterr().err and len(json.loads("[" + ",".join(
+        (out / "metrics.jsonl").read_text().splitlines()) + "]")) == 1  # nothing trained
+    (teacher / "model.pt").write_bytes(original)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["teacher_sha256"]  # a directory written before featkd recorded the teacher
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(args[:-1]) == 0 and (out / "model.pt").is_file()
+    pinned = tmp_path / "pinned"
+    assert main(distill_args(teacher, pinned, "--method", "kd", "teacher_sha256=" + "0" * 64)) == 2
+    assert f"not the teacher_sha256 {'0' * 64} the config pins" in capsys.readouterr().err
+    assert not pinned.exists()

@@ -409,10 +409,11 @@ def distill(
     out = Path(config.out) if config.out else None
     lr = config.lr or default_lr(config.student, config.optimizer)
 
+    _pin_teacher(config, teacher)
     teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last)).eval()
     teacher.requires_grad_(False)
     if out is not None:
-        check_output(out, config)  # refuse a different run's directory before any work
+        check_output(out, config)  # refuse a different run's directory (or teacher) before any work
     sample = _sample_input(train_set).to(device)
     # Everything that can fail cheaply fails before the run directory is claimed.
     probe_student = _instantiate(student, config.seed).to(device)
@@ -482,6 +483,17 @@ def distill(
         finally:
             if teacher_feed is None:  # a feed passed in belongs to the caller
                 feed.close()
+
+
+def _pin_teacher(config: DistillConfig, teacher: nn.Module) -> None:
+    """Record the digest of the teacher's weights in ``config``; ValueError when the config pins others."""
+    from featkd.checkpoint import weights_digest
+
+    digest = weights_digest(teacher)
+    if config.teacher_sha256 not in (None, digest):
+        raise ValueError(f"the teacher's weights have SHA-256 {digest}, not the teacher_sha256 "
+                         f"{config.teacher_sha256} the config pins")
+    config.teacher_sha256 = digest
 
 
 def _check_layers(model: nn.Module, layers: Sequence[int | str], role: str, name: str | None) -> None:

@@ -18,6 +18,7 @@ with one line that names the file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "load_tensors",
     "read_weights",
     "save_tensors",
+    "weights_digest",
     "weights_path",
 ]
 
@@ -241,3 +243,14 @@ def _mismatches(state: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> 
             shown = ", ".join(items[:_SHOWN_KEYS]) + (", ..." if len(items) > _SHOWN_KEYS else "")
             parts.append(f"{len(items)} {what} (e.g. {shown})")
     return ", ".join(parts)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of ``model``'s state (names, dtypes, shapes and values, in order): the same weights
+    give the same digest on every device and file format."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

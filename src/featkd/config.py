@@ -40,6 +40,11 @@ RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memor
 C = TypeVar("C", bound="RunConfig")
 
 
+def _recorded(help: str) -> Any:
+    """A field the run fills in itself (not a command-line option); a config file may pin it."""
+    return field(default=None, metadata={"help": help, "choices": (), "cli": False})
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
     """A dataclass field with help text (and keyword choices) for the CLI."""
     meta = {"help": help, "choices": choices}
@@ -200,6 +205,9 @@ class DistillConfig(RunConfig):
                                      "(default: from --teacher-checkpoint's run directory)")
     teacher_width: float | None = _opt(None, "teacher width (default: from its run directory, else 1)")
     teacher_checkpoint: str | None = _opt(None, "teacher weights: a file or a train-teacher run directory")
+    teacher_sha256: str | None = _recorded(
+        "SHA-256 of the teacher's weights (featkd.checkpoint.weights_digest), written by distill; a resume "
+        "with other teacher weights is refused, and a value given in a config file must match")
     student: str | None = _opt(None, "student model: a zoo name, torchvision:NAME or timm:NAME[:key=value,...]")
     student_width: float = _opt(1.0, "student width multiplier")
     method: str = _opt("featkd", "distillation method (featkd.distillation.list_methods())")

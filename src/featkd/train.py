@@ -846,6 +846,11 @@ def check_output(out: Path, config: RunConfig) -> None:
         )
 
 
+# Config fields a run fills in itself: compared only when both sides know them (a directory from an
+# earlier featkd lacks them; a command checks its --out before it has loaded the teacher).
+RECORDED_FIELDS = ("teacher_sha256",)
+
+
 def _differences(existing: Path, config: RunConfig) -> list[str]:
     import yaml
 
@@ -859,6 +864,9 @@ def _differences(existing: Path, config: RunConfig) -> list[str]:
         return [f"{existing} is not a {type(config).__name__}: {first}"]
     if 1 < old.runs < config.runs:
         old.runs = config.runs  # more seeds of the same runs: the finished ones are kept, the new ones added
+    for name in RECORDED_FIELDS:
+        if getattr(old, name, None) is None or getattr(config, name, None) is None:
+            setattr(old, name, getattr(config, name, None))  # unknown on one side: not a difference
     return config.differences(old)
 
 

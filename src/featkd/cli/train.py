@@ -37,6 +37,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Run
     parser.add_argument("--config", metavar="FILE", help="YAML file of option: value")
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
+        if not f.metadata.get("cli", True):
+            continue  # filled in by the run (a config file or key=value may still pin it)
         flag = "--" + f.name.replace("_", "-")
         text = _with_known_names(f.name, f.metadata.get("help", ""))
         if hints[f.name] is bool:
