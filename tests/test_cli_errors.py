@@ -280,3 +280,16 @@ def test_quality_reads_every_checkpoint_format(fmt, name, tmp_path, capsys):
     _write(fmt, tmp_path / name, state)
     assert _quality_layers(tmp_path / name, tmp_path / "a", capsys) == _quality_layers(
         tmp_path / "plain.pt", tmp_path / "b", capsys)
+
+
+def test_ctrl_c_ends_in_one_line_with_status_130(monkeypatch, tmp_path, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("featkd.cli.report.run", interrupted)
+    assert main(["report", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["featkd report: interrupted"]
+    monkeypatch.setattr("featkd.cli.train.run_distill", interrupted)
+    assert main([*DISTILL, "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "featkd distill: interrupted; the last checkpoint is kept (rerun the same command to resume)"]

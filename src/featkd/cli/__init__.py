@@ -63,6 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"featkd {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        resume = "; the last checkpoint is kept (rerun the same command to resume)" if args.command in (
+            "train-teacher", "distill") else ""
+        print(f"featkd {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     except RuntimeError as err:
         message = out_of_memory_message(err, args.command)
         if message is None or args.debug:
