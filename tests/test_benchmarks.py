@@ -177,6 +177,7 @@ def _student():
 def test_shared_feed_gives_the_same_runs_as_the_default_feed(tmp_path):
     """What accuracy.py does (its DistillConfig + a SharedTeacherFeed) matches a plain featkd.api.distill."""
     from featkd.api import distill
+    from featkd.checkpoint import weights_digest
     from featkd.config import DistillConfig
 
     train, test, teacher = _tiny_setup()
@@ -194,7 +195,9 @@ def test_shared_feed_gives_the_same_runs_as_the_default_feed(tmp_path):
     assert len(feed(train.batch(idx)[0], idx).features) == 4
     assert len(feed.build_seconds) == 1  # the cache was left open for the next method
     feed.close()
-    assert DistillConfig.from_yaml(tmp_path / "config.yaml").to_dict() == config.to_dict()  # resumable
+    written = DistillConfig.from_yaml(tmp_path / "config.yaml")
+    assert written.teacher_sha256 == weights_digest(teacher)  # recorded by distill, unknown to the caller
+    assert {**written.to_dict(), "teacher_sha256": None} == config.to_dict()  # resumable
     assert got.extra["teacher_layers"] == expected.extra["teacher_layers"] == [3, 7, 13, 16]
     for key in ("test_acc", "loss"):
         assert [r[key] for r in got.runs[0].history] == pytest.approx([r[key] for r in expected.runs[0].history])
