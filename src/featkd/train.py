@@ -351,6 +351,8 @@ def _describe(runtime: dict[str, Any]) -> str:
 
 
 def _first_line(err: BaseException) -> str:
+    """``Type: first informative line`` of ``err`` (a heading such as torch's "Error(s) in loading
+    state_dict for X:" is skipped for the line that names the keys), at most 160 characters."""
     text = str(err).strip()
     first = next((line.strip() for line in text.splitlines() if line.strip() and not line.strip().endswith(":")),
                  text.splitlines()[0] if text else "")
