@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 
@@ -197,3 +198,21 @@ def test_run_directory_with_several_runs_names_them(tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no model.pt"):
         read_weights(tmp_path / "empty_run")
+
+
+def test_text_files_are_synced_before_they_replace_the_old_one(tmp_path, monkeypatch):
+    import featkd.train as train
+
+    synced = []
+    real_fsync = train.os.fsync
+
+    def fsync(fd):
+        synced.append(fd)
+        real_fsync(fd)
+
+    path = tmp_path / "run.json"
+    path.write_text("old")
+    monkeypatch.setattr(train.os, "fsync", fsync)
+    train.write_json(path, {"epoch": 1})
+    assert synced and json.loads(path.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left

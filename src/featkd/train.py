@@ -362,8 +362,13 @@ def _first_line(err: BaseException) -> str:
 
 # --------------------------------------------------------------------------- files
 def _write_text_atomic(path: Path, text: str) -> None:
+    """Write through a synced temporary file and a rename: after a crash or power loss ``path``
+    holds the old text or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
