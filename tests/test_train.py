@@ -75,8 +75,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data):
 
     with pytest.raises(KeyboardInterrupt):
         api.train_teacher(dropout_net, train, test, out=out, callbacks=[crash], **options)
+    partial = tmp_path / "cut" / ".checkpoint.pt.x1y2.tmp"  # what SIGKILL during a checkpoint write leaves
+    partial.write_bytes(b"half a checkpoint")
     resumed = api.train_teacher(dropout_net, train, test, out=out, **options)
-    assert resumed.finished
+    assert resumed.finished and not partial.exists()
     assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "full"))
     a, b = load_tensors(tmp_path / "full" / "model.pt"), load_tensors(tmp_path / "cut" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -641,9 +641,13 @@ class Trainer:
     ) -> list[dict[str, Any]]:
         """The epoch history of ``run_dir/checkpoint.pt`` with its state loaded; [] when there is none.
 
-        metrics.jsonl is rewritten from the checkpoint, dropping lines of epochs it lacks.
+        metrics.jsonl is rewritten from the checkpoint, dropping lines of epochs it lacks; the
+        temporary file of a checkpoint write that a killed process left is deleted.
         """
         checkpoint = run_dir / CHECKPOINT_FILE if run_dir is not None else None
+        if checkpoint is not None and self.context.is_main:
+            for partial in run_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # a write cut short by SIGKILL
+                partial.unlink()
         if checkpoint is None or not checkpoint.is_file():
             return []
         history = load_checkpoint(checkpoint, model, optimizer, scheduler, self.device, self.context.world_size)
