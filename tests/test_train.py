@@ -606,3 +606,20 @@ def test_eval_every_evaluates_some_epochs_and_the_last_and_picks_among_them(tmp_
     assert load_run(tmp_path / "run").mean_curve("test_acc")[0] == [2, 4, 5]
     with pytest.raises(ValueError, match="eval_every"):
         TrainConfig(eval_every=0).validate()
+
+
+def test_extending_the_runs_drops_the_old_summary_until_the_new_ones_finish(tmp_path, data):
+    train, test = data
+    options = dict(epochs=1, lr=0.01, **FAST)
+    out, summary = str(tmp_path / "runs"), tmp_path / "runs" / "results.json"
+    api.train_teacher(dropout_net, train, test, out=out, runs=2, **options)
+    assert len(json.loads(summary.read_text())["runs"]) == 2
+
+    def crash(record):
+        raise KeyboardInterrupt("stopped during the third run")
+
+    with pytest.raises(KeyboardInterrupt):
+        api.train_teacher(dropout_net, train, test, out=out, runs=3, callbacks=[crash], **options)
+    assert not summary.exists()  # it would describe 2 runs of a 3-run directory
+    api.train_teacher(dropout_net, train, test, out=out, runs=3, **options)
+    assert [r["seed"] for r in json.loads(summary.read_text())["runs"]] == [0, 1, 2]

@@ -907,6 +907,13 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
     context.barrier()
 
 
+def _drop_summary_of_fewer_runs(path: Path, runs: int) -> None:
+    """Delete the summary of a directory whose runs this command extends (``--runs 2`` -> 3): it
+    would describe the old set until the new runs finish and it is written again."""
+    if path.is_file() and len(json.loads(path.read_text()).get("runs", [])) < runs:
+        path.unlink()
+
+
 def _remove_unstarted_files(out: Path) -> None:
     for path in (f for d in (out, *out.glob("run-*")) for f in map(d.joinpath, UNSTARTED_FILES)):
         path.unlink(missing_ok=True)
@@ -989,6 +996,8 @@ def train_runs(
         if context.is_main:
             write_json(out / RUN_FILE, run_record(config, lr, settings, world_size=context.world_size,
                                                   device=str(context.device)))
+    if out is not None and context.is_main:
+        _drop_summary_of_fewer_runs(out / RESULTS_FILE, config.runs)
     trainer = Trainer(config, context=context, lr=lr, callbacks=callbacks)
     results = []
     for seed in config.seeds:
