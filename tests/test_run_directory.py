@@ -188,3 +188,20 @@ def test_a_resume_with_other_teacher_weights_is_refused_and_old_directories_stil
     assert main(distill_args(teacher, pinned, "--method", "kd", "teacher_sha256=" + "0" * 64)) == 2
     assert f"not the teacher_sha256 {'0' * 64} the config pins" in capsys.readouterr().err
     assert not pinned.exists()
+
+
+def test_run_json_keeps_the_software_of_earlier_calls_of_a_resumed_run(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, out, "--method", "kd", "--epochs", "3")
+    assert main([*args, "stop_after_epochs=1"]) == 0
+    first = json.loads((out / "run.json").read_text())
+    assert "earlier_calls" not in first
+    assert main([*args, "stop_after_epochs=1"]) == 0  # the same software: nothing to add
+    assert "earlier_calls" not in json.loads((out / "run.json").read_text())
+    older = {**first, "git_commit": "0" * 40, "versions": {**first["versions"], "torch": "2.0.0"}}
+    (out / "run.json").write_text(json.dumps(older))  # as if the first epochs ran under other software
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["earlier_calls"] == [{k: older[k] for k in ("versions", "git_commit", "git_dirty", "device",
+                                                              "world_size")}]
+    assert record["git_commit"] == first["git_commit"] and record["versions"] == first["versions"]

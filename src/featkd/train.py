@@ -907,6 +907,23 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
     context.barrier()
 
 
+#: what each call that trained part of a run records (its software, code and machine)
+CALL_FIELDS = ("versions", "git_commit", "git_dirty", "device", "world_size")
+
+
+def _with_earlier_calls(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``record`` with ``earlier_calls``: the software, code and machine of the calls before this one
+    in a started directory (consecutive identical ones once), so a resumed run says what trained it."""
+    old = json.loads(path.read_text()) if path.is_file() and has_started(path.parent) else {}
+    calls = list(old.get("earlier_calls", []))
+    previous = {k: old[k] for k in CALL_FIELDS if k in old}
+    if previous and (not calls or calls[-1] != previous):
+        calls.append(previous)
+    if calls and calls[-1] == {k: record[k] for k in CALL_FIELDS}:
+        calls.pop()  # the same as this call
+    return {**record, "earlier_calls": calls} if calls else record
+
+
 def _drop_summary_of_fewer_runs(path: Path, runs: int) -> None:
     """Delete the summary of a directory whose runs this command extends (``--runs 2`` -> 3): it
     would describe the old set until the new runs finish and it is written again."""
@@ -994,8 +1011,8 @@ def train_runs(
     if out is not None:
         prepare_output(out, config, context)
         if context.is_main:
-            write_json(out / RUN_FILE, run_record(config, lr, settings, world_size=context.world_size,
-                                                  device=str(context.device)))
+            record = run_record(config, lr, settings, world_size=context.world_size, device=str(context.device))
+            write_json(out / RUN_FILE, _with_earlier_calls(record, out / RUN_FILE))
     if out is not None and context.is_main:
         _drop_summary_of_fewer_runs(out / RESULTS_FILE, config.runs)
     trainer = Trainer(config, context=context, lr=lr, callbacks=callbacks)
