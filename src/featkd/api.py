@@ -336,6 +336,7 @@ def train_teacher(
     ``val_set`` (a validation split held out of the training data) picks the best epoch.
     """
     from featkd.distillation import used_parameter_count
+    from featkd.models import check_classifier
 
     config = _config(TrainConfig, config, options, train_set)
     if model_name is not None:
@@ -344,6 +345,8 @@ def train_teacher(
     lr = config.lr or default_lr(config.model, config.optimizer)
     sample = _sample_input(train_set)
     extra = _data_info(train_set)
+    # a model that cannot take the data's images fails before the run directory is claimed
+    check_classifier(_instantiate(model, config.seed), sample, train_set.num_classes)
 
     def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
         net = _instantiate(model, seed)
@@ -396,6 +399,7 @@ def distill(
     """
     from featkd.distillation import METHOD_INFO, DistillModel, build_method, used_parameter_count
     from featkd.layers import resolve_layers
+    from featkd.models import check_classifier
 
     if teacher_feed is not None:
         _check_feed(teacher_feed)
@@ -417,6 +421,8 @@ def distill(
     sample = _sample_input(train_set).to(device)
     # Everything that can fail cheaply fails before the run directory is claimed.
     probe_student = _instantiate(student, config.seed).to(device)
+    check_classifier(teacher, sample, train_set.num_classes, "teacher", training=False)  # never trains here
+    check_classifier(probe_student, sample, train_set.num_classes, "student")
     s_layers: list[int | str] = []
     t_layers: list[int | str] = []
     t_spec = None
@@ -573,7 +579,7 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
     data, then the weights' fit; the run directory is claimed only after all of them.
     """
     from featkd.checkpoint import load_model_weights, read_weights
-    from featkd.models import check_classifier, create_model
+    from featkd.models import create_model
 
     if config.model is None:
         raise ValueError("no model: give --model NAME")
@@ -591,9 +597,7 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
             load_model_weights(net, initial, config.model)
         return net
 
-    # a model that cannot be built, weights that do not fit, or a model that cannot take the data's
-    # images fail before the directory is claimed
-    check_classifier(factory(), _sample_input(train_set), num_classes)
+    factory()  # a model that cannot be built, or weights that do not fit, fail before the directory is claimed
     return train_teacher(factory, train_set, test_set, config=config, callbacks=callbacks, context=context,
                          val_set=val_set)
 
@@ -605,7 +609,7 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
     the teacher before anything is written.
     """
     from featkd.checkpoint import load_model_weights, read_weights
-    from featkd.models import check_classifier, create_model
+    from featkd.models import create_model
 
     config = complete_distill_config(config)
     context = init_distributed(config.device)
@@ -622,10 +626,6 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
     def student() -> nn.Module:
         return create_model(config.student, num_classes, in_channels=channels, image_size=size,
                             width=config.student_width)
-
-    sample = _sample_input(train_set)
-    check_classifier(teacher, sample, num_classes, "teacher", training=False)  # the teacher never trains here
-    check_classifier(student(), sample, num_classes, "student")
 
     return distill(teacher, student, train_set, test_set, config=config, method=config.method,
                    teacher_layers=config.teacher_layers, student_layers=config.student_layers,
