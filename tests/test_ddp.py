@@ -125,3 +125,31 @@ def test_a_nan_on_one_process_stops_every_process_with_the_same_message(tmp_path
     message = stops[0][1]
     assert stops[1][1] == message
     assert message.startswith("loss 'ce' is nan on 1 of 2 processes at step 2 (epoch 1, seed 0)"), message
+
+
+FINISH_SCRIPT = '''
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from featkd.train import finish_distributed
+
+dist.init_process_group("gloo")
+marker = Path(sys.argv[1])
+if dist.get_rank() == 1:
+    time.sleep(1.0)  # still busy when rank 0 finishes
+    marker.write_text("rank 1 was still working")
+finish_distributed(wait_for_peers=True)
+if not marker.exists():
+    sys.exit("rank 0 left the group before rank 1 arrived")
+finish_distributed(wait_for_peers=True)  # once left, a no-op
+'''
+
+
+def test_finishing_with_wait_for_peers_leaves_the_group_together(tmp_path):
+    script = tmp_path / "finish.py"
+    script.write_text(FINISH_SCRIPT)
+    done = torchrun([str(script), str(tmp_path / "rank1_done")], tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -153,10 +154,22 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def finish_distributed() -> None:
-    """Leave the process group, if one was joined."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def finish_distributed(wait_for_peers: bool = False) -> None:
+    """Leave the process group, if one was joined.
+
+    Garbage the run left is collected first, while the group and the interpreter
+    are alive: freed during interpreter shutdown, objects that hold gloo work can
+    abort the process after a finished run. ``wait_for_peers`` (when every process
+    finished its work) makes each wait for the others, so that none closes its
+    connections while a peer still uses them; after a failure on one process the
+    others may never arrive, so the default does not wait.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def autocast_context(device: torch.device, amp: str = "auto") -> contextlib.AbstractContextManager:

@@ -141,15 +141,17 @@ def _execute(job: Any, command: str, out: str) -> int:
 
     first_rank = os.environ.get("RANK", "0") == "0"  # torchrun's rank: the group is not joined yet
     guard = output_untouched_on_error(Path(out)) if first_rank else contextlib.nullcontext()
+    succeeded = False
     try:
         with guard:
             result = job()
+        succeeded = True
     except FloatingPointError as err:
         print(f"featkd {command}: error: {err}", file=sys.stderr)
         return 1
     finally:
         main = is_main_process()
-        finish_distributed()
+        finish_distributed(wait_for_peers=succeeded)
     if main:
         print_result(result)
     return 0
