@@ -160,6 +160,46 @@ def test_untraceable_model_falls_back_to_the_chain_rule(caplog):
         tail(model, "relu")
 
 
+class ConvClassifier(nn.Module):
+    """Convolutions end to end, SqueezeNet style: a 1x1 convolution makes the class scores."""
+
+    def __init__(self, traceable: bool = True):
+        super().__init__()
+        self.traceable = traceable
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Conv2d(8, 3, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        if not self.traceable and x.sum() > 0:  # data-dependent: read by the chain rule
+            x = -x
+        return self.classifier(self.features(x))
+
+
+@pytest.mark.parametrize("traceable", [True, False], ids=["graph", "chain"])
+def test_a_convolutional_classifier_starts_the_head(traceable):
+    model = ConvClassifier(traceable)
+    layers = generalized_layers(model)
+    assert layers[:3] == ["features.1", "features.3", "classifier.1"]
+    assert head_index(model) == 2  # the class-score map is not a feature to distil
+
+
+class TracedLinear(nn.Linear):
+    """A Linear subclass (as timm's): the tracer runs through it to F.linear."""
+
+
+def test_a_linear_classifier_after_a_1x1_convolution_keeps_the_convolution_before_the_head():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Flatten(), TracedLinear(8, 3))
+    assert generalized_layers(model) == ["1", "4", "5"]
+    assert head_index(model) == 3
+
+
+def test_squeezenet_class_scores_are_in_the_head():
+    model = torchvision.models.squeezenet1_1(weights=None, num_classes=10).eval()
+    layers = generalized_layers(model)
+    assert layers[-1] == "classifier.2" and head_index(model) == len(layers) - 1
+
+
 def test_feature_shapes_and_layout():
     model = small_chain()
     model.train()

@@ -21,7 +21,9 @@ points that are, outside any block call:
 * a flatten to (batch, features) (``nn.Flatten``, ``torch.flatten(x, 1)``,
   ``x.view(x.size(0), -1)``): the representation before the head.
 
-The head starts at the first main-path ``nn.Linear`` after the last block.
+The head starts at the first main-path ``nn.Linear`` after the last block; in a
+model with none there, at the last main-path convolution after it (a
+convolutional classifier, as in SqueezeNet).
 
 A point is tapped with a hook on a module call, so it is named after one:
 ``name`` is the output of module ``name`` (the innermost block returning it,
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-__all__ = ["GraphLayers", "Point", "TraceFailed", "is_activation_module", "trace_layers"]
+__all__ = ["GraphLayers", "Point", "TraceFailed", "head_position", "is_activation_module", "trace_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -339,24 +341,36 @@ def _candidates(relevant: list[fx.Node], main: set[fx.Node], tracer: _Tracer,
                 modules: dict[str, nn.Module], is_block: Callable[[Call], bool]
                 ) -> tuple[list[fx.Node], int]:
     """Main-path GL nodes outside blocks in graph order, and how many come before the head
-    (the first main-path nn.Linear after the last block output)."""
+    (the first main-path nn.Linear after the last block output, else the last convolution)."""
     results = set(relevant[-1].all_input_nodes) if relevant else set()  # the logits
     found: list[fx.Node] = []
-    head = None
+    head = last_conv = None
     for node in relevant:
-        if node not in main or node.op in ("placeholder", "output") or node in results:
+        if node not in main or node.op in ("placeholder", "output"):
             continue
         outputs = tracer.returned_by.get(node, [])
         if any(is_block(c) and c not in outputs for c in tracer.enclosing.get(node, ())):
             continue  # inside a block
         block_output = any(is_block(c) for c in outputs)
+        returned = [modules[name] for name, _ in outputs]  # timm's Linear is traced through: F.linear
         if block_output:
-            head = None
-        elif head is None and node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            head = last_conv = None
+        elif head is None and any(isinstance(m, nn.Linear) for m in returned):
             head = len(found)
-        if block_output or _is_activation(node, modules) or _is_flatten(node, modules):
+        elif any(isinstance(m, nn.modules.conv._ConvNd) for m in returned):
+            last_conv = len(found)
+        if node not in results and (block_output or _is_activation(node, modules) or _is_flatten(node, modules)):
             found.append(node)
-    return found, len(found) if head is None else head
+    return found, head_position(head, last_conv, len(found))
+
+
+def head_position(linear: int | None, last_conv: int | None, count: int) -> int:
+    """Where the head starts among ``count`` GLs: at the first Linear after the last block;
+    without one, at the last convolution after it (a convolutional classifier); else after all."""
+    for position in (linear, last_conv):
+        if position is not None:
+            return position
+    return count
 
 
 def _call_nodes(tracer: _Tracer) -> dict[Point, fx.Node]:

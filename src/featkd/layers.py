@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from featkd.graph import GraphLayers, Point, TraceFailed, is_activation_module, tail_module, trace_layers
+from featkd.graph import (
+    GraphLayers, Point, TraceFailed, head_position, is_activation_module, tail_module, trace_layers,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -107,13 +109,15 @@ class _LayerInfo:
 
 
 def _chain_info(model: nn.Module) -> _LayerInfo:
-    names, head = [], None
+    names, head, last_conv = [], None, None
     for name, module in leaf_chain(model):
         if head is None and isinstance(module, nn.Linear):
             head = len(names)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            last_conv = len(names)
         if _ends_layer(module):
             names.append(name)
-    return _LayerInfo(names, len(names) if head is None else head, Counter(), None)
+    return _LayerInfo(names, head_position(head, last_conv, len(names)), Counter(), None)
 
 
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -143,7 +147,8 @@ def generalized_layers(model: nn.Module) -> list[str]:
 
 
 def head_index(model: nn.Module) -> int:
-    """Number of GLs before the head (the first ``nn.Linear`` after the last block)."""
+    """Number of GLs before the head: the first ``nn.Linear`` after the last block, else the
+    last convolution there (a convolutional classifier)."""
     return _layer_info(model).head
 
 
