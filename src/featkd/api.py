@@ -116,6 +116,17 @@ def spread_layers(model: nn.Module, k: int = 4) -> list[int]:
     return sorted({round(first + i * (last - first) / (k - 1)) for i in range(k)}) if k > 1 else [last]
 
 
+def _require_layers(model: nn.Module, name: str | None, option: str) -> None:
+    """ValueError when the GL rule finds no layer before ``model``'s head to choose from."""
+    from featkd.layers import head_index
+
+    if head_index(model) == 0:
+        raise ValueError(f"no generalized layers found before the head of {name or type(model).__name__} "
+                         "(e.g. its stages pass tuples between them, as timm's PiT does): give "
+                         f"{option} (--{option.replace('_', '-')}) as module names whose outputs lie "
+                         "on the main path, e.g. its blocks")
+
+
 def resolve_student_layers(spec: str | Sequence[int | str], student: nn.Module, name: str | None) -> list[int | str]:
     """``"paper"`` -> the paper's list for zoo model ``name`` (else :func:`spread_layers`); lists pass."""
     from featkd.models import PAPER_STUDENT_LAYERS
@@ -123,6 +134,7 @@ def resolve_student_layers(spec: str | Sequence[int | str], student: nn.Module, 
     if spec == "paper":
         if name in PAPER_STUDENT_LAYERS:
             return list(PAPER_STUDENT_LAYERS[name])
+        _require_layers(student, name, "student_layers")
         layers = spread_layers(student)
         log.info("student %s has no paper layer list: using evenly spread GLs %s", name or "model", layers)
         return layers
@@ -159,6 +171,8 @@ def resolve_teacher_layers(
     """
     from featkd.models import STANDARD_TEACHER_LAYERS
 
+    if spec in ("standard", "auto"):
+        _require_layers(teacher, name, "teacher_layers")
     if spec == "standard":
         if name in STANDARD_TEACHER_LAYERS:
             return list(STANDARD_TEACHER_LAYERS[name])
