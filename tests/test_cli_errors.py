@@ -6,7 +6,6 @@ are written once per module into a shared folder.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -26,7 +25,6 @@ from featkd.models import create_model
 
 DATA = ["--data", "synthetic", "--data-options", "num_classes:3,samples_per_class:6,test_per_class:2",
         "--image-size", "8", "--batch-size", "6", "--no-progress", "--device", "cpu", "--epochs", "1"]
-PIT = "timm:pit_ti_224:img_size=16,patch_size=4,stride=2"  # its stages pass tuples: no GL found
 NO_OPTIONS = ["--data-options", "{}"]  # the synthetic options do not fit other datasets
 TEACHER = ["train-teacher", "--model", "resnet9", "--width", "1/16", *DATA]
 DISTILL = ["distill", "--teacher", "resnet34", "--teacher-width", "1/16", "--student", "resnet9",
@@ -160,11 +158,6 @@ BAD = [
       "torchvision:resnet18:num_classes=5", *DATA], "the student outputs shape (2, 5)"),
     ([*QUALITY, "--model", "torchvision:resnet18:num_classes=5", "--width", "1"],
      "the model outputs shape (2, 5) in eval mode, expected logits (2, 10)"),
-    *([(["distill", "--teacher", "resnet34", "--teacher-width", "1/16", "--student", PIT, *DATA, "--image-size", "16"],
-        "no generalized layers found before the head of timm:pit_ti_224"),
-       (["distill", "--teacher", PIT, "--student", "resnet9", "--student-width", "1/16", *DATA, "--image-size", "16"],
-        "give teacher_layers (--teacher-layers) as module names")]
-      if importlib.util.find_spec("timm") else []),
     (["demo", "--quick", "--config", "{files}/bad.yaml"], "bad.yaml is not valid YAML"),
     (["demo", "--quick", "--config", "{files}/demo_types.yaml"], "teacher_width must be a number"),
 ]

@@ -200,6 +200,40 @@ def test_squeezenet_class_scores_are_in_the_head():
     assert layers[-1] == "classifier.2" and head_index(model) == len(layers) - 1
 
 
+class TokenStage(nn.Module):
+    """Carries a class token beside the feature map and returns both, as timm's PiT stages do."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.block = Residual(c)
+
+    def forward(self, inputs):
+        x, token = inputs
+        both = self.block(torch.cat([token, x], dim=2))  # the token rides along as an extra row
+        return both[:, :, 1:], both[:, :, :1]
+
+
+class TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.stages = nn.Sequential(TokenStage(4), TokenStage(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x, token = self.stages((x, x.mean(2, keepdim=True)))
+        return self.head(token.mean((2, 3)))
+
+
+def test_layers_are_read_inside_modules_that_return_several_tensors():
+    model = TokenNet().eval()
+    assert generalized_layers(model) == ["stem.1", "stages.0.block", "stages.1.block"]
+    x = torch.randn(2, 3, 8, 8)
+    (feat,) = extract(model, x, ["stages.1.block"])
+    assert feat.shape == (2, 4, 9, 8)  # the map and its token row
+
+
 def test_feature_shapes_and_layout():
     model = small_chain()
     model.train()

@@ -401,6 +401,16 @@ def test_layer_lists(data, teacher):
         api.resolve_teacher_layers("best", teacher, None, 4, train, device=torch.device("cpu"))
 
 
+def test_a_model_without_layers_before_its_head_is_told_to_name_them(data):
+    train, _ = data
+    linear = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 3, 1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"no generalized layers .* give student_layers \(--student-layers\)"):
+        api.resolve_student_layers("paper", linear, None)
+    for spec in ("standard", "auto"):
+        with pytest.raises(ValueError, match=r"before the head of Sequential .* give teacher_layers"):
+            api.resolve_teacher_layers(spec, linear, None, 4, train, device=torch.device("cpu"))
+
+
 def test_auto_layers_measure_quality_and_write_it(tmp_path, data, teacher):
     train, test = data
     result = api.distill(teacher, student, train, test, method="featkd", teacher_name="resnet34",

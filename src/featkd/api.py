@@ -122,7 +122,7 @@ def _require_layers(model: nn.Module, name: str | None, option: str) -> None:
 
     if head_index(model) == 0:
         raise ValueError(f"no generalized layers found before the head of {name or type(model).__name__} "
-                         "(e.g. its stages pass tuples between them, as timm's PiT does): give "
+                         "(e.g. timm's CrossViT, whose branches pass lists of tensors): give "
                          f"{option} (--{option.replace('_', '-')}) as module names whose outputs lie "
                          "on the main path, e.g. its blocks")
 

@@ -11,7 +11,8 @@ to the output passes through it: the output of a residual block is, nothing
 inside its branch is. Shape reads (``x.shape``, ``x.size(0)``) carry no data
 and are not paths. A **block** is a module class that merges two data paths
 in its own code (a residual add, a concatenation, a gate) in at least one of
-its calls, a class kept whole, or a graph leaf holding two or more
+its calls and returns one tensor (a stage passing a tuple, as timm's PiT does,
+is read inside), a class kept whole, or a graph leaf holding two or more
 convolutions or linear layers (``nn.TransformerEncoderLayer``). Generalized layers are the main-path
 points that are, outside any block call:
 
@@ -137,6 +138,7 @@ class _Tracer(fx.Tracer):
         self.enclosing: dict[fx.Node, tuple[Call, ...]] = {}
         self.returned_by: defaultdict[fx.Node, list[Call]] = defaultdict(list)
         self.taken_by: defaultdict[fx.Node, list[Call]] = defaultdict(list)
+        self.returns_several: set[type] = set()  # classes returning a tuple, list or dict
         self.failed_type: type | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -160,6 +162,8 @@ class _Tracer(fx.Tracer):
             self.open_calls.pop()
         if isinstance(out, fx.Proxy):
             self.returned_by[out.node].append(call)
+        elif isinstance(out, (tuple, list, dict)):
+            self.returns_several.add(type(m))
         return out
 
     def create_node(self, *args, **kwargs) -> fx.Node:
@@ -308,17 +312,19 @@ def _opaque_block(module: nn.Module) -> bool:
 def _block_types(relevant: list[fx.Node], tracer: _Tracer, modules: dict[str, nn.Module],
                  keep_whole: Callable[[nn.Module], bool]) -> set[type]:
     """Module classes kept whole, opaque blocks, and classes whose own code merges two data
-    paths in some call."""
+    paths in some call, unless they return several tensors (no single output to tap: the
+    layers are read inside them, as in timm's PiT, whose stages pass (tokens, class token))."""
     inside = set(relevant)
     types = {type(m) for m in modules.values() if keep_whole(m)}
+    merging = set()
     for node in relevant:
         if node.op == "call_module" and _opaque_block(modules[node.target]):
             types.add(type(modules[node.target]))
         scope = tracer.enclosing.get(node, ())
         merged = {i for i in node.all_input_nodes if i in inside}
         if scope and len(merged) >= 2:
-            types.add(type(modules[scope[-1][0]]))
-    return types
+            merging.add(type(modules[scope[-1][0]]))
+    return types | (merging - tracer.returns_several)
 
 
 def _point(node: fx.Node, tracer: _Tracer, is_block: Callable[[Call], bool]) -> Point | None:
