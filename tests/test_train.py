@@ -633,3 +633,12 @@ def test_extending_the_runs_drops_the_old_summary_until_the_new_ones_finish(tmp_
     assert not summary.exists()  # it would describe 2 runs of a 3-run directory
     api.train_teacher(dropout_net, train, test, out=out, runs=3, **options)
     assert [r["seed"] for r in json.loads(summary.read_text())["runs"]] == [0, 1, 2]
+
+
+def test_sample_input_is_two_unaugmented_training_images(data):
+    train, _ = data
+    augmented = train.with_augment(True)
+    x = api.sample_input(augmented)
+    assert x.shape == (2, *train.image_shape)
+    torch.testing.assert_close(x, train.with_augment(False).batch(torch.arange(2))[0])
+    torch.testing.assert_close(api.sample_input(augmented), x)  # no random crop or flip

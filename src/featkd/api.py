@@ -58,6 +58,7 @@ __all__ = [
     "load_trained_model",
     "resolve_student_layers",
     "resolve_teacher_layers",
+    "sample_input",
     "spread_layers",
     "TeacherFeed",
     "train_teacher",
@@ -93,7 +94,8 @@ def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:
     return spec()
 
 
-def _sample_input(dataset: Any) -> torch.Tensor:
+def sample_input(dataset: Any) -> torch.Tensor:
+    """Up to two un-augmented images of ``dataset``: the batch models are tried on before training."""
     x, _, _ = dataset.with_augment(False).batch(torch.arange(min(2, len(dataset))))
     return x
 
@@ -357,7 +359,7 @@ def train_teacher(
         config.model = model_name
     context = context or init_distributed(config.device)
     lr = config.lr or default_lr(config.model, config.optimizer)
-    sample = _sample_input(train_set)
+    sample = sample_input(train_set)
     extra = _data_info(train_set)
     # a model that cannot take the data's images fails before the run directory is claimed
     check_classifier(_instantiate(model, config.seed), sample, train_set.num_classes)
@@ -432,7 +434,7 @@ def distill(
     teacher.requires_grad_(False)
     if out is not None:
         check_output(out, config)  # refuse a different run's directory (or teacher) before any work
-    sample = _sample_input(train_set).to(device)
+    sample = sample_input(train_set).to(device)
     # Everything that can fail cheaply fails before the run directory is claimed.
     probe_student = _instantiate(student, config.seed).to(device)
     check_classifier(teacher, sample, train_set.num_classes, "teacher", training=False)  # never trains here

@@ -99,6 +99,7 @@ def _run_config(checkpoint: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the selection, write quality.json and quality.png."""
+    from featkd.api import sample_input
     from featkd.checkpoint import read_weights
     from featkd.data import load_splits
     from featkd.layers import resolve_layers
@@ -127,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     channels, size, _ = train.image_shape
     model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels, size,
                                   checkpoint=weights)
-    sample = train.with_augment(False).batch(torch.arange(min(2, len(train))))[0]
-    check_classifier(model, sample, train.num_classes, training=False)  # it can take the data's images
+    check_classifier(model, sample_input(train), train.num_classes, training=False)  # it can take the data's images
     if layers != "all":
         try:
             resolve_layers(model, layers, model_name=settings["model"])
