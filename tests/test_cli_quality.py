@@ -121,6 +121,23 @@ def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path
     assert "does not fit" in capsys.readouterr().err
     assert main(["quality", "--data", "synthetic", "--out", str(tmp_path / "none")]) == 2
     assert "give --model" in capsys.readouterr().err
+    # data options given are added to the run's (3 classes, 1 channel, 6 held out)
+    assert main(["quality", "--checkpoint", str(teacher), "--device", "cpu", "--subset-size", "30",
+                 "--data-options", "samples_per_class:10", "--out", str(tmp_path / "q10")]) == 0
+    settings = QualityReport.from_json(tmp_path / "q10" / "quality.json").settings
+    assert settings["num_train"] == 24 and settings["num_classes"] == 3
+
+
+def test_data_options_reach_the_dataset_and_no_bar_is_drawn_off_a_terminal(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(BASE + ["--data-options", "num_classes:4,samples_per_class:5", "--out", str(out)]) == 0
+    settings = QualityReport.from_json(out / "quality.json").settings
+    assert settings["num_classes"] == 4 and settings["num_train"] == 20
+    assert "img/s" not in capsys.readouterr().err  # stderr is not a terminal here
+    assert main(BASE + ["--data-options", "colour:red", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown option(s) ['colour']" in capsys.readouterr().err
+    assert main(BASE + ["--data-options", "{a: [", "--out", str(tmp_path / "bad")]) == 2
+    assert "--data-options must look like name:value" in capsys.readouterr().err
 
 
 def test_the_rules_variant_is_measured_unless_contradicted(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint", help="weights file or run directory (model.pt, config.yaml)")
     parser.add_argument("--data", help="dataset name, e.g. cifar100 (default: the run directory's)")
     parser.add_argument("--data-root", help="folder holding the dataset files")
+    parser.add_argument("--data-options", metavar="OPTIONS",
+                        help="extra dataset options, e.g. download:true or samples_per_class:8 (added to "
+                        "the run directory's when its data are used)")
     parser.add_argument("--width", type=float, help="model width multiplier (default: the run "
                         "directory's, else 1)")
     parser.add_argument("--image-size", type=int, help="image size in pixels (default: the run "
@@ -56,6 +60,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="host memory budget (GB)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="a progress bar (only on a terminal)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="product precision: float32 accumulated in float64 (fast on any GPU and "
                         "CPU, within 1e-4 of float64), or float64 throughout")
@@ -72,7 +78,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size if args.image_size is not None else (run.image_size if run is not None else None),
         "data": args.data or (run.data if run is not None else None),
         "data_root": args.data_root or (run.data_root if data_from_run else None),
-        "data_options": dict(run.data_options) if data_from_run else {},
+        "data_options": {**(run.data_options if data_from_run else {}), **_data_options(args.data_options)},
         "train_limit": run.train_limit if data_from_run else None,
         "val_size": run.val_size if data_from_run else None,
         "seed": run.seed if data_from_run else 0,
@@ -81,6 +87,15 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         if settings[key] is None:
             raise CliError(f"give --{key} (or a train-teacher run directory as --checkpoint)")
     return settings
+
+
+def _data_options(text: str | None) -> dict[str, Any]:
+    from featkd.config import parse_value
+
+    try:
+        return parse_value(text or "{}", dict[str, Any], "--data-options")
+    except ValueError as err:
+        raise CliError(str(err)) from None
 
 
 def _run_config(checkpoint: str | None) -> Any:
@@ -138,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         model, train, layers, variant=variant, seed=args.seed, device=device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
         subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
-        probe_set=splits.val,
+        probe_set=splits.val, progress=args.progress and sys.stderr.isatty(),
     )
     report.settings.update(dataset=settings["data"], width=settings["width"], image_size=size,
                            checkpoint=args.checkpoint)
