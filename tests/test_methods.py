@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from featkd.distillation import (
@@ -333,6 +334,12 @@ def test_classifier_input_is_the_last_map_or_token_layer(name, index):
     assert extract(model, x, [index])[0].dim() > 2
     if index + 1 < len(generalized_layers(model)):     # CNNs: a vector follows; ViTs: the last GL
         assert extract(model, x, [index + 1])[0].dim() == 2
+
+
+def test_classifier_input_of_a_convolutional_classifier_is_before_the_class_scores():
+    model = torchvision.models.squeezenet1_1(weights=None, num_classes=NUM_CLASSES).eval()
+    index = classifier_input(model, torch.randn(2, 3, 32, 32))
+    assert generalized_layers(model)[index:] == ["features.12", "classifier.2"]  # not the class-score map
 
 
 def test_classifier_input_needs_a_map_or_token_layer():

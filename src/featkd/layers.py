@@ -456,12 +456,13 @@ def canonical_shape(shape: Sequence[int], layout: str) -> torch.Size:
 def classifier_input(model: nn.Module, sample_input: Tensor) -> int:
     """GL index of the input of the model's classifier.
 
-    The last generalized layer whose per-sample output is still a map (C, H, W)
-    or a token sequence (T, d), not a vector; what follows it (pooling,
-    flatten, fully connected layers; for a ViT the final norm, token mean and
-    head) is the classifier. One dry forward of ``sample_input`` in eval mode.
+    The last generalized layer before the head whose per-sample output is still a
+    map (C, H, W) or a token sequence (T, d), not a vector; what follows it
+    (pooling, flatten, fully connected layers; for a ViT the final norm, token
+    mean and head; SqueezeNet's class-score convolution) is the classifier. One
+    dry forward of ``sample_input`` in eval mode.
     """
-    gls = generalized_layers(model)
+    gls = generalized_layers(model)[:head_index(model)]
     shapes = feature_shapes(model, gls, sample_input)
     spatial = [i for i, shape in enumerate(shapes) if len(shape) >= 2]
     if not spatial:
