@@ -52,6 +52,26 @@ def test_distill_from_a_teacher_run_directory(teacher_dir, tmp_path, capsys):
     assert code == 0 and "| fitnet |" in stdout and (tmp_path / "report.md").is_file()
 
 
+def test_init_checkpoint_run_directory_gives_model_width_and_weights(teacher_dir, tmp_path, capsys):
+    from featkd.checkpoint import load_tensors
+
+    out = tmp_path / "again"
+    code, _, err = run_cli(["train-teacher", "--init-checkpoint", str(teacher_dir), "--epochs", "1",
+                            "--lr", "1e-12", "--out", str(out), *DATA], capsys)
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == "resnet34" and config["width"] == 0.0625
+    before, after = load_tensors(teacher_dir / "model.pt"), load_tensors(out / "model.pt")
+    conv = "stem.conv.weight"  # no BatchNorm statistics: lr 1e-12 leaves it where it started
+    assert (after[conv] - before[conv]).abs().max() < 1e-6
+
+
+def test_a_missing_teacher_run_directory_is_named(tmp_path, capsys):
+    code, _, err = run_cli(["distill", "--teacher-checkpoint", str(tmp_path / "no_such_run"), "--student",
+                            "resnet9", "--out", str(tmp_path / "out"), *DATA], capsys)
+    assert code == 2 and f"checkpoint not found: {tmp_path / 'no_such_run'}" in err
+
+
 def test_config_file_then_options_then_overrides(teacher_dir, tmp_path, capsys):
     config_file = tmp_path / "distill.yaml"
     config_file.write_text(yaml.safe_dump({

@@ -10,6 +10,7 @@ import yaml
 from featkd.cli import main
 from featkd.cli.demo import QUICK, DemoPlan, paper_q_layers
 from featkd.config import DistillConfig, TrainConfig
+from featkd.selection import PAPER_RULE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -68,3 +69,5 @@ def test_example_configs_load_and_validate(name, cls, epochs, optimizer):
     config = cls.from_yaml(CONFIGS / name)
     config.validate()
     assert (config.epochs, config.optimizer, config.batch_size) == (epochs, optimizer, 128)
+    if name == "distill_example.yaml":  # "the paper's recipe"
+        assert config.select_by == PAPER_RULE and config.teacher_layers == "auto"

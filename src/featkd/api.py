@@ -53,6 +53,7 @@ from featkd.train import (
 
 __all__ = [
     "distill",
+    "complete_train_config",
     "distill_from_config",
     "load_data",
     "load_trained_model",
@@ -563,8 +564,18 @@ def _teacher_run_config(checkpoint: str | None) -> TrainConfig | None:
         return None
 
 
+def complete_train_config(config: TrainConfig) -> TrainConfig:
+    """With no ``model``, take the model and width of the ``init_checkpoint`` run directory."""
+    previous = _teacher_run_config(config.init_checkpoint)
+    if config.model is None and previous is not None:
+        config.model, config.width = previous.model, previous.width
+    return config
+
+
 def complete_distill_config(config: DistillConfig) -> DistillConfig:
     """Fill ``teacher``/``teacher_width`` from the teacher's run directory; check required fields."""
+    if config.teacher is None and config.teacher_checkpoint and not Path(config.teacher_checkpoint).exists():
+        raise ValueError(f"checkpoint not found: {config.teacher_checkpoint}")
     previous = _teacher_run_config(config.teacher_checkpoint)
     if previous is not None:
         if config.teacher is None:
@@ -597,6 +608,7 @@ def train_teacher_from_config(config: TrainConfig, callbacks: Sequence[Callback]
     from featkd.checkpoint import load_model_weights, read_weights
     from featkd.models import create_model
 
+    config = complete_train_config(config)
     if config.model is None:
         raise ValueError("no model: give --model NAME")
     config.validate()

@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_train_teacher(args: argparse.Namespace) -> int:
     """``featkd train-teacher``."""
-    from featkd.api import train_teacher_from_config
+    from featkd.api import complete_train_config, train_teacher_from_config
 
-    config = config_from_args(TrainConfig, args)
+    config = complete_train_config(config_from_args(TrainConfig, args))
     if config.model is None:
         from featkd.models import list_models
 
