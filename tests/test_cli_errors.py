@@ -140,6 +140,7 @@ BAD = [
     ([*QUALITY, "--layers", "1,9"], "valid indices 0..5"),
     ([*QUALITY, "--layers", "-9"], "layer index -9 out of range: resnet9 has 6"),
     ([*QUALITY, "--variant", "best"], "argument --variant: invalid choice: 'best'"),
+    ([*QUALITY, "--width", "1/x"], "--width must be a number (or a fraction like 1/8), got '1/x'"),
     ([*QUALITY, "--k", "0"], "--k must be at least 1"),
     ([*QUALITY, "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     *([([*QUALITY, "--device", "cuda"], "device 'cuda' asked for but CUDA is not available")]

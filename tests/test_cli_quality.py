@@ -7,7 +7,7 @@ from featkd.cli import main
 from featkd.quality import QualityReport
 from featkd.selection import DEFAULT_RULE
 
-BASE = ["quality", "--model", "resnet9", "--width", "0.0625", "--data", "synthetic", "--device", "cpu"]
+BASE = ["quality", "--model", "resnet9", "--width", "1/16", "--data", "synthetic", "--device", "cpu"]
 
 
 def test_quality_command_prints_table_and_writes_files(tmp_path, capsys):
@@ -132,7 +132,7 @@ def test_data_options_reach_the_dataset_and_no_bar_is_drawn_off_a_terminal(tmp_p
     out = tmp_path / "q"
     assert main(BASE + ["--data-options", "num_classes:4,samples_per_class:5", "--out", str(out)]) == 0
     settings = QualityReport.from_json(out / "quality.json").settings
-    assert settings["num_classes"] == 4 and settings["num_train"] == 20
+    assert settings["num_classes"] == 4 and settings["num_train"] == 20 and settings["width"] == 1 / 16
     assert "img/s" not in capsys.readouterr().err  # stderr is not a terminal here
     assert main(BASE + ["--data-options", "colour:red", "--out", str(tmp_path / "bad")]) == 2
     assert "unknown option(s) ['colour']" in capsys.readouterr().err

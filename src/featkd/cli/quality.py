@@ -41,8 +41,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-options", metavar="OPTIONS",
                         help="extra dataset options, e.g. download:true or samples_per_class:8 (added to "
                         "the run directory's when its data are used)")
-    parser.add_argument("--width", type=float, help="model width multiplier (default: the run "
-                        "directory's, else 1)")
+    parser.add_argument("--width", type=_width, help="model width multiplier, e.g. 0.125 or 1/8 (default: "
+                        "the run directory's, else 1)")
     parser.add_argument("--image-size", type=int, help="image size in pixels (default: the run "
                         "directory's, else the dataset's)")
     parser.add_argument("--layers", default="all", help="'all' or GL indices/module names, e.g. 3,7,13")
@@ -87,6 +87,15 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         if settings[key] is None:
             raise CliError(f"give --{key} (or a train-teacher run directory as --checkpoint)")
     return settings
+
+
+def _width(text: str) -> float:
+    from featkd.config import parse_value
+
+    try:
+        return parse_value(text, float, "--width")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _data_options(text: str | None) -> dict[str, Any]:
