@@ -450,7 +450,9 @@ def test_batch_loader_deterministic_and_reshuffles_per_epoch():
     loader = BatchLoader(train, batch_size=5, seed=3)
     first = list(loader)
     assert len(first) == len(loader) == 5
-    assert [b[0].shape[0] for b in first] == [5, 5, 5, 5, 4]
+    assert [b[0].shape[0] for b in first] == [5, 5, 5, 5, 4] and loader.last_batch_size == 4
+    assert BatchLoader(train, 23).last_batch_size == 1 and BatchLoader(train, 23, drop_last=True).last_batch_size == 23
+    assert [BatchLoader(train, 11, rank=r, world_size=2).last_batch_size for r in (0, 1)] == [1, 1]  # 12 per rank
     second = list(BatchLoader(train, batch_size=5, seed=3))
     for a, b in zip(first, second):
         assert all(torch.equal(u, v) for u, v in zip(a, b))

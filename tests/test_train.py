@@ -642,3 +642,14 @@ def test_sample_input_is_two_unaugmented_training_images(data):
     assert x.shape == (2, *train.image_shape)
     torch.testing.assert_close(x, train.with_augment(False).batch(torch.arange(2))[0])
     torch.testing.assert_close(api.sample_input(augmented), x)  # no random crop or flip
+
+
+def test_a_last_batch_of_one_image_is_dropped_for_batch_norm(data, caplog):
+    train, test = data  # 24 training images: batches of 23 leave one
+    with caplog.at_level("INFO", logger="featkd.train"):
+        result = api.train_teacher(student, train, test, epochs=1, **{**FAST, "batch_size": 23}, lr=0.01)
+    assert "it is dropped" in caplog.text and result.runs[0].history[0]["train_acc"] >= 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="featkd.train"):  # no BatchNorm: every image is used
+        api.train_teacher(dropout_net, train, test, epochs=1, **{**FAST, "batch_size": 23}, lr=0.01)
+    assert "it is dropped" not in caplog.text

@@ -612,7 +612,7 @@ class Trainer:
         run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(seed)
         model.to(self.device, memory_format=self.memory_format(model))
-        loader = self._train_loader(train_set, seed, _requires_full_batches(model))
+        loader = self._train_loader(train_set, seed, _requires_full_batches(model), _has_batch_norm(model))
         eval_loaders = {"test": _loader(test_set, cfg.eval_batch_size, shuffle=False)}
         if val_set is not None:
             eval_loaders["val"] = _loader(val_set, cfg.eval_batch_size, shuffle=False)
@@ -672,13 +672,24 @@ class Trainer:
         return history
 
     # -- pieces of fit ---------------------------------------------------------
-    def _train_loader(self, train_set: Any, seed: int, drop_last: bool) -> Any:
+    def _train_loader(self, train_set: Any, seed: int, drop_last: bool, batch_norm: bool) -> Any:
+        """The training batches; with ``batch_norm``, a last batch of one image is dropped (its
+        BatchNorm statistics would be undefined, an error where the maps are 1x1)."""
         ctx, cfg = self.context, self.config
         per_rank = cfg.batch_size // ctx.world_size
         if per_rank < 1 or cfg.batch_size % ctx.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {ctx.world_size} processes")
-        loader = _loader(train_set, per_rank, shuffle=True, seed=seed, rank=ctx.rank,
-                         world_size=ctx.world_size, drop_last=drop_last)
+
+        def batches(drop: bool) -> Any:
+            return _loader(train_set, per_rank, shuffle=True, seed=seed, rank=ctx.rank,
+                           world_size=ctx.world_size, drop_last=drop)
+
+        loader = batches(drop_last)
+        if batch_norm and not drop_last and len(loader) > 1 and loader.last_batch_size == 1:
+            if ctx.is_main:
+                log.info("each epoch's last training batch would hold 1 image, which BatchNorm cannot "
+                         "normalise: it is dropped")
+            loader = batches(True)
         if len(loader) == 0:
             raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one batch of {per_rank}")
         return loader
@@ -778,6 +789,10 @@ def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=len(iterable), desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _requires_full_batches(model: nn.Module) -> bool:

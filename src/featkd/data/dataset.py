@@ -126,6 +126,13 @@ class BatchLoader:
         per_rank = self._samples_per_rank()
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
+    @property
+    def last_batch_size(self) -> int:
+        """Images in each epoch's last batch on this rank (0 when there is no batch)."""
+        if not len(self):
+            return 0
+        return min(self.batch_size, self._samples_per_rank() - (len(self) - 1) * self.batch_size)
+
     def indices(self) -> Tensor:
         """This rank's sample indices for the current epoch, in iteration order."""
         n = len(self.dataset)
