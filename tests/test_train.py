@@ -2,6 +2,7 @@
 
 import collections
 import json
+import sys
 
 import pytest
 import torch
@@ -653,3 +654,15 @@ def test_a_last_batch_of_one_image_is_dropped_for_batch_norm(data, caplog):
     with caplog.at_level("INFO", logger="featkd.train"):  # no BatchNorm: every image is used
         api.train_teacher(dropout_net, train, test, epochs=1, **{**FAST, "batch_size": 23}, lr=0.01)
     assert "it is dropped" not in caplog.text
+
+
+def test_progress_bars_are_drawn_only_on_a_terminal(data, teacher, capsys, monkeypatch):
+    train, test = data
+    options = dict(FAST, progress=True, epochs=1, teacher_mode="cache", teacher_layers="auto",
+                   teacher_name="resnet34", student_name="resnet9")
+    api.distill(teacher, student, train, test, method="featkd", **options)
+    assert "img/s" not in capsys.readouterr().err  # a log file gets no bars
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    api.distill(teacher, student, train, test, method="featkd", **options)
+    err = capsys.readouterr().err
+    assert "teacher cache" in err and "quality" in err  # a terminal does

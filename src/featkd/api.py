@@ -47,6 +47,7 @@ from featkd.train import (
     default_lr,
     init_distributed,
     prepare_output,
+    show_progress,
     sigterm_as_exit,
     train_runs,
 )
@@ -465,13 +466,13 @@ def distill(
         t_layers = resolve_teacher_layers(
             t_spec, teacher, config.teacher, len(s_layers), train_set,
             device=device, out=out, context=context, variant=config.quality_variant,
-            subset_size=config.quality_subset, seed=config.seed, progress=config.progress,
+            subset_size=config.quality_subset, seed=config.seed, progress=show_progress(config.progress),
             rule=config.select_by, probe_set=val_set,
         )
     feed = teacher_feed if teacher_feed is not None else TeacherFeed(
         teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
         memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
-        progress=config.progress and context.is_main,
+        progress=show_progress(config.progress) and context.is_main,
     )
 
     def build_run(seed: int) -> tuple[nn.Module, nn.Module]:

@@ -53,6 +53,7 @@ __all__ = [
     "is_main_process",
     "pack_state",
     "read_metrics",
+    "show_progress",
     "summarize",
     "train_runs",
     "unpack_state",
@@ -554,7 +555,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: str 
     return int(correct) / max(total, 1)
 
 
-def _show_progress(enabled: bool) -> bool:
+def show_progress(enabled: bool) -> bool:
+    """Whether to draw progress bars: asked for, and stderr is a terminal (not a log file)."""
     return enabled and sys.stderr.isatty()
 
 
@@ -729,7 +731,7 @@ class Trainer:
         correct = torch.zeros((), device=device)
         seen = torch.zeros((), device=device)
         start = time.perf_counter()
-        batches = _progress(loader, _show_progress(cfg.progress) and ctx.is_main,
+        batches = _progress(loader, show_progress(cfg.progress) and ctx.is_main,
                             f"seed {seed} epoch {epoch + 1}/{cfg.epochs}")
         memory_format = self.memory_format(model)
         for step, (x, y, idx) in enumerate(batches, start=epoch * len(loader) + 1):
