@@ -387,6 +387,22 @@ def test_command_line_names_library_models_and_logs_to_tensorboard(tmp_path, cap
     assert f"selected by {DEFAULT_RULE} (k=4): " in capsys.readouterr().out  # the default rule
 
 
+def test_a_resumed_run_gives_tensorboard_the_epochs_it_lacks(tmp_path):
+    from featkd.cli import main
+    from featkd.train import read_metrics
+
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "teacher"
+    args = ["train-teacher", "--model", "resnet9", "--width", "1/16", "--epochs", "3", "--out", str(out), *CLI_DATA]
+    assert main([*args, "--stop-after-epochs", "1"]) == 0  # epoch 1 without the log
+    assert main([*args, "--stop-after-epochs", "1", "--log", "tensorboard"]) == 0
+    assert main([*args, "--log", "tensorboard"]) == 0  # its writer reads epochs 1 and 2 back
+    records = read_metrics(out)
+    scalars = tensorboard_scalars(out)
+    assert scalars["epoch"] == [(1, 1.0), (2, 2.0), (3, 3.0)]  # each once
+    assert scalars["test_acc"] == [(r["epoch"], pytest.approx(r["test_acc"])) for r in records]
+
+
 def test_bad_library_names_exit_2(tmp_path, capsys):
     from featkd.cli import main
 
