@@ -50,6 +50,15 @@ def test_quality_selects_what_distills_auto_takes(tmp_path, capsys):
         marked = [line.split()[0] for line in printed.splitlines() if line.endswith(" *")]
         assert marked == [str(t) for t in auto]
 
+    # with distill's --val-size: the same training split, the probe scored on the held-out one
+    splits = load_splits("synthetic", val_size=40)
+    assert main(BASE + ["--checkpoint", str(tmp_path / "teacher.pt"), "--by", "probe", "--val-size", "40",
+                        "--out", str(tmp_path / "qv")]) == 0
+    auto = _quality_layers(teacher, "resnet9", 4, splits.train, torch.device("cpu"), None, None, None, 5000, 0,
+                           False, "probe", splits.val)
+    report = json.loads((tmp_path / "qv" / "quality.json").read_text())
+    assert report["selected"]["probe"] == auto and report["settings"]["num_train"] == len(splits.train)
+
 
 def test_layer_subset_and_selection_criterion(tmp_path, capsys):
     out = tmp_path / "q"

@@ -41,6 +41,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data-options", metavar="OPTIONS",
                         help="extra dataset options, e.g. download:true or samples_per_class:8 (added to "
                         "the run directory's when its data are used)")
+    parser.add_argument("--val-size", type=int, metavar="SIZE",
+                        help="hold out a stratified validation split of this many training images, as "
+                        "distill --val-size does: quality is measured on the rest, the probe scored on it "
+                        "(default: the run directory's)")
+    parser.add_argument("--train-limit", type=int, metavar="LIMIT",
+                        help="keep a stratified subset of this many training images (default: the run "
+                        "directory's)")
     parser.add_argument("--width", type=_width, help="model width multiplier, e.g. 0.125 or 1/8 (default: "
                         "the run directory's, else 1)")
     parser.add_argument("--image-size", type=int, help="image size in pixels (default: the run "
@@ -79,8 +86,9 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": args.data or (run.data if run is not None else None),
         "data_root": args.data_root or (run.data_root if data_from_run else None),
         "data_options": {**(run.data_options if data_from_run else {}), **_data_options(args.data_options)},
-        "train_limit": run.train_limit if data_from_run else None,
-        "val_size": run.val_size if data_from_run else None,
+        "train_limit": args.train_limit if args.train_limit is not None else (
+            run.train_limit if data_from_run else None),
+        "val_size": args.val_size if args.val_size is not None else (run.val_size if data_from_run else None),
         "seed": run.seed if data_from_run else 0,
     }
     for key in ("model", "data"):
