@@ -234,6 +234,38 @@ def test_layers_are_read_inside_modules_that_return_several_tensors():
     assert feat.shape == (2, 4, 9, 8)  # the map and its token row
 
 
+@register_block
+class PairBlock(nn.Module):
+    """A block kept whole that returns two tensors (as timm's TNT blocks do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.mean((2, 3))
+
+
+class PairNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.pair = PairBlock()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        maps, pooled = self.pair(self.stem(x))
+        return self.head(maps.mean((2, 3)) + pooled)
+
+
+def test_a_block_that_returns_a_tuple_is_no_layer_and_naming_it_is_a_clear_error():
+    model = PairNet().eval()
+    assert generalized_layers(model) == ["stem.1"]
+    with pytest.raises(ValueError, match="layer 'pair' gives a tuple, not one tensor"):
+        extract(model, torch.randn(2, 3, 8, 8), ["pair"])
+
+
 def test_feature_shapes_and_layout():
     model = small_chain()
     model.train()

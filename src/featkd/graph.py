@@ -39,6 +39,7 @@ be tapped and is left out (logged).
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Iterable
@@ -327,6 +328,13 @@ def _block_types(relevant: list[fx.Node], tracer: _Tracer, modules: dict[str, nn
     return types | (merging - tracer.returns_several)
 
 
+def _is_container(node: fx.Node) -> bool:
+    """A node only ever unpacked (``a, b = block(x)``): a tuple or list, not a tensor to tap."""
+    return bool(node.users) and all(
+        user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)
+        for user in node.users)
+
+
 def _point(node: fx.Node, tracer: _Tracer, is_block: Callable[[Call], bool]) -> Point | None:
     """The tap point of ``node``: the innermost block (else once-run module) returning it, or
     the innermost once-run module taking it, else one call of a module."""
@@ -365,7 +373,9 @@ def _candidates(relevant: list[fx.Node], main: set[fx.Node], tracer: _Tracer,
             head = len(found)
         elif any(isinstance(m, nn.modules.conv._ConvNd) for m in returned):
             last_conv = len(found)
-        if node not in results and (block_output or _is_activation(node, modules) or _is_flatten(node, modules)):
+        if node in results or _is_container(node):
+            continue
+        if block_output or _is_activation(node, modules) or _is_flatten(node, modules):
             found.append(node)
     return found, head_position(head, last_conv, len(found))
 

@@ -281,7 +281,8 @@ class FeatureTap:
             if (point.call or 1) != call:
                 continue
             if not isinstance(value, Tensor):
-                raise TypeError(f"layer {point.name!r} is {type(value).__name__}, not a Tensor")
+                raise ValueError(f"layer {point.name!r} gives a {type(value).__name__}, not one tensor: "
+                                 "name a module whose output is a tensor (e.g. one inside it)")
             if point in self._wanted:
                 name = self._wanted[point]
                 self._captured[name] = value
