@@ -79,8 +79,8 @@ def test_featkd_runs_reload_the_student_from_each_run_directory(tmp_path, data, 
 
 
 def test_runs_started_without_model_names_reload_when_the_student_is_the_deployed_network(tmp_path, data, teacher):
-    """The README's API example names only the student: its featkd run reloads; a SimKD run, whose
-    deployed network holds the teacher's classifier, says that it needs the teacher's name."""
+    """A run that names only the student: its featkd run reloads; a SimKD run, whose deployed
+    network holds the teacher's classifier, says that it needs the teacher's name."""
     train, test = data
     names = dict(student_name="resnet9", student_width=WIDTH)
     result = api.distill(teacher, student, train, test, method="featkd", teacher_layers=[12, 13, 14, 15],
