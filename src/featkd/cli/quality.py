@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from featkd.models import check_classifier
     from featkd.quality import measure
     from featkd.selection import measure_variant, resolve_rule
-    from featkd.train import resolve_device
+    from featkd.train import resolve_device, show_progress
 
     layers = parse_layers(args.layers)
     if isinstance(layers, str) and layers != "all":
@@ -170,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         model, train, layers, variant=variant, seed=args.seed, device=device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
         subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
-        probe_set=splits.val, progress=args.progress and sys.stderr.isatty(),
+        probe_set=splits.val, progress=show_progress(args.progress),
     )
     report.settings.update(dataset=settings["data"], width=settings["width"], image_size=size,
                            checkpoint=args.checkpoint)
