@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
+# a GPU machine may hold a bare checkout: the package is read from src/ when it is not installed
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
+import common  # noqa: E402
 
 log = logging.getLogger("benchmarks.gpu_check")
 

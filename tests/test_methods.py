@@ -262,6 +262,19 @@ def test_registry_lists_every_method_of_the_spec():
     assert METHOD_INFO["ce"].teacher_layers is None and not METHOD_INFO["ce"].teacher_logits
 
 
+@pytest.mark.parametrize("name", list(EXPECTED_LOSSES))
+def test_a_built_method_lives_on_the_device_of_the_models(name):
+    """Projectors and reused classifiers are built beside the models (a GPU run failed without it).
+
+    The meta device stands in for a GPU: a module left on the CPU shows as a CPU tensor.
+    """
+    teacher, student = (model.to("meta") for model in make_pair("resnet34", "resnet9"))
+    x = torch.empty(8, 3, 32, 32, device="meta")
+    method = build(name, teacher, student, "resnet34", "resnet9", x)
+    tensors = [*method.parameters(), *method.buffers()]
+    assert {t.device for t in tensors} <= {x.device}
+
+
 # every method on the ResNet pair; on the other pairs the methods whose layout handling differs
 LAYOUT_METHODS = ["fitnet_fc", "sp", "simkd", "simkd_ce_kd", "semckd", "featkd"]
 METHOD_CASES = ([("resnet34", "resnet9", m) for m in EXPECTED_LOSSES]

@@ -673,7 +673,7 @@ def build_method(name: str, teacher: nn.Module | None, student: nn.Module, *,
                    t_probe.shapes(), batch_size or sample_input.shape[0], feature_weight,
                    s_probe.layouts(sample_input), t_probe.layouts(sample_input),
                    kd_temperature=kd_temperature, kd_weight=kd_weight)
-    method = entry.build(setup)
+    method = entry.build(setup).to(sample_input.device)  # its projectors beside the models
     if method.detach_after is not None:
         teacher_outputs = TeacherOutputs(t_probe.features,
                                          t_probe.output if method.needs_teacher_logits else None)
