@@ -116,10 +116,13 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
                             "settings": {"device": args.device, "amp": args.amp, "batch_size": args.batch_size,
                                          "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
                                          "quick": args.quick},
-                            "steps": {}, "complete": False}
+                            "complete": False}
+    planned = steps(args, work)
+    # every step is listed from the start, so that a check cut short shows what it did not reach
+    data["steps"] = {step.name: {"command": step.shown(), "pending": True} for step in planned}
     path = results / "gpu_check.json"
     failed = []
-    for step in steps(args, work):
+    for step in planned:
         if step.name != "teacher" and "error" in data["steps"].get("teacher", {}):
             data["steps"][step.name] = {"command": step.shown(), "error": "skipped: the teacher failed"}
             continue

@@ -779,12 +779,20 @@ def section_gpu(results: Path) -> list[str]:
     device = d["machine"].get("cuda") or "no CUDA device"
     lines += [f"`{d['command']}` on {device}; one seed, final-epoch accuracy." +
               ("" if d.get("complete") else " **Incomplete or failed.**"), ""]
-    rows = [[name, f"`{step['command']}`", step["error"][:200].replace("\n", " ").replace("|", "/")
-             if "error" in step else number(100 * step["final_test_acc"], ".2f"),
-             number(step.get("images_per_s"), ".0f")] for name, step in d["steps"].items()]
+    rows = [[name, f"`{step['command']}`", _gpu_outcome(step), number(step.get("images_per_s"), ".0f")]
+            for name, step in d["steps"].items()]
     lines += table(["step", "command", "final test acc (%)", "images/s"], rows)
-    ratio = d.get("online_vs_cached_images_per_s")
+    speeds = [d["steps"].get(name, {}).get("images_per_s") for name in ("cuda_online", "cuda_cached")]
+    ratio = speeds[0] / speeds[1] if all(speeds) else None  # also when a later step was cut short
     return lines + (["", f"Online teacher / cached teacher images/s: {ratio:.2f}."] if ratio else []) + [""]
+
+
+def _gpu_outcome(step: dict[str, Any]) -> str:
+    if step.get("pending"):
+        return "not reached (the check stopped before this step)"
+    if "error" in step:
+        return step["error"][:200].replace("\n", " ").replace("|", "/")
+    return number(100 * step["final_test_acc"], ".2f")
 
 
 def section_quality_speed(found: dict[str, Any]) -> list[str]:

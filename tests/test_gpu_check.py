@@ -71,3 +71,36 @@ def test_refuses_without_cuda(tmp_path, capsys):
     assert "no CUDA GPU here" in capsys.readouterr().err
     assert gpu_check.main(["--device", "cpu", "--results", str(results)]) == 2
     assert "cpu only with --quick" in capsys.readouterr().err and not results.exists()
+
+
+def test_report_gives_the_online_cached_ratio_of_a_check_cut_short(tmp_path):
+    step = {"command": "featkd distill", "final_test_acc": 0.5}
+    data = {"command": "gpu_check.py", "machine": {"cuda": "a GPU"}, "complete": False,
+            "steps": {"cuda_cached": {**step, "images_per_s": 100.0},
+                      "cuda_online": {**step, "images_per_s": 250.0}}}
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "gpu_check.json").write_text(json.dumps(data))
+    text = "\n".join(report.section_gpu(tmp_path))
+    assert "**Incomplete or failed.**" in text and "Online teacher / cached teacher images/s: 2.50." in text
+
+
+def test_a_check_cut_short_lists_the_steps_it_did_not_reach(tmp_path, monkeypatch):
+    calls = []
+
+    def stopped_after_the_teacher(step, env):
+        if calls:
+            raise KeyboardInterrupt  # as a timeout's kill would stop it
+        calls.append(step.name)
+        return {"command": step.shown(), "final_test_acc": 0.5, "images_per_s": 10.0}
+
+    monkeypatch.setattr(gpu_check, "run_step", stopped_after_the_teacher)
+    argv = ["--quick", "--device", "cpu", "--work", str(tmp_path / "work"),
+            "--results", str(tmp_path / "out" / "gpu")]
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(argv)
+    data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
+    assert not data["complete"] and "pending" not in data["steps"]["teacher"]
+    assert all(step["pending"] for name, step in data["steps"].items() if name != "teacher")
+    text = "\n".join(report.section_gpu(tmp_path / "out"))
+    featkd = next(line for line in text.splitlines() if line.startswith("| featkd |"))
+    assert "not reached" in featkd and "**Incomplete or failed.**" in text
