@@ -14,7 +14,7 @@ run directory is complete, so a timed-out check continues where it stopped.
 2. The CUDA path, one epoch of featkd each: ``cuda_cached`` (teacher outputs computed once),
    ``cuda_online`` (teacher run every step) and ``cuda_torchrun`` (``torchrun
    --nproc_per_node 1``). Each must finish (a non-finite loss stops a run with an error).
-3. The mini-grid: resnet9 at full width, one seed, ``--epochs`` epochs, the teacher cached:
+3. The mini-grid: resnet9 at full width, one seed, ``--epochs`` epochs, ``--teacher-mode auto``:
    ce, kd, simkd, featkd (the paper's Q layers) and featkd_std.
 """
 
@@ -82,7 +82,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     for method in GRID_METHODS:
         layers = ["--select-by", "Q/paper"] if method == "featkd" else []
         found.append(Step(method, [*student, "--method", method, *layers, "--epochs", str(args.epochs),
-                                   "--teacher-mode", "cache"], work / "grid" / method))
+                                   "--teacher-mode", "auto"], work / "grid" / method))
     return found
 
 

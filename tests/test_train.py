@@ -238,6 +238,40 @@ def test_teacher_feed_modes(data, teacher):
     assert ce_feed(xb, idx) is None
 
 
+def test_auto_teacher_mode_runs_online_on_an_accelerator_when_the_cache_exceeds_its_budget(data, teacher,
+                                                                                             monkeypatch):
+    """On a GPU a memory-mapped cache is slower than the teacher itself; on the CPU it is still built.
+
+    The meta device stands in for an accelerator (it gives shapes, and a cache build on it would fail).
+    """
+    import copy
+
+    from featkd.distillation import OnlineTeacher, TeacherCache, build_method
+
+    train, _ = data
+    x, _, _ = train.batch(torch.arange(2))
+    method = build_method("kd", teacher, student(), teacher_layers=None, student_layers=None, num_classes=3,
+                          sample_input=x)
+    needed = TeacherCache.size_bytes(OnlineTeacher(teacher, [], True)(x), len(train))
+    assert needed == len(train) * 3 * 4  # float32 logits, 3 classes
+    on_meta = copy.deepcopy(teacher).to("meta")
+    feed = api.TeacherFeed(on_meta, train, "auto", torch.device("meta"), memory_budget_bytes=needed - 1)
+    feed.configure(method)
+    feed.prepare()
+    assert feed.mode == "online" and feed._cache is None
+    with monkeypatch.context() as patch:  # a cache that fits is built (no real build on meta)
+        patch.setattr(TeacherCache, "build", staticmethod(lambda *args, **kwargs: "built"))
+        feed = api.TeacherFeed(on_meta, train, "auto", torch.device("meta"), memory_budget_bytes=needed)
+        feed.configure(method)
+        feed.prepare()
+        assert feed.mode == "cache" and feed._cache == "built"
+    feed = api.TeacherFeed(teacher, train, "auto", torch.device("cpu"), memory_budget_bytes=1)
+    feed.configure(method)
+    feed.prepare()
+    assert feed.mode == "cache" and not feed._cache.in_memory  # memory-mapped files on the CPU
+    feed.close()
+
+
 class RecordingFeed(api.TeacherFeed):
     """A TeacherFeed that counts the calls the trainer and ``distill`` make."""
 

@@ -266,7 +266,10 @@ class TeacherFeed:
     ``mode`` "cache" computes the outputs once over the un-augmented training set
     (in :meth:`prepare`, which the trainer calls before its first epoch) and looks
     them up by sample index; "online" runs the teacher on every batch; "auto" is
-    "online" when the training set is augmented, else "cache".
+    "online" when the training set is augmented, else "cache", except on an
+    accelerator when the cache would not fit ``memory_budget_bytes``: there,
+    reading memory-mapped files back is slower than running the teacher (measured
+    on an H200, BENCHMARKS.md's GPU check), so "auto" runs it online.
     """
 
     def __init__(self, teacher: nn.Module, train_set: Any, mode: str, device: torch.device, *,
@@ -278,6 +281,7 @@ class TeacherFeed:
         if mode == "cache" and augment:
             raise ValueError("teacher_mode=cache needs an un-augmented training set")
         self.mode = mode if mode != "auto" else ("online" if augment else "cache")
+        self._online_when_large = mode == "auto" and torch.device(device).type != "cpu"
         self.teacher, self.train_set, self.device = teacher, train_set, device
         self.batch_size, self.memory_budget_bytes = batch_size, memory_budget_bytes
         self.cache_dir, self.progress = cache_dir, progress
@@ -303,6 +307,15 @@ class TeacherFeed:
         if self.mode != "cache" or not self.active or self._cache is not None:
             return
         from featkd.distillation import TeacherCache
+
+        if self._online_when_large:
+            x, _, _ = self.train_set.with_augment(False).batch(torch.arange(1))
+            needed = TeacherCache.size_bytes(self._online(x.to(self.device)), len(self.train_set))
+            if needed > self.memory_budget_bytes:
+                log.info("teacher outputs: online (a cache of %.1f GB exceeds cache_memory_mb on %s)",
+                         needed / 1e9, self.device)
+                self.mode = "online"
+                return
 
         self._cache = TeacherCache.build(
             self.teacher, self.train_set, self.layers, self.need_logits, self.batch_size, self.device,

@@ -220,7 +220,8 @@ class DistillConfig(RunConfig):
         "paper", "paper (the paper's fixed layers) or GL indices / module names", STUDENT_LAYER_KEYWORDS
     )
     teacher_mode: str = _opt(
-        "auto", "teacher outputs: cache (computed once), online, or auto (online when augmenting)",
+        "auto", "teacher outputs: cache (computed once), online, or auto (online when augmenting, or on "
+        "a GPU when the cache exceeds cache_memory_mb)",
         ("auto", "cache", "online"),
     )
     cache_memory_mb: int = _opt(4096, "teacher cache larger than this goes to memory-mapped files")

@@ -151,6 +151,14 @@ class TeacherCache:
         """True when the arrays are held in RAM rather than memory-mapped files."""
         return self.directory is None
 
+    @staticmethod
+    def size_bytes(outputs: TeacherOutputs, count: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes a cache of ``count`` samples takes, from one batch of ``outputs`` (logits float32)."""
+        per_sample = sum(math.prod(f.shape[1:]) for f in outputs.features) * (torch.finfo(dtype).bits // 8)
+        if outputs.logits is not None:
+            per_sample += outputs.logits.shape[1] * 4
+        return count * per_sample
+
     @property
     def nbytes(self) -> int:
         arrays = [*self._features, *([self._logits] if self._logits is not None else [])]
@@ -222,10 +230,7 @@ class _Storage:
     def __init__(self, first: TeacherOutputs, count: int, dtype: torch.dtype, budget: int,
                  cache_dir: str | Path | None) -> None:
         shapes = [tuple(f.shape[1:]) for f in first.features]
-        itemsize = torch.finfo(dtype).bits // 8
-        total = count * sum(math.prod(s) for s in shapes) * itemsize
-        if first.logits is not None:
-            total += count * first.logits.shape[1] * 4
+        total = TeacherCache.size_bytes(first, count, dtype)
         self.directory: Path | None = None
         self.lock: IO[bytes] | None = None
         if total <= budget:
