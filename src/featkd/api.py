@@ -232,8 +232,8 @@ def _quality_layers(
             return report.select(k, rule)
     if context.is_main:
         layers = candidate_layers(teacher, k)
-        log.info("measuring knowledge quality of teacher layers %s on %d training images", layers,
-                 len(train_set))
+        log.info("measuring knowledge quality of teacher layers %s on class-balanced subsets of %d "
+                 "training images", layers, len(train_set))
         report = measure(teacher, train_set.with_augment(False), layers, variant=variant, seed=seed,
                          device=device, subset_size=subset_size, model_name=name, progress=progress,
                          probe_set=probe_set)
