@@ -702,7 +702,9 @@ class SharedTeacherFeed:
     teacher layers share one ``TeacherCache`` (those features plus the logits,
     computed once by one pass over the un-augmented training set); one cache is held
     at a time, so run the methods grouped by their layer list. ``build_seconds``
-    records every cache build.
+    records every cache build. On an accelerator, a cache that would exceed
+    ``memory_budget_bytes`` is not built: the teacher runs online, as
+    ``featkd.api.TeacherFeed``'s "auto" does.
     """
 
     def __init__(self, teacher: nn.Module, train_set: Any, device: torch.device, *,
@@ -717,6 +719,7 @@ class SharedTeacherFeed:
         self._need_logits = False
         self._key: tuple[str, ...] | None = None
         self._cache: Any = None
+        self._online: Any = None   # instead of a cache too large for memory on an accelerator
 
     def configure(self, method: Any) -> None:
         """Serve ``method`` from now on (its teacher layers and whether it needs logits)."""
@@ -728,9 +731,17 @@ class SharedTeacherFeed:
         """Build the cache for the current method's layers unless it is the one held."""
         if self._want is None or self._key == self._want:
             return
-        from featkd.distillation import TeacherCache
+        from featkd.distillation import OnlineTeacher, TeacherCache, cache_size
 
         self.close()
+        if torch.device(self.device).type != "cpu":
+            online = OnlineTeacher(self.teacher, list(self._want), True)
+            needed = cache_size(online, self.train_set, self.device)
+            if needed > self.memory_budget_bytes:
+                log.info("teacher outputs for %s: online (a cache of %.1f GB exceeds the budget)",
+                         list(self._want) or "logits", needed / 1e9)
+                self._online, self._key = online, self._want
+                return
         start = time.perf_counter()
         self._cache = TeacherCache.build(self.teacher, self.train_set, list(self._want), True,
                                          self.batch_size, self.device, self.memory_budget_bytes,
@@ -746,7 +757,7 @@ class SharedTeacherFeed:
         if self._want is None:
             return None
         self.prepare()
-        out = self._cache.lookup(idx, self.device)
+        out = self._online(x) if self._online is not None else self._cache.lookup(idx, self.device)
         if not self._need_logits:
             out.logits = None
         return out
@@ -755,7 +766,7 @@ class SharedTeacherFeed:
         """Free the cache held (and delete its memory-mapped files)."""
         if self._cache is not None:
             self._cache.close()
-        self._cache, self._key = None, None
+        self._cache, self._online, self._key = None, None, None
 
 
 def run_info(run: Any) -> dict[str, Any]:

@@ -233,6 +233,28 @@ def test_shared_feed_builds_one_cache_per_layer_list():
     feed.close()
 
 
+def test_shared_feed_runs_the_teacher_online_on_an_accelerator_when_the_cache_is_too_large():
+    """The meta device stands in for an accelerator: no cache is built, the teacher runs per batch."""
+    import copy
+
+    from featkd.distillation import build_method
+    from featkd.layers import extract
+
+    train, _, teacher = _tiny_setup()
+    x = train.batch(torch.arange(2))[0]
+    method = build_method("fitnet", teacher, _student(), teacher_layers=[3, 7], student_layers=[1, 2],
+                          num_classes=3, sample_input=x)
+    on_meta = copy.deepcopy(teacher).to("meta")
+    feed = common.SharedTeacherFeed(on_meta, train, torch.device("meta"), memory_budget_bytes=1)
+    feed.configure(method)
+    out = feed(x.to("meta"), torch.tensor([0, 1]))
+    expected = [f.shape for f in extract(teacher, x, [3, 7])]
+    assert [f.shape for f in out.features] == expected
+    assert (out.logits is not None) == method.needs_teacher_logits
+    assert feed.build_seconds == []
+    feed.close()
+
+
 # --------------------------------------------------------------------------- scripts end to end (--quick)
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):

@@ -306,11 +306,10 @@ class TeacherFeed:
         """Build the cache (mode "cache") unless it exists."""
         if self.mode != "cache" or not self.active or self._cache is not None:
             return
-        from featkd.distillation import TeacherCache
+        from featkd.distillation import TeacherCache, cache_size
 
         if self._online_when_large:
-            x, _, _ = self.train_set.with_augment(False).batch(torch.arange(1))
-            needed = TeacherCache.size_bytes(self._online(x.to(self.device)), len(self.train_set))
+            needed = cache_size(self._online, self.train_set, self.device)
             if needed > self.memory_budget_bytes:
                 log.info("teacher outputs: online (a cache of %.1f GB exceeds cache_memory_mb on %s)",
                          needed / 1e9, self.device)

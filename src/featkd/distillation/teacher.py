@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from featkd.layers import FeatureTap, resolve_layers
 
-__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs", "remove_stale_caches"]
+__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs", "cache_size", "remove_stale_caches"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class OnlineTeacher:
             logits = self.teacher(x)
         features = [f.float() for f in tap.outputs]
         return TeacherOutputs(features, logits.float() if self.need_logits else None)
+
+
+def cache_size(online: OnlineTeacher, dataset, device: torch.device | str) -> int:
+    """Bytes a :class:`TeacherCache` of ``online``'s outputs over ``dataset`` takes (from one image)."""
+    x, _, _ = dataset.with_augment(False).batch(torch.arange(1))
+    return TeacherCache.size_bytes(online(x.to(device)), len(dataset))
 
 
 def _remove_directory(directory: Path | None, lock: IO[bytes] | None = None) -> None:
