@@ -35,6 +35,7 @@ from typing import Any
 # a GPU machine may hold a bare checkout: the package is read from src/ when it is not installed
 sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
 import common  # noqa: E402
+from featkd.train import read_metrics  # noqa: E402
 
 log = logging.getLogger("benchmarks.gpu_check")
 
@@ -103,6 +104,8 @@ def run_step(step: Step, env: dict[str, str]) -> dict[str, Any]:
     results = common.read_json(done)
     run = results["runs"][0] if "runs" in results else results
     entry.update({key: run.get(key) for key in ("final_test_acc", "final_val_acc", "train_time_s", "images_per_s")})
+    # one epoch's speed varies on a shared machine: the spread tells how far one number can be trusted
+    entry["images_per_s_per_epoch"] = [r["images_per_s"] for r in read_metrics(step.out)]
     entry["teacher_layers"] = results.get("teacher_layers")
     return entry
 

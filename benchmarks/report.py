@@ -779,12 +779,16 @@ def section_gpu(results: Path) -> list[str]:
     device = d["machine"].get("cuda") or "no CUDA device"
     lines += [f"`{d['command']}` on {device}; one seed, final-epoch accuracy." +
               ("" if d.get("complete") else " **Incomplete or failed.**"), ""]
-    rows = [[name, f"`{step['command']}`", _gpu_outcome(step), number(step.get("images_per_s"), ".0f")]
-            for name, step in d["steps"].items()]
-    lines += table(["step", "command", "final test acc (%)", "images/s"], rows)
+    rows = [[name, f"`{step['command']}`", _gpu_outcome(step), number(step.get("images_per_s"), ".0f"),
+             _spread(step.get("images_per_s_per_epoch"))] for name, step in d["steps"].items()]
+    lines += table(["step", "command", "final test acc (%)", "images/s", "per epoch, min–max"], rows)
     speeds = [d["steps"].get(name, {}).get("images_per_s") for name in ("cuda_online", "cuda_cached")]
     ratio = speeds[0] / speeds[1] if all(speeds) else None  # also when a later step was cut short
     return lines + (["", f"Online teacher / cached teacher images/s: {ratio:.2f}."] if ratio else []) + [""]
+
+
+def _spread(values: list[float] | None) -> str:
+    return f"{min(values):.0f}–{max(values):.0f}" if values else "–"
 
 
 def _gpu_outcome(step: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ def test_quick_check_runs_every_step_and_resumes(tmp_path):
     assert data["complete"] and set(data["steps"]) == expected
     for name, step in data["steps"].items():
         assert 0.0 <= step["final_test_acc"] <= 1.0 and step["images_per_s"] > 0, name
+        assert len(step["images_per_s_per_epoch"]) == 1 and step["images_per_s_per_epoch"][0] > 0, name
     assert data["steps"]["cuda_torchrun"]["command"].startswith("torchrun --nproc_per_node 1 -m featkd distill")
     assert "--teacher-mode online" in data["steps"]["cuda_online"]["command"]
     assert "--select-by Q/paper" in data["steps"]["featkd"]["command"]
@@ -39,6 +40,8 @@ def test_quick_check_runs_every_step_and_resumes(tmp_path):
     text = "\n".join(report.section_gpu(tmp_path / "out"))
     ce = next(line for line in text.splitlines() if line.startswith("| ce |"))
     assert "`featkd distill " in ce and f"| {100 * data['steps']['ce']['final_test_acc']:.2f} |" in ce
+    speed = data["steps"]["ce"]["images_per_s_per_epoch"][0]
+    assert ce.endswith(f"| {speed:.0f}–{speed:.0f} |")
     assert "Online teacher / cached teacher images/s" in text and "Incomplete" not in text
 
 

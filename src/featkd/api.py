@@ -267,9 +267,10 @@ class TeacherFeed:
     (in :meth:`prepare`, which the trainer calls before its first epoch) and looks
     them up by sample index; "online" runs the teacher on every batch; "auto" is
     "online" when the training set is augmented, else "cache", except on an
-    accelerator when the cache would not fit ``memory_budget_bytes``: there,
-    reading memory-mapped files back is slower than running the teacher (measured
-    on an H200, BENCHMARKS.md's GPU check), so "auto" runs it online.
+    accelerator when the cache would not fit ``memory_budget_bytes``: there the
+    teacher is cheap to run, while memory-mapped files cost disk, a filling pass
+    and a host copy per batch (one epoch on an H200 ran 1.5x faster online;
+    BENCHMARKS.md's GPU check), so "auto" runs it online.
     """
 
     def __init__(self, teacher: nn.Module, train_set: Any, mode: str, device: torch.device, *,
