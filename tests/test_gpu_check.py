@@ -29,6 +29,7 @@ def test_quick_check_runs_every_step_and_resumes(tmp_path):
         assert len(step["images_per_s_per_epoch"]) == 1 and step["images_per_s_per_epoch"][0] > 0, name
     assert data["steps"]["cuda_torchrun"]["command"].startswith("torchrun --nproc_per_node 1 -m featkd distill")
     assert "--teacher-mode online" in data["steps"]["cuda_online"]["command"]
+    assert "--teacher-mode cache --cache-memory-mb 32768" in data["steps"]["cuda_cached"]["command"]
     assert "--select-by Q/paper" in data["steps"]["featkd"]["command"]
     assert len(data["steps"]["featkd"]["teacher_layers"]) == 4 and data["online_vs_cached_images_per_s"] > 0
     # a rerun finds every run directory complete and trains nothing
