@@ -14,8 +14,8 @@ run directory is complete, so a timed-out check continues where it stopped.
 2. The CUDA path, one epoch of featkd each: ``cuda_cached`` (teacher outputs computed once,
    held in RAM: about 25 GB; the memory-mapped cache has its CPU tests and was 1.5x slower
    than online on an H200), ``cuda_online`` (teacher run every step) and ``cuda_torchrun``
-   (``torchrun --nproc_per_node 1``). Each must finish (a non-finite loss stops a run with
-   an error).
+   (``torchrun --nproc_per_node 1``), then ``cuda_quality`` (``featkd quality`` of the
+   teacher). Each must finish (a non-finite loss stops a run with an error).
 
 The defaults fit one 10-minute call on an H200, with its start: the first run of the
 check (2026-12-04, ``--teacher-epochs 5 --epochs 5``) took 53 s for the teacher, 36 to
@@ -41,6 +41,7 @@ from typing import Any
 # a GPU machine may hold a bare checkout: the package is read from src/ when it is not installed
 sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
 import common  # noqa: E402
+from featkd.selection import DEFAULT_RULE  # noqa: E402
 from featkd.train import read_metrics  # noqa: E402
 
 log = logging.getLogger("benchmarks.gpu_check")
@@ -59,6 +60,7 @@ class Step:
     argv: list[str]
     out: Path
     launcher: tuple[str, ...] = (sys.executable, "-m", "featkd")
+    done: str = "results.json"  # the file its command writes last
 
     @property
     def command(self) -> list[str]:
@@ -87,7 +89,9 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
                 "-m", "featkd")
     found += [Step("cuda_cached", [*featkd, *cached], work / "cuda_cached"),
               Step("cuda_online", [*featkd, "--teacher-mode", "online"], work / "cuda_online"),
-              Step("cuda_torchrun", [*featkd, *cached], work / "cuda_torchrun", torchrun)]
+              Step("cuda_torchrun", [*featkd, *cached], work / "cuda_torchrun", torchrun),
+              Step("cuda_quality", ["quality", "--checkpoint", str(teacher), "--device", args.device,
+                                    "--no-progress"], work / "cuda_quality", done="quality.json")]
     for method in GRID_METHODS:
         layers = ["--select-by", "Q/paper"] if method == "featkd" else []
         found.append(Step(method, [*student, "--method", method, *layers, "--epochs", str(args.epochs),
@@ -97,7 +101,7 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
 
 def run_step(step: Step, env: dict[str, str]) -> dict[str, Any]:
     """Run (or skip, when its run directory is complete) one step; its outcome and numbers."""
-    done = step.out / "results.json"
+    done = step.out / step.done
     entry: dict[str, Any] = {"command": step.shown()}
     if not done.is_file():
         step.out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,8 @@ def run_step(step: Step, env: dict[str, str]) -> dict[str, Any]:
         if finished.returncode != 0:
             return {**entry, "error": f"exit {finished.returncode}: {logfile.read_text()[-1500:]}"}
     results = common.read_json(done)
+    if step.done == "quality.json":
+        return {**entry, "layers_measured": len(results["layers"]), "selected": results["selected"][DEFAULT_RULE]}
     run = results["runs"][0] if "runs" in results else results
     entry.update({key: run.get(key) for key in ("final_test_acc", "final_val_acc", "train_time_s", "images_per_s")})
     # one epoch's speed varies on a shared machine: the spread tells how far one number can be trusted

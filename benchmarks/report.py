@@ -796,6 +796,8 @@ def _gpu_outcome(step: dict[str, Any]) -> str:
         return "not reached (the check stopped before this step)"
     if "error" in step:
         return step["error"][:200].replace("\n", " ").replace("|", "/")
+    if "selected" in step:  # the quality command: no accuracy, the layers it chose
+        return f"{step['layers_measured']} layers measured, selected {step['selected']}"
     return number(100 * step["final_test_acc"], ".2f")
 
 

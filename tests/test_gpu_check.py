@@ -22,8 +22,11 @@ def test_quick_check_runs_every_step_and_resumes(tmp_path):
             "--results", str(tmp_path / "out" / "gpu")]
     assert gpu_check.main(argv) == 0
     data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
-    expected = {"teacher", "cuda_cached", "cuda_online", "cuda_torchrun", *gpu_check.GRID_METHODS}
+    expected = {"teacher", "cuda_cached", "cuda_online", "cuda_torchrun", "cuda_quality", *gpu_check.GRID_METHODS}
     assert data["complete"] and set(data["steps"]) == expected
+    quality = data["steps"].pop("cuda_quality")
+    assert quality["command"].startswith("featkd quality --checkpoint ")
+    assert quality["layers_measured"] == 18 and len(quality["selected"]) == 4
     for name, step in data["steps"].items():
         assert 0.0 <= step["final_test_acc"] <= 1.0 and step["images_per_s"] > 0, name
         assert len(step["images_per_s_per_epoch"]) == 1 and step["images_per_s_per_epoch"][0] > 0, name
