@@ -16,12 +16,12 @@ run directory is complete, so a timed-out check continues where it stopped.
    than online on an H200), ``cuda_online`` (teacher run every step) and ``cuda_torchrun``
    (``torchrun --nproc_per_node 1``), then ``cuda_quality`` (``featkd quality`` of the
    teacher). Each must finish (a non-finite loss stops a run with an error).
+3. The mini-grid: resnet9 at full width, one seed, ``--epochs`` epochs, ``--teacher-mode auto``:
+   ce, kd, simkd, featkd (the paper's Q layers) and featkd_std.
 
 The defaults fit one 10-minute call on an H200, with its start: the first run of the
 check (2026-12-04, ``--teacher-epochs 5 --epochs 5``) took 53 s for the teacher, 36 to
 86 s per CUDA-path step and 37 to 50 s per grid run.
-3. The mini-grid: resnet9 at full width, one seed, ``--epochs`` epochs, ``--teacher-mode auto``:
-   ce, kd, simkd, featkd (the paper's Q layers) and featkd_std.
 """
 
 from __future__ import annotations

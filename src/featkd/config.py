@@ -224,7 +224,8 @@ class DistillConfig(RunConfig):
         "a GPU when the cache exceeds cache_memory_mb)",
         ("auto", "cache", "online"),
     )
-    cache_memory_mb: int = _opt(4096, "teacher cache larger than this goes to memory-mapped files")
+    cache_memory_mb: int = _opt(4096, "teacher cache larger than this goes to memory-mapped files (on a GPU, "
+                                "teacher_mode auto runs the teacher online instead)")
     quality_variant: str | None = _opt(None, "knowledge-quality variant for teacher_layers=auto (default: the "
                                        "select_by rule's, else paper)", VARIANTS)
     quality_subset: int = _opt(5000, "teacher_layers=auto: size of the class-balanced subset A")
