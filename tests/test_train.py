@@ -58,6 +58,19 @@ def without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+def test_distill_takes_method_and_layers_from_the_config_unless_given(data, teacher):
+    from featkd.config import DistillConfig
+
+    train, test = data
+    config = DistillConfig(method="fitnet", student_layers=[1, 2], teacher_layers=[3, 7], epochs=1, lr=0.01,
+                           **FAST)
+    from_config = api.distill(teacher, student, train, test, config=config)
+    assert from_config.extra["method"] == "fitnet" and from_config.extra["student_layers"] == [1, 2]
+    given = api.distill(teacher, student, train, test, config=config, method="kd")
+    assert given.extra["method"] == "kd" and given.extra["student_layers"] == []
+    assert config.method == "fitnet"  # the caller's config is not changed
+
+
 # ----------------------------------------------------------------------------- resume
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, data):
     train, test = data

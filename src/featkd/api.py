@@ -395,9 +395,9 @@ def distill(
     train_set: Any,
     test_set: Any,
     *,
-    method: str = "featkd",
+    method: str | None = None,
     teacher_layers: str | Sequence[int | str] | None = None,
-    student_layers: str | Sequence[int | str] = "paper",
+    student_layers: str | Sequence[int | str] | None = None,
     config: DistillConfig | None = None,
     teacher_name: str | None = None,
     student_name: str | None = None,
@@ -409,11 +409,15 @@ def distill(
 ) -> TrainResult:
     """Distil ``student`` from the trained ``teacher``; returns every run's history and the summary.
 
-    ``teacher_layers``: None (the method's default: "auto" for the featkd family,
-    else "standard"), "auto", "standard" or GL indices / module names.
+    ``config`` (a :class:`DistillConfig`) gives every setting; ``method``,
+    ``teacher_layers``, ``student_layers``, the names and ``options`` (its fields:
+    epochs, runs, out, teacher_mode, ...) override it where given (not None).
+    Without either, ``method`` is "featkd" and ``student_layers`` "paper".
+    ``teacher_layers``: None (the method's default: "auto" for featkd, featkd_ce and
+    featkd_ce_kd; the input of the teacher's classifier for simkd; none for ce, kd
+    and kd_std; else "standard"), "auto", "standard" or GL indices / module names.
     ``student_layers``: "paper" or GL indices / module names. ``teacher_name`` /
     ``student_name`` are zoo names for the layer tables and the default lr.
-    ``options`` are :class:`DistillConfig` fields (epochs, runs, out, teacher_mode, ...).
     ``val_set`` (a validation split held out of the training data) picks the best epoch.
 
     ``teacher_feed``: the teacher outputs to train from, instead of a new
