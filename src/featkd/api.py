@@ -12,8 +12,9 @@ rule ``select_by`` chooses (default :data:`featkd.selection.DEFAULT_RULE`);
 (``featkd.models.STANDARD_TEACHER_LAYERS``) and ``student_layers="paper"`` the
 paper's fixed student layers (``PAPER_STUDENT_LAYERS``). For models outside
 those tables (custom models, or when the zoo name is not given),
-``"standard"``/``"paper"`` pick 4 generalized layers evenly spread over GLs
-1 .. head-2 (the stem/input GL and the GL just below the head left out),
+``"paper"`` picks 4 generalized layers evenly spread over GLs 1 .. head-2
+(the stem/input GL and the GL just below the head left out) and ``"standard"``
+as many as the student has,
 see :func:`spread_layers`. ``simkd`` distils at the input of each model's
 classifier (:func:`featkd.layers.classifier_input`) unless given lists, of
 which it uses the deepest entries.
@@ -109,7 +110,8 @@ def _data_info(dataset: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- layers
 def spread_layers(model: nn.Module, k: int = 4) -> list[int]:
-    """``k`` GL indices evenly spread over GLs 1 .. head-2 (all below the head when fewer)."""
+    """``k`` GL indices evenly spread over GLs 1 .. head-2 (all of them when k or fewer; GLs 0 .. head-1
+    when the head is at GL 2 or below)."""
     from featkd.layers import generalized_layers, head_index
 
     head = head_index(model) or len(generalized_layers(model))
@@ -167,7 +169,9 @@ def resolve_teacher_layers(
     """``"auto"`` (the k layers ``rule`` chooses, default :data:`featkd.selection.DEFAULT_RULE`,
     among :func:`featkd.selection.candidate_layers`; the quality report goes to
     ``out/quality.json``; measured in ``variant``, default the rule's, else "paper"),
-    ``"standard"``, or a list. ``probe_set`` (a validation split,
+    ``"standard"``, or a list. ``name``: the teacher's zoo name (its standard list),
+    ``k``: the number of layers "auto" and a spread "standard" take, ``train_set``
+    and ``device``: where "auto" measures. ``probe_set`` (a validation split,
     never the test split) scores the layers' linear probe; without it the probe is scored
     on half of the training subset.
 

@@ -213,7 +213,8 @@ class DistillConfig(RunConfig):
     method: str = _opt("featkd", "distillation method (featkd.distillation.list_methods())")
     teacher_layers: str | list[int | str] | None = _opt(
         None,
-        "auto (top-k by the select_by rule), standard, or GL indices / module names; default per method",
+        "auto (k layers chosen by the select_by rule), standard, or GL indices / module names; default "
+        "per method",
         TEACHER_LAYER_KEYWORDS,
     )
     student_layers: str | list[int | str] = _opt(

@@ -20,8 +20,9 @@ memory budget and returns a :class:`QualityReport`. Besides S, I, E and Q,
 predictor the selection rules of :mod:`featkd.selection` can use.
 
 Products are float32 accumulated into float64 by default
-(:data:`DEFAULT_DTYPE`); every function takes ``dtype=torch.float64`` for
-float64 throughout.
+(:data:`DEFAULT_DTYPE`); every function that forms products (the Gram and
+spectrum functions, :func:`layer_quality`, :func:`measure`) takes
+``dtype=torch.float64`` for float64 throughout.
 
 Both variants take 0 * ln 0 = 0. The authors' released code meant to, but its
 guard constant underflows in float32, so there a class with an exact zero in

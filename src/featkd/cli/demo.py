@@ -1,7 +1,8 @@
 """``featkd demo``: the whole pipeline on the bundled digits data, in a few minutes on a CPU.
 
 1. train a teacher (ResNet34, narrow) with cross-entropy;
-2. measure the knowledge quality of every teacher layer and pick 4 by the
+2. measure the knowledge quality of every candidate teacher layer (GL 1 to the
+   last before the head) and pick 4 by the
    default selection rule (printed beside the paper's Q choice);
 3. distil a small student (ResNet9, narrower) with ``featkd`` and train the
    baselines (``ce``, ``kd``, ``fitnet``) on the same data, budget and seed;

@@ -43,10 +43,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--val-size", type=int, metavar="SIZE",
                         help="hold out a stratified validation split of this many training images, as "
                         "distill --val-size does: quality is measured on the rest, the probe scored on it "
-                        "(default: the run directory's)")
+                        "(default: the run directory's when its data are used, i.e. without --data)")
     parser.add_argument("--train-limit", type=int, metavar="LIMIT",
                         help="keep a stratified subset of this many training images (default: the run "
-                        "directory's)")
+                        "directory's when its data are used, i.e. without --data)")
     parser.add_argument("--width", type=_width, help="model width multiplier, e.g. 0.125 or 1/8 (default: "
                         "the run directory's, else 1)")
     parser.add_argument("--image-size", type=int, help="image size in pixels (default: the run "
@@ -65,7 +65,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--memory-gb", type=float, default=4.0, help="host memory budget (GB)")
+    parser.add_argument("--memory-gb", type=float, default=4.0, help="memory budget in GiB: half for the stored features (host), half for "
+                        "each layer's computation (on --device)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="a progress bar (only on a terminal)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",

@@ -82,7 +82,8 @@ def add_parsers(subparsers: Any) -> None:
     """Register ``train-teacher`` and ``distill``."""
     teacher = subparsers.add_parser(
         "train-teacher", help="train a model with cross-entropy (a teacher, or a scratch baseline)",
-        description="Train a zoo model with cross-entropy on a dataset; writes a run directory.",
+        description="Train a model (zoo, torchvision:NAME or timm:NAME) with cross-entropy on a dataset; "
+        "writes a run directory.",
         epilog=_TEACHER_EPILOG,
     )
     add_config_arguments(teacher, TrainConfig)
