@@ -3,6 +3,7 @@
 Prepared for a machine with one CUDA GPU (the CPU machines this project is built on have none):
 
     python benchmarks/gpu_check.py                         # -> benchmarks/results/gpu/gpu_check.json
+    python benchmarks/gpu_check.py --data-root DIR         # Fashion-MNIST's .gz files in DIR
     python benchmarks/gpu_check.py --quick --device cpu    # the same commands in seconds, synthetic data
 
 Every step is the real ``featkd`` command, run as a subprocess with its log in the work
@@ -76,6 +77,8 @@ def steps(args: argparse.Namespace, work: Path) -> list[Step]:
     """The teacher, the three CUDA-path runs and the grid, in order."""
     width = "1/16" if args.quick else "1"
     data = QUICK_DATA if args.quick else ["--data", "fashion_mnist", "--val-size", "5000"]
+    if args.data_root and not args.quick:
+        data += ["--data-root", args.data_root]
     shared = [*data, "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp,
               "--seed", "0", "--no-progress"]
     teacher = work / "teacher"
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-epochs", type=int, default=5, help="resnet34 teacher epochs")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of each grid run")
     parser.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
+    parser.add_argument("--data-root", help="folder of the four Fashion-MNIST .gz files (default: "
+                        "/usr/share/datasets/fashion-mnist, from the Debian package dataset-fashion-mnist)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny widths, synthetic data, 1 epoch: the commands, checked in seconds")
     parser.add_argument("--work", default=str(common.REPO_DIR / "benchmarks" / "work" / "gpu"),

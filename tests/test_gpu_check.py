@@ -49,6 +49,13 @@ def test_quick_check_runs_every_step_and_resumes(tmp_path):
     assert "Online teacher / cached teacher images/s" in text and "Incomplete" not in text
 
 
+def test_data_root_reaches_every_training_command(tmp_path):
+    args = gpu_check.build_parser().parse_args(["--data-root", "/data/fmnist"])
+    found = gpu_check.steps(args, tmp_path)
+    training = [step for step in found if step.name != "cuda_quality"]  # quality reads the teacher's run
+    assert all(step.argv[step.argv.index("--data-root") + 1] == "/data/fmnist" for step in training)
+
+
 def test_failed_teacher_skips_the_rest(tmp_path, monkeypatch):
     real_steps = gpu_check.steps
 
