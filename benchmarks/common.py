@@ -702,8 +702,8 @@ class SharedTeacherFeed:
     teacher layers share one ``TeacherCache`` (those features plus the logits,
     computed once by one pass over the un-augmented training set); one cache is held
     at a time, so run the methods grouped by their layer list. ``build_seconds``
-    records every cache build. On an accelerator, a cache that would exceed
-    ``memory_budget_bytes`` is not built: the teacher runs online, as
+    records every cache build. A cache that ``online_beats_cache`` rejects (too large,
+    on an accelerator) is not built: the teacher runs online, as
     ``featkd.api.TeacherFeed``'s "auto" does.
     """
 
@@ -731,17 +731,13 @@ class SharedTeacherFeed:
         """Build the cache for the current method's layers unless it is the one held."""
         if self._want is None or self._key == self._want:
             return
-        from featkd.distillation import OnlineTeacher, TeacherCache, cache_size
+        from featkd.distillation import OnlineTeacher, TeacherCache, online_beats_cache
 
         self.close()
-        if torch.device(self.device).type != "cpu":
-            online = OnlineTeacher(self.teacher, list(self._want), True)
-            needed = cache_size(online, self.train_set, self.device)
-            if needed > self.memory_budget_bytes:
-                log.info("teacher outputs for %s: online (a cache of %.1f GB exceeds the budget)",
-                         list(self._want) or "logits", needed / 1e9)
-                self._online, self._key = online, self._want
-                return
+        online = OnlineTeacher(self.teacher, list(self._want), True)
+        if online_beats_cache(online, self.train_set, self.device, self.memory_budget_bytes):
+            self._online, self._key = online, self._want
+            return
         start = time.perf_counter()
         self._cache = TeacherCache.build(self.teacher, self.train_set, list(self._want), True,
                                          self.batch_size, self.device, self.memory_budget_bytes,

@@ -271,10 +271,8 @@ class TeacherFeed:
     (in :meth:`prepare`, which the trainer calls before its first epoch) and looks
     them up by sample index; "online" runs the teacher on every batch; "auto" is
     "online" when the training set is augmented, else "cache", except on an
-    accelerator when the cache would not fit ``memory_budget_bytes``: there the
-    teacher is cheap to run, while memory-mapped files cost disk, a filling pass
-    and a host copy per batch (one epoch on an H200 ran 1.5x faster online;
-    BENCHMARKS.md's GPU check), so "auto" runs it online.
+    accelerator when the cache would not fit ``memory_budget_bytes``
+    (:func:`featkd.distillation.online_beats_cache`): "auto" then runs it online.
     """
 
     def __init__(self, teacher: nn.Module, train_set: Any, mode: str, device: torch.device, *,
@@ -286,7 +284,7 @@ class TeacherFeed:
         if mode == "cache" and augment:
             raise ValueError("teacher_mode=cache needs an un-augmented training set")
         self.mode = mode if mode != "auto" else ("online" if augment else "cache")
-        self._online_when_large = mode == "auto" and torch.device(device).type != "cpu"
+        self._auto = mode == "auto"
         self.teacher, self.train_set, self.device = teacher, train_set, device
         self.batch_size, self.memory_budget_bytes = batch_size, memory_budget_bytes
         self.cache_dir, self.progress = cache_dir, progress
@@ -311,15 +309,12 @@ class TeacherFeed:
         """Build the cache (mode "cache") unless it exists."""
         if self.mode != "cache" or not self.active or self._cache is not None:
             return
-        from featkd.distillation import TeacherCache, cache_size
+        from featkd.distillation import TeacherCache, online_beats_cache
 
-        if self._online_when_large:
-            needed = cache_size(self._online, self.train_set, self.device)
-            if needed > self.memory_budget_bytes:
-                log.info("teacher outputs: online (a cache of %.1f GB exceeds cache_memory_mb on %s)",
-                         needed / 1e9, self.device)
-                self.mode = "online"
-                return
+        if self._auto and online_beats_cache(self._online, self.train_set, self.device,
+                                             self.memory_budget_bytes):
+            self.mode = "online"
+            return
 
         self._cache = TeacherCache.build(
             self.teacher, self.train_set, self.layers, self.need_logits, self.batch_size, self.device,

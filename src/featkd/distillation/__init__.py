@@ -19,13 +19,13 @@ from .methods import (
 from .projectors import (
     BottleneckConv, PairProjector, SingleLayerConv, ThreeLayerConv, make_projector,
 )
-from .teacher import OnlineTeacher, TeacherCache, TeacherOutputs, cache_size
+from .teacher import OnlineTeacher, TeacherCache, TeacherOutputs, online_beats_cache
 
 __all__ = [
     "KD_DEFAULTS", "METHOD_INFO", "BottleneckConv", "DistillModel", "FeatureMSE", "Method",
     "MethodInfo", "OnlineTeacher", "PairProjector", "ReusedClassifier", "SemCKD", "SimKD",
     "SimilarityPreserving", "SingleLayerConv", "TappedNetwork", "TeacherCache", "TeacherOutputs",
-    "ThreeLayerConv", "align_spatial", "build_method", "cache_size", "ce", "feature_mse", "kd_loss",
-    "kd_std_loss", "list_methods", "make_projector", "semckd_loss", "similarity_preserving_loss",
-    "standardize_logits", "used_parameter_count",
+    "ThreeLayerConv", "align_spatial", "build_method", "ce", "feature_mse", "kd_loss",
+    "kd_std_loss", "list_methods", "make_projector", "online_beats_cache", "semckd_loss",
+    "similarity_preserving_loss", "standardize_logits", "used_parameter_count",
 ]

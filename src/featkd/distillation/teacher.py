@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from featkd.layers import FeatureTap, resolve_layers
 
-__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs", "cache_size", "remove_stale_caches"]
+__all__ = ["OnlineTeacher", "TeacherCache", "TeacherOutputs", "online_beats_cache", "remove_stale_caches"]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,23 @@ class OnlineTeacher:
         return TeacherOutputs(features, logits.float() if self.need_logits else None)
 
 
-def cache_size(online: OnlineTeacher, dataset, device: torch.device | str) -> int:
-    """Bytes a :class:`TeacherCache` of ``online``'s outputs over ``dataset`` takes (from one image)."""
+def online_beats_cache(online: OnlineTeacher, dataset, device: torch.device | str, budget_bytes: int) -> bool:
+    """Whether to run ``online`` per batch rather than cache its outputs over ``dataset``.
+
+    True on an accelerator when the cache would exceed ``budget_bytes`` (memory-mapped files):
+    there the teacher is cheap to run, while the files cost disk, a filling pass and a host copy
+    per batch (one epoch on an H200 ran 1.5x faster online; BENCHMARKS.md's GPU check). On the
+    CPU the teacher is the expensive part, so the cache is always built.
+    """
+    if torch.device(device).type == "cpu":
+        return False
     x, _, _ = dataset.with_augment(False).batch(torch.arange(1))
-    return TeacherCache.size_bytes(online(x.to(device)), len(dataset))
+    needed = TeacherCache.size_bytes(online(x.to(device)), len(dataset))
+    if needed <= budget_bytes:
+        return False
+    log.info("teacher outputs: online (a cache of %.1f GB exceeds the %.1f GB budget on %s)",
+             needed / 1e9, budget_bytes / 1e9, device)
+    return True
 
 
 def _remove_directory(directory: Path | None, lock: IO[bytes] | None = None) -> None:
