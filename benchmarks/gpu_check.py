@@ -7,8 +7,12 @@ Prepared for a machine with one CUDA GPU (the CPU machines this project is built
     python benchmarks/gpu_check.py --quick --device cpu    # the same commands in seconds, synthetic data
 
 Every step is the real ``featkd`` command, run as a subprocess with its log in the work
-directory; the results file is rewritten after each step, and a rerun skips the steps whose
-run directory is complete, so a timed-out check continues where it stopped.
+directory; the results file is rewritten after each step. A rerun runs only the steps that
+no earlier call with the same settings finished, and reuses a run directory that is complete:
+on the same machine a timed-out check continues where it stopped; a fresh GPU machine, which
+keeps no files between calls, trains its own teacher first. The results file records each call
+apart, with its machine, commit and teacher. ``--steps`` names the steps to run instead
+(``all``: every one).
 
 1. ``teacher``: ``featkd train-teacher`` resnet34 at full width on Fashion-MNIST (55,000
    images, 5,000 held out for validation, augmentation), bf16 autocast.
@@ -128,25 +132,35 @@ def run_step(step: Step, env: dict[str, str]) -> dict[str, Any]:
 
 
 def check(args: argparse.Namespace, argv: list[str]) -> int:
-    """Every step in order, the results file rewritten after each; 1 when any step failed."""
+    """Run the steps this call asks for in order, the results file rewritten after each; 1 when one failed.
+
+    Each call is recorded apart (its machine, commit, teacher and steps): a GPU machine keeps no
+    files between calls, so a later call trains its own teacher and runs only the steps that no
+    earlier call with the same settings finished.
+    """
     work, results = Path(args.work), Path(args.results)
+    path = results / "gpu_check.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO_DIR / "src"), env.get("PYTHONPATH")]))
-    data: dict[str, Any] = {"benchmark": "gpu_check", **common.run_record(argv, None),
-                            "settings": {"device": args.device, "amp": args.amp, "batch_size": args.batch_size,
-                                         "teacher_epochs": args.teacher_epochs, "epochs": args.epochs,
-                                         "quick": args.quick},
-                            "complete": False}
+    settings = {"device": args.device, "amp": args.amp, "batch_size": args.batch_size,
+                "teacher_epochs": args.teacher_epochs, "epochs": args.epochs, "quick": args.quick}
+    calls = earlier_calls(path, settings)
     planned = steps(args, work)
+    wanted = chosen_steps(planned, args.steps, finished_steps(calls))
+    if not wanted:
+        log.info("every step has run (%s); --steps all runs them again", path)
+        return 0
     # every step is listed from the start, so that a check cut short shows what it did not reach
-    data["steps"] = {step.name: {"command": step.shown(), "pending": True} for step in planned}
-    path = results / "gpu_check.json"
+    call: dict[str, Any] = {**common.run_record(argv, None), "settings": settings,
+                            "steps": {step.name: {"command": step.shown(), "pending": True} for step in wanted}}
+    data = {"benchmark": "gpu_check", "planned": [step.name for step in planned], "calls": [*calls, call],
+            "complete": False}
     failed = []
-    for step in planned:
-        if step.name != "teacher" and "error" in data["steps"].get("teacher", {}):
-            data["steps"][step.name] = {"command": step.shown(), "error": "skipped: the teacher failed"}
+    for step in wanted:
+        if step.name != "teacher" and "error" in call["steps"].get("teacher", {}):
+            call["steps"][step.name] = {"command": step.shown(), "error": "skipped: the teacher failed"}
             continue
-        data["steps"][step.name] = entry = run_step(step, env)
+        call["steps"][step.name] = entry = run_step(step, env)
         if "error" in entry:
             failed.append(step.name)
             log.error("%s failed: %s", step.name, entry["error"])
@@ -154,12 +168,53 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
             log.info("%s: final test acc %s, %s images/s", step.name, entry.get("final_test_acc"),
                      entry.get("images_per_s"))
         common.write_json(path, data)
-    data["complete"], data["finished"] = not failed, common.now()
-    data["online_vs_cached_images_per_s"] = _ratio(data["steps"], "cuda_online", "cuda_cached")
+    call["finished"] = common.now()
+    call["online_vs_cached_images_per_s"] = _ratio(call["steps"], "cuda_online", "cuda_cached")
+    data["complete"] = {step.name for step in planned} <= finished_steps(data["calls"])
     common.write_json(path, data)
-    print(json.dumps({name: {k: v for k, v in e.items() if k != "command"} for name, e in data["steps"].items()},
+    print(json.dumps({name: {k: v for k, v in e.items() if k != "command"} for name, e in call["steps"].items()},
                      indent=1))
     return 1 if failed else 0
+
+
+def earlier_calls(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls recorded in ``path`` with these settings (none when they differ: the check starts anew).
+
+    A file written before calls were recorded apart holds one call at its top level.
+    """
+    if not path.is_file():
+        return []
+    found = common.read_json(path)
+    calls = found.get("calls") or [{key: value for key, value in found.items() if key not in ("benchmark", "complete")}]
+    if calls[-1].get("settings") != settings:
+        log.info("%s was written with other settings (%s): starting anew", path, calls[-1].get("settings"))
+        return []
+    return calls
+
+
+def finished_steps(calls: list[dict[str, Any]]) -> set[str]:
+    """Names of the steps some call finished without an error."""
+    return {name for call in calls for name, entry in call["steps"].items()
+            if not entry.get("pending") and "error" not in entry}
+
+
+def chosen_steps(planned: list[Step], names: str | None, finished: set[str]) -> list[Step]:
+    """The steps to run: those named (``all``: every one), by default those not yet finished.
+
+    The teacher comes first whenever another step runs: they all read it.
+    """
+    known = [step.name for step in planned]
+    if names is None:
+        wanted = {name for name in known if name not in finished}
+    elif names == "all":
+        wanted = set(known)
+    else:
+        wanted = {name.strip() for name in names.split(",") if name.strip()}
+        if unknown := sorted(wanted - set(known)):
+            raise ValueError(f"unknown step(s) {', '.join(unknown)}; the steps: {', '.join(known)}")
+    if wanted:
+        wanted.add("teacher")
+    return [step for step in planned if step.name in wanted]
 
 
 def _ratio(found: dict[str, Any], a: str, b: str) -> float | None:
@@ -177,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128, help="images per optimizer step")
     parser.add_argument("--data-root", help="folder of the four Fashion-MNIST .gz files (default: "
                         "/usr/share/datasets/fashion-mnist, from the Debian package dataset-fashion-mnist)")
+    parser.add_argument("--steps", help="comma-separated steps to run, or all (default: the steps no earlier "
+                        "call with the same settings finished; the teacher runs whenever another step does)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny widths, synthetic data, 1 epoch: the commands, checked in seconds")
     parser.add_argument("--work", default=str(common.REPO_DIR / "benchmarks" / "work" / "gpu"),
@@ -201,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_check.py: error: no CUDA GPU here (torch.cuda.is_available() is False)", file=sys.stderr)
             return 2
     common.setup_logging()  # only once the arguments are accepted: a refusal configures nothing
-    return check(args, [str(Path(__file__))] + argv)
+    try:
+        return check(args, [str(Path(__file__))] + argv)
+    except ValueError as err:
+        print(f"gpu_check.py: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

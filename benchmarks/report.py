@@ -770,19 +770,41 @@ def section_throughput(found: dict[str, Any]) -> list[str]:
 
 
 def section_gpu(results: Path) -> list[str]:
-    """``gpu/gpu_check.json``: each step's command, accuracy and speed (a line saying it has not run, else)."""
+    """``gpu/gpu_check.json``: each call's steps, with command, accuracy and speed (a line saying it has not run, else)."""
     lines = ["## GPU check (`benchmarks/gpu_check.py`)", ""]
     path = results / "gpu" / "gpu_check.json"
     if not path.is_file():
         return lines + ["Not run yet: it needs a CUDA GPU (`python benchmarks/gpu_check.py`).", ""]
     d = common.read_json(path)
-    device = d["machine"].get("cuda") or "no CUDA device"
-    lines += [f"`{d['command']}` on {device}; one seed, final-epoch accuracy." +
-              ("" if d.get("complete") else " **Incomplete or failed.**"), ""]
+    calls = d.get("calls") or [d]  # a file from before calls were recorded apart holds one at its top level
+    if not d.get("complete"):
+        from gpu_check import finished_steps
+
+        missing = [name for name in d.get("planned", []) if name not in finished_steps(calls)]
+        lines += ["**Incomplete or failed.**" + (f" Not finished by any call yet: {', '.join(missing)}."
+                                                  if missing else ""), ""]
+    if len(calls) > 1:
+        lines += [f"{len(calls)} calls, each running the steps the earlier ones had not finished. A call on a "
+                  "fresh machine trains its own teacher (same recipe and seed): read each call's steps against "
+                  "its own teacher row.", ""]
+    for index, call in enumerate(calls, 1):
+        lines += _gpu_call(call, index if len(calls) > 1 else None)
+    return lines
+
+
+def _gpu_call(call: dict[str, Any], index: int | None) -> list[str]:
+    device = call["machine"].get("cuda") or "no CUDA device"
+    head = f"Call {index}: " if index else ""
+    parts = [f"`{call['command']}` on {device}"]
+    if call.get("git_commit"):
+        parts.append(f"commit {call['git_commit'][:12]}")
+    if call.get("started"):
+        parts.append(call["started"])
+    lines = [f"{head}{', '.join(parts)}; one seed, final-epoch accuracy.", ""]
     rows = [[name, f"`{step['command']}`", _gpu_outcome(step), number(step.get("images_per_s"), ".0f"),
-             _spread(step.get("images_per_s_per_epoch"))] for name, step in d["steps"].items()]
+             _spread(step.get("images_per_s_per_epoch"))] for name, step in call["steps"].items()]
     lines += table(["step", "command", "final test acc (%)", "images/s", "per epoch, min–max"], rows)
-    speeds = [d["steps"].get(name, {}).get("images_per_s") for name in ("cuda_online", "cuda_cached")]
+    speeds = [call["steps"].get(name, {}).get("images_per_s") for name in ("cuda_online", "cuda_cached")]
     ratio = speeds[0] / speeds[1] if all(speeds) else None  # also when a later step was cut short
     return lines + (["", f"Online teacher / cached teacher images/s: {ratio:.2f}."] if ratio else []) + [""]
 

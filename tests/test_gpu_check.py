@@ -4,6 +4,7 @@ without CUDA."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,33 +21,71 @@ import report  # noqa: E402
 def test_quick_check_runs_every_step_and_resumes(tmp_path):
     argv = ["--quick", "--device", "cpu", "--work", str(tmp_path / "work"),
             "--results", str(tmp_path / "out" / "gpu")]
+    results = tmp_path / "out" / "gpu" / "gpu_check.json"
+    # a first call that runs ce only (and the teacher, which every step reads)
+    assert gpu_check.main([*argv, "--steps", "ce"]) == 0
+    first = json.loads(results.read_text())
+    assert list(first["calls"][0]["steps"]) == ["teacher", "ce"] and not first["complete"]
+    text = "\n".join(report.section_gpu(tmp_path / "out"))
+    assert "**Incomplete or failed.** Not finished by any call yet: cuda_cached, " in text
+    # the next call's machine keeps no files: it trains its own teacher and runs every step but ce
+    shutil.rmtree(tmp_path / "work")
     assert gpu_check.main(argv) == 0
-    data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
+    data = json.loads(results.read_text())
     expected = {"teacher", "cuda_cached", "cuda_online", "cuda_torchrun", "cuda_quality", *gpu_check.GRID_METHODS}
-    assert data["complete"] and set(data["steps"]) == expected
-    quality = data["steps"].pop("cuda_quality")
+    assert data["complete"] and len(data["calls"]) == 2 and set(data["planned"]) == expected
+    steps = data["calls"][1]["steps"]
+    assert set(steps) == expected - {"ce"} and steps["teacher"]["wall_s"] > 0
+    quality = steps.pop("cuda_quality")
     assert quality["command"].startswith("featkd quality --checkpoint ")
     assert quality["layers_measured"] == 18 and len(quality["selected"]) == 4
-    for name, step in data["steps"].items():
+    for name, step in steps.items():
         assert 0.0 <= step["final_test_acc"] <= 1.0 and step["images_per_s"] > 0, name
         assert len(step["images_per_s_per_epoch"]) == 1 and step["images_per_s_per_epoch"][0] > 0, name
-    assert data["steps"]["cuda_torchrun"]["command"].startswith("torchrun --nproc_per_node 1 -m featkd distill")
-    assert "--teacher-mode online" in data["steps"]["cuda_online"]["command"]
-    assert "--teacher-mode cache --cache-memory-mb 32768" in data["steps"]["cuda_cached"]["command"]
-    assert "--select-by Q/paper" in data["steps"]["featkd"]["command"]
-    assert len(data["steps"]["featkd"]["teacher_layers"]) == 4 and data["online_vs_cached_images_per_s"] > 0
-    # a rerun finds every run directory complete and trains nothing
-    assert gpu_check.main(argv) == 0
-    again = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
-    assert all("wall_s" not in step for step in again["steps"].values())
-    assert again["steps"]["ce"]["final_test_acc"] == data["steps"]["ce"]["final_test_acc"]
-    # BENCHMARKS.md shows each step
+    assert steps["cuda_torchrun"]["command"].startswith("torchrun --nproc_per_node 1 -m featkd distill")
+    assert "--teacher-mode online" in steps["cuda_online"]["command"]
+    assert "--teacher-mode cache --cache-memory-mb 32768" in steps["cuda_cached"]["command"]
+    assert "--select-by Q/paper" in steps["featkd"]["command"]
+    assert len(steps["featkd"]["teacher_layers"]) == 4 and data["calls"][1]["online_vs_cached_images_per_s"] > 0
+    # a rerun finds every step finished and leaves the file as it was
+    before = results.read_text()
+    assert gpu_check.main(argv) == 0 and results.read_text() == before
+    # --steps runs a step again, reusing its complete run directory: nothing is trained
+    assert gpu_check.main([*argv, "--steps", "kd"]) == 0
+    again = json.loads(results.read_text())["calls"][2]["steps"]
+    assert list(again) == ["teacher", "kd"] and all("wall_s" not in step for step in again.values())
+    assert again["kd"]["final_test_acc"] == steps["kd"]["final_test_acc"]
+    # BENCHMARKS.md shows each call and step
     text = "\n".join(report.section_gpu(tmp_path / "out"))
+    assert "3 calls" in text and "Call 1: " in text and "Call 3: " in text and "Incomplete" not in text
     ce = next(line for line in text.splitlines() if line.startswith("| ce |"))
-    assert "`featkd distill " in ce and f"| {100 * data['steps']['ce']['final_test_acc']:.2f} |" in ce
-    speed = data["steps"]["ce"]["images_per_s_per_epoch"][0]
+    ce_step = first["calls"][0]["steps"]["ce"]
+    assert "`featkd distill " in ce and f"| {100 * ce_step['final_test_acc']:.2f} |" in ce
+    speed = ce_step["images_per_s_per_epoch"][0]
     assert ce.endswith(f"| {speed:.0f}–{speed:.0f} |")
-    assert "Online teacher / cached teacher images/s" in text and "Incomplete" not in text
+    assert "Online teacher / cached teacher images/s" in text
+
+
+def test_other_settings_start_the_check_anew(tmp_path):
+    path = tmp_path / "gpu_check.json"
+    settings = {"device": "cuda", "amp": "bf16", "epochs": 5}
+    call = {"command": "gpu_check.py", "machine": {}, "settings": settings,
+            "steps": {"teacher": {"final_test_acc": 0.9}, "ce": {"pending": True}}}
+    path.write_text(json.dumps({"benchmark": "gpu_check", "calls": [call]}))
+    assert gpu_check.earlier_calls(path, settings) == [call]
+    assert gpu_check.finished_steps([call]) == {"teacher"}
+    assert gpu_check.earlier_calls(path, {**settings, "epochs": 10}) == []
+    # a file from before calls were recorded apart holds its one call at the top level
+    path.write_text(json.dumps({"benchmark": "gpu_check", **call, "complete": False}))
+    assert gpu_check.earlier_calls(path, settings) == [call]
+
+
+def test_unknown_step_is_refused_before_anything_runs(tmp_path, capsys):
+    argv = ["--quick", "--device", "cpu", "--work", str(tmp_path / "work"),
+            "--results", str(tmp_path / "out"), "--steps", "ce,no_such_step"]
+    assert gpu_check.main(argv) == 2
+    assert "unknown step(s) no_such_step; the steps: teacher, " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 def test_data_root_reaches_every_training_command(tmp_path):
@@ -71,8 +110,9 @@ def test_failed_teacher_skips_the_rest(tmp_path, monkeypatch):
             "--results", str(tmp_path / "out" / "gpu")]
     assert gpu_check.main(argv) == 1
     data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
-    assert not data["complete"] and "no_such_model" in data["steps"]["teacher"]["error"]
-    assert data["steps"]["ce"]["error"] == "skipped: the teacher failed"
+    steps = data["calls"][0]["steps"]
+    assert not data["complete"] and "no_such_model" in steps["teacher"]["error"]
+    assert steps["ce"]["error"] == "skipped: the teacher failed"
     text = "\n".join(report.section_gpu(tmp_path / "out"))
     assert "**Incomplete or failed.**" in text and "| skipped: the teacher failed |" in text
     assert "Not run yet" in "\n".join(report.section_gpu(tmp_path / "nothing"))
@@ -113,8 +153,9 @@ def test_a_check_cut_short_lists_the_steps_it_did_not_reach(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         gpu_check.main(argv)
     data = json.loads((tmp_path / "out" / "gpu" / "gpu_check.json").read_text())
-    assert not data["complete"] and "pending" not in data["steps"]["teacher"]
-    assert all(step["pending"] for name, step in data["steps"].items() if name != "teacher")
+    steps = data["calls"][0]["steps"]
+    assert not data["complete"] and "pending" not in steps["teacher"]
+    assert all(step["pending"] for name, step in steps.items() if name != "teacher")
     text = "\n".join(report.section_gpu(tmp_path / "out"))
     featkd = next(line for line in text.splitlines() if line.startswith("| featkd |"))
     assert "not reached" in featkd and "**Incomplete or failed.**" in text
