@@ -232,8 +232,8 @@ def sorted_cells(cells: dict[tuple, Any]) -> list[tuple[tuple, Any]]:
 
 # --------------------------------------------------------------------------- sections
 TEST_NAMES = {"welch": "Welch's t-test (t distribution with Welch–Satterthwaite degrees of freedom)",
-              "bootstrap": f"a percentile bootstrap ({stats.BOOTSTRAP_RESAMPLES:,} resamples, seed 0; p is twice "
-                           "the smaller share of resampled differences on either side of 0)"}
+              "bootstrap": f"a studentized bootstrap of Welch's statistic ({stats.BOOTSTRAP_RESAMPLES:,} resamples, "
+                           "seed 0; p is the share of resampled |t| at least the observed one)"}
 
 
 def method_of_test(test: str) -> str:

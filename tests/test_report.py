@@ -302,7 +302,7 @@ def test_old_format_files_still_render(results):
 
 def test_bootstrap_option(results):
     text = render(results, "--test", "bootstrap")
-    assert "percentile bootstrap" in section(text, "## Summary")
+    assert "studentized bootstrap" in section(text, "## Summary")
     cell = section(text, f"### {PAIR}, full regime")
     assert row(cell, "featkd vs ce")[-1] == "**better**"
     assert row(cell, "featkd vs featkd_std")[-1] == "no significant difference"
