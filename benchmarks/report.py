@@ -331,19 +331,28 @@ def tally_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
     def tally(selected: list[CellStats]) -> list[str]:
         rows = []
         for a, b, question in COMPARISONS:
-            found = [s.comparisons[(a, b)] for s in selected if s.comparisons.get((a, b)) is not None]
+            found = [(s.comparisons[(a, b)], s.holm[(a, b)]) for s in selected
+                     if s.comparisons.get((a, b)) is not None]
             if found:
-                rows.append([f"{a} vs {b}", question] + [str(sum(c.verdict == v for c in found)) for v in VERDICTS])
+                rows.append([f"{a} vs {b}", question] + [_count(found, v) for v in VERDICTS])
         return table(["comparison", "question"] + list(VERDICTS), rows) if rows else ["No comparison was run."]
 
     sensitive = [s for s in analysed.values() if s.sensitive]
     lines = [f"Verdicts over all {len(analysed)} cells (a comparison counts in a cell once both its methods "
-             "have run):", ""] + tally(list(analysed.values())) + [""]
+             "have run; where fewer of the better or worse verdicts stay significant after Holm's correction "
+             "within their cell, the brackets say how many):", ""] + tally(list(analysed.values())) + [""]
     if not sensitive:
         return lines + ["Over sensitive cells only: none (no cell is sensitive).", ""]
     if len(sensitive) == len(analysed):
         return lines + ["Every cell is sensitive: the counts over sensitive cells alone are the same.", ""]
     return lines + [f"The same over the {len(sensitive)} sensitive cell(s) only:", ""] + tally(sensitive) + [""]
+
+
+def _count(found: list[tuple[stats.Comparison, float | None]], verdict: str) -> str:
+    """How many comparisons have ``verdict``; for better/worse also how many of them survive Holm, when fewer."""
+    holm = [adjusted for comparison, adjusted in found if comparison.verdict == verdict]
+    kept = sum(adjusted is not None and adjusted < stats.ALPHA for adjusted in holm)
+    return f"{len(holm)} ({kept} after Holm)" if verdict in ("better", "worse") and kept < len(holm) else str(len(holm))
 
 
 def multiplicity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import common  # noqa: E402
 import report  # noqa: E402
+import stats  # noqa: E402
 
 PAIR = "resnet34-resnet9"
 TEACHER_ACC = 0.92
@@ -150,7 +151,7 @@ def test_sensitivity_flags_and_summary(results):
     assert f"**Sensitive cells (1 of 2 judged)**: {PAIR} full (kd beat ce)." in summary
     assert "Not judged yet" not in summary
     assert "No cell is sensitive" not in summary
-    assert "Verdicts over all 2 cells (a comparison counts in a cell once both its methods have run)" in summary
+    assert "Verdicts over all 2 cells (a comparison counts in a cell once both its methods have run;" in summary
     every_cell, sensitive_cells = summary.split("The same over the 1 sensitive cell(s) only")
     # featkd vs ce: better in the full cell, no significant difference in the low cell
     assert row(every_cell, "featkd vs ce")[2:] == ["1", "1", "0", "0"]
@@ -161,6 +162,23 @@ def test_sensitivity_flags_and_summary(results):
     low = [line for line in summary.splitlines() if line.startswith(f"| {PAIR} | low |")]
     assert len(low) == 1 and "| no |" in low[0] and "no significant difference" in low[0]
     assert "p-values are per comparison, not corrected" in summary
+    # a better or worse verdict that does not survive Holm's correction within its cell is counted apart
+    cell = section(text, f"### {PAIR}, full regime")
+    for a, b in (("featkd", "kd"), ("featkd", "fitnet"), ("featkd", "featkd_ce_kd")):
+        verdict, holm = row(cell, f"{a} vs {b}")[-1], float(row(cell, f"{a} vs {b}")[5].lstrip("<"))
+        column = 2 if verdict.startswith("**better**") else 4
+        counted = row(sensitive_cells, f"{a} vs {b}")[column]
+        assert counted == ("1" if holm < 0.05 else "1 (0 after Holm)"), (a, b, holm, counted)
+
+
+def test_verdict_counts_say_how_many_survive_holm():
+    better = stats.welch([88.0, 88.1, 87.9], [85.0, 85.2, 84.8])
+    worse = stats.welch([85.0, 85.2, 84.8], [88.0, 88.1, 87.9])
+    unclear = stats.welch([85.0, 86.0, 84.0], [85.5, 86.4, 84.6])
+    found = [(better, 0.001), (better, 0.2), (worse, 0.01), (unclear, 1.0)]
+    assert report._count(found, "better") == "2 (1 after Holm)"
+    assert report._count(found, "worse") == "1"
+    assert report._count(found, "no significant difference") == "1" and report._count(found, "n/a") == "0"
 
 
 def test_close_verdicts_on_too_few_seeds_are_listed_with_the_command_that_extends_them(results):
