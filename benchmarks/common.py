@@ -58,6 +58,13 @@ METHODS = ("ce", "kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd",
 #: the logit-based baselines the ARI compares featkd with
 BASELINES = ("kd", "kd_std", "fitnet", "fitnet_fc", "sp", "simkd", "semckd")
 ARI_MIN_GAIN = 0.5  # percentage points over ce a baseline needs to enter the ARI
+CONVERGED_POINTS = 0.3  # validation points a longer ce run may still gain for the budget to count as enough
+
+
+def budget_converged(val_gain_points: float) -> bool:
+    """Whether a longer ce run's validation gain (points) leaves the budget converged; rounded so that
+    float noise (0.853 - 0.850 is 0.30000000000000027 points) does not decide."""
+    return round(val_gain_points, 6) <= CONVERGED_POINTS
 
 
 def rows() -> tuple[str, ...]:

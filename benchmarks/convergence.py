@@ -31,7 +31,6 @@ from common import PAIRS, Job, Scale
 
 log = logging.getLogger("benchmarks.convergence")
 
-CONVERGED_POINTS = 0.3  # largest gain in validation accuracy (points) the longer budget may bring
 
 
 def long_epochs(scale: Scale, student: str, regime: str) -> int:
@@ -71,7 +70,7 @@ def verdict(budget: dict[str, Any], long: dict[str, Any]) -> dict[str, Any]:
     val_gain = 100.0 * (long["final_val_acc"] - budget["final_val_acc"])
     test_gain = 100.0 * (long["final_test_acc"] - budget["final_test_acc"])
     return {"val_gain_points": val_gain, "test_gain_points": test_gain,
-            "converged": round(val_gain, 2) <= CONVERGED_POINTS, "threshold_points": CONVERGED_POINTS}
+            "converged": common.budget_converged(val_gain), "threshold_points": common.CONVERGED_POINTS}
 
 
 def check_cell(scale: Scale, pair_name: str, regime: str, work: Path, results: Path,

@@ -27,7 +27,6 @@ import stats
 import validity_report
 from common import BASELINES, METHODS
 
-CONVERGENCE_TOLERANCE = 0.3  # validation points a longer ce run may still gain for the budget to count as enough
 SMALL_GAP = 2.0  # points: a teacher closer than this to ce leaves little to distil
 REJECTED_BUDGETS = "convergence_rejected_budgets"  # sub-folder of the convergence checks that failed a budget
 
@@ -378,8 +377,8 @@ def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
         return 100 * (long[key] - budget[key])
 
     val = gain("final_val_acc")
-    return {"val_gain": val, "test_gain": gain("final_test_acc"),  # rounded: 0.853 - 0.850 is 0.3 points
-            "passed": None if val is None else round(val, 6) <= CONVERGENCE_TOLERANCE}
+    return {"val_gain": val, "test_gain": gain("final_test_acc"),
+            "passed": None if val is None else common.budget_converged(val)}
 
 
 def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]]) -> list[str]:
@@ -392,7 +391,7 @@ def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[s
     pending = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is None]
     unchecked = [f"{p} {r}" for p, r in sorted(expected) if (p, r) not in checks]
     passed = sum(c["passed"] is True for c in checks.values())
-    text = (f"Convergence check (ce gains ≤ {CONVERGENCE_TOLERANCE} validation points with a longer budget): "
+    text = (f"Convergence check (ce gains ≤ {common.CONVERGED_POINTS} validation points with a longer budget): "
             f"{passed} of {len(checks)} cells pass")
     text += f"; **not converged**: {', '.join(failed)}" if failed else ""
     text += f"; pending: {', '.join(pending)}" if pending else ""
@@ -591,7 +590,7 @@ def section_convergence(found: dict[str, Any]) -> list[str]:
     if not runs and not found.get("rejected"):
         return lines + ["No results yet (`convergence_<pair>_<regime>.json`; see benchmarks/README.md).", ""]
     lines += [f"ce, one seed, trained for the budget of the grid and for a longer budget. The budget counts as "
-              f"converged when the longer run's final validation accuracy is at most {CONVERGENCE_TOLERANCE} "
+              f"converged when the longer run's final validation accuracy is at most {common.CONVERGED_POINTS} "
               "points higher; the test accuracy is shown but decides nothing.", ""]
     header = ["pair", "regime", "seed", "epochs", "val acc (%)", "val gain (points)", "test acc (%)",
               "test gain (points)", "verdict"]

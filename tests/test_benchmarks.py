@@ -56,6 +56,15 @@ def test_ari_chooses_its_baselines_on_validation_gains():
         "no baseline gains 0.5 points or more over ce on validation")
 
 
+def test_convergence_verdict_is_one_rule_for_the_script_and_the_report():
+    assert common.budget_converged(100 * (0.853 - 0.850))  # 0.30000000000000027 points: float noise
+    assert not common.budget_converged(0.32) and common.budget_converged(-1.0)
+    for budget, long, converged in ((0.850, 0.853, True), (0.850, 0.8532, False)):
+        runs = {"final_val_acc": budget, "final_test_acc": 0.84}, {"final_val_acc": long, "final_test_acc": 0.85}
+        assert convergence.verdict(*runs)["converged"] is converged
+        assert report.convergence_check({"budget": runs[0], "long": runs[1]})["passed"] is converged
+
+
 def test_derived_gains_and_ari_use_validation_for_the_choice():
     def entry(test: float, val: float) -> dict:
         return {"final_test_acc": {"mean": test, "std": 0.01}, "test_acc_at_best_val": {"mean": test, "std": 0.01},
