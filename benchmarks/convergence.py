@@ -2,18 +2,22 @@
 
 For every pair's student and every regime, the student is trained alone with
 cross-entropy (exactly the grid's ``ce`` recipe: same data, validation split,
-optimizer, schedule and seed 0) twice: for the scale's epochs, and for
-the regime's ``convergence_factor`` times as many (1.5x or 2x). The budget counts as converged
-when the longer run's final validation accuracy is at most 0.3 points higher;
-the test accuracies are reported beside it but decide nothing. One results file
+optimizer and schedule) twice per seed: for the scale's epochs, and for the
+regime's ``convergence_factor`` times as many (1.5x or 2x). The budget counts as
+converged when the longer runs' final validation accuracy is, on average over the
+seeds, at most 0.3 points higher; the test accuracies are reported beside it but
+decide nothing. One seed (0) by default; ``--seeds N`` checks seeds 0..N-1 and gives
+the mean gain a 95 % interval, for a verdict near the threshold. One results file
 per (pair, regime): ``convergence_<pair>_<regime>.json``.
 
 Students train from scratch and need no teacher, so this runs while the
-teachers train. Both runs resume like every other run (run directories under
-``<work>/convergence/``).
+teachers train. Every run resumes like every other run (run directories under
+``<work>/convergence/``), and a seed already in the results file, checked at the
+same budgets, is kept rather than trained again (also on a fresh checkout).
 
     python benchmarks/convergence.py                          # every pair and regime of the default scale
     python benchmarks/convergence.py --pairs vit_b-vit_et --regimes full
+    python benchmarks/convergence.py --pairs vgg19_bn-vgg11_bn --regimes low --seeds 3
     python benchmarks/convergence.py --quick                  # seconds, synthetic data
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import stats
 from common import PAIRS, Job, Scale
 
 log = logging.getLogger("benchmarks.convergence")
@@ -40,20 +45,20 @@ def long_epochs(scale: Scale, student: str, regime: str) -> int:
     return max(epochs + 1, round(factor * epochs))
 
 
-def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path) -> dict[str, Any]:
-    """Train ``pair_name``'s student alone with CE for ``epochs`` (seed 0); its final accuracies."""
+def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path, seed: int = 0) -> dict[str, Any]:
+    """Train ``pair_name``'s student alone with CE for ``epochs`` (one seed); its final accuracies."""
     from featkd.api import train_teacher
     from featkd.config import TrainConfig
 
     pair = PAIRS[pair_name]
     train, val, test = common.load_regime(scale, regime)
     width = scale.student_widths[pair.student]
+    out = work / "convergence" / pair.student / regime / (f"epochs-{epochs}" + (f"-seed-{seed}" if seed else ""))
     config = TrainConfig(
         data=scale.data, data_root=scale.data_root, train_limit=scale.regimes[regime], val_size=scale.val_size,
-        data_options=dict(scale.data_options), epochs=epochs, batch_size=scale.batch_size, runs=1, seed=0,
+        data_options=dict(scale.data_options), epochs=epochs, batch_size=scale.batch_size, runs=1, seed=seed,
         eval_every=scale.eval_every.get(regime, 1),
-        device=scale.device, progress=False, model=pair.student, width=width,
-        out=str(work / "convergence" / pair.student / regime / f"epochs-{epochs}"),
+        device=scale.device, progress=False, model=pair.student, width=width, out=str(out),
     )
     start = time.perf_counter()
     result = train_teacher(lambda: common.create(pair.student, width, train), train, test, config=config,
@@ -65,48 +70,97 @@ def train_ce(scale: Scale, pair_name: str, regime: str, epochs: int, work: Path)
             "run_dir": config.out, "wall_s": time.perf_counter() - start, "finished": result.finished}
 
 
-def verdict(budget: dict[str, Any], long: dict[str, Any]) -> dict[str, Any]:
-    """Gains of the longer budget (points) and whether the budget counts as converged."""
-    val_gain = 100.0 * (long["final_val_acc"] - budget["final_val_acc"])
-    test_gain = 100.0 * (long["final_test_acc"] - budget["final_test_acc"])
-    return {"val_gain_points": val_gain, "test_gain_points": test_gain,
-            "converged": common.budget_converged(val_gain), "threshold_points": common.CONVERGED_POINTS}
+def gains(budget: dict[str, Any], long: dict[str, Any]) -> dict[str, float]:
+    """What the longer budget gained over the budget in one seed, in points."""
+    return {"val_gain_points": 100.0 * (long["final_val_acc"] - budget["final_val_acc"]),
+            "test_gain_points": 100.0 * (long["final_test_acc"] - budget["final_test_acc"])}
+
+
+def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean gains over the seeds' runs, the validation gain's 95 % interval (two seeds or more), and
+    whether the budget counts as converged (the mean validation gain is at most the threshold)."""
+    val = [run["val_gain_points"] for run in runs]
+    test = [run["test_gain_points"] for run in runs]
+    mean, interval = stats.mean_interval(val)
+    return {"val_gain_points": mean, "val_gain_ci": interval, "test_gain_points": sum(test) / len(test),
+            "converged": common.budget_converged(mean), "threshold_points": common.CONVERGED_POINTS}
+
+
+def kept_runs(path: Path, identity: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The seeds' runs of an earlier results file checked the same way (same ``identity``), by seed.
+
+    A file written before checks had several seeds holds seed 0's runs at its top level.
+    """
+    if not path.is_file():
+        return {}
+    found = common.read_json(path)
+    if any(found.get(key) != value for key, value in identity.items()):
+        log.warning("%s was written for other budgets or data: its runs are not kept", path)
+        return {}
+    runs = found.get("runs") or [{"seed": found.get("seed", 0), "budget": found["budget"], "long": found["long"],
+                                  "command": found.get("command"), "git_commit": found.get("git_commit")}]
+    return {run["seed"]: {**run, **gains(run["budget"], run["long"])} for run in runs}
 
 
 def check_cell(scale: Scale, pair_name: str, regime: str, work: Path, results: Path,
-               record: dict[str, Any]) -> dict[str, Any]:
-    """Both runs of one (pair, regime) and its results file."""
+               record: dict[str, Any], seeds: int = 1) -> dict[str, Any]:
+    """Both runs of each seed of one (pair, regime); the results file is rewritten after each seed."""
     pair = PAIRS[pair_name]
-    budget = train_ce(scale, pair_name, regime, scale.budget(pair.student, regime), work)
-    long = train_ce(scale, pair_name, regime, long_epochs(scale, pair.student, regime), work)
-    data = {"benchmark": "convergence", "pair": pair.name, "regime": regime, "student": pair.student,
-            "student_width": scale.student_widths[pair.student], "seed": 0, "method": "ce",
-            "train_images": scale.regimes[regime], "val_images": scale.val_size,
-            "budget_epochs": budget["epochs"], "long_epochs": long["epochs"], "budget": budget, "long": long,
-            **verdict(budget, long), **record, "finished": common.now()}
-    common.write_json(results / f"convergence_{pair.name}_{regime}.json", data)
-    log.info("%s %s: ce val %.4f at %d epochs, %.4f at %d (%+.2f points): %s", pair.name, regime,
-             budget["final_val_acc"], budget["epochs"], long["final_val_acc"], long["epochs"],
-             data["val_gain_points"], "converged" if data["converged"] else "NOT converged")
+    path = results / f"convergence_{pair.name}_{regime}.json"
+    identity = {"pair": pair.name, "regime": regime, "student": pair.student,
+                "student_width": scale.student_widths[pair.student], "train_images": scale.regimes[regime],
+                "val_images": scale.val_size, "budget_epochs": scale.budget(pair.student, regime),
+                "long_epochs": long_epochs(scale, pair.student, regime)}
+    runs = kept_runs(path, identity)
+    missing = sorted(set(range(seeds)) - set(runs))
+    if not missing:
+        log.info("%s %s: seeds %s checked earlier, kept", pair.name, regime, sorted(runs))
+    for seed in missing:
+        budget = train_ce(scale, pair_name, regime, identity["budget_epochs"], work, seed)
+        long = train_ce(scale, pair_name, regime, identity["long_epochs"], work, seed)
+        runs[seed] = {"seed": seed, "budget": budget, "long": long, **gains(budget, long),
+                      "command": record["command"], "git_commit": record["git_commit"]}
+        log.info("%s %s seed %d: ce val %.4f at %d epochs, %.4f at %d", pair.name, regime, seed,
+                 budget["final_val_acc"], budget["epochs"], long["final_val_acc"], long["epochs"])
+        common.write_json(path, cell_data(identity, [runs[s] for s in sorted(runs)], record))
+    data = {**common.read_json(path), **verdict([runs[s] for s in sorted(runs)])}  # as written, or as kept
+    log.info("%s %s: ce val gain %+.2f points over %d seed(s): %s", pair.name, regime, data["val_gain_points"],
+             len(runs), "converged" if data["converged"] else "NOT converged")
     return data
 
 
+def cell_data(identity: dict[str, Any], runs: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """The results file of one (pair, regime): its runs by seed and their verdict; ``record`` is the
+    latest command's (each run also names the command that trained it)."""
+    return {"benchmark": "convergence", **identity, "method": "ce", "seeds": [run["seed"] for run in runs],
+            "runs": runs, **verdict(runs), **record, "finished": common.now()}
+
+
 def run_checks(scale: Scale, pairs: list[str], regimes: list[str], work: Path, results: Path, workers: int,
-               threads: int, argv: list[str]) -> int:
+               threads: int, argv: list[str], seeds: int = 1) -> int:
     """Every (pair, regime) check as one job; returns 0 when every budget is converged."""
     record = common.run_record(argv, threads, workers)
-    jobs = [Job(f"{p} {r}", check_cell, (scale, p, r, work, results, record)) for p in pairs for r in regimes]
+    jobs = [Job(f"{p} {r}", check_cell, (scale, p, r, work, results, record, seeds))
+            for p in pairs for r in regimes]
     outcome = common.run_jobs(jobs, workers, threads)
     failed = {name: err for name, err in outcome.items() if isinstance(err, Exception)}
     for name, err in failed.items():
         print(f"FAILED {name}: {err}", file=sys.stderr)
     for name, data in outcome.items():
         if isinstance(data, dict):
-            print(f"{name}: ce val {100 * data['budget']['final_val_acc']:.2f} at {data['budget_epochs']} epochs, "
-                  f"{100 * data['long']['final_val_acc']:.2f} at {data['long_epochs']} "
-                  f"({data['val_gain_points']:+.2f} points): {'converged' if data['converged'] else 'NOT converged'}")
+            print(f"{name}: {data['budget_epochs']} -> {data['long_epochs']} epochs, ce val gain "
+                  f"{describe_gain(data)}: {'converged' if data['converged'] else 'NOT converged'}")
     slow = [name for name, data in outcome.items() if isinstance(data, dict) and not data["converged"]]
     return 1 if failed or slow else 0
+
+
+def describe_gain(data: dict[str, Any]) -> str:
+    """'+0.34 points (seed 0)' or '+0.12 [-0.40, +0.64] points (seeds 0, 1, 2)'."""
+    interval = data.get("val_gain_ci")
+    ci = f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else ""
+    seeds = data.get("seeds") or [data.get("seed", 0)]
+    return f"{data['val_gain_points']:+.2f}{ci} points (seed{'s' if len(seeds) > 1 else ''} " \
+           f"{', '.join(map(str, seeds))})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convergence.py: error: {err}", file=sys.stderr)
         return 2
     workers, threads, work, results = common.placement(scale, args)
-    return run_checks(scale, pairs, regimes, work, results, workers, threads, [str(Path(__file__))] + argv)
+    return run_checks(scale, pairs, regimes, work, results, workers, threads, [str(Path(__file__))] + argv,
+                      args.seeds or 1)
 
 
 if __name__ == "__main__":

@@ -367,18 +367,22 @@ def multiplicity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
             "remain significant.", ""]
 
 
+def convergence_runs(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """A check's (budget, long) runs by seed; a file from before checks had several seeds holds one."""
+    return d.get("runs") or [{"seed": d.get("seed", 0), "budget": d.get("budget") or {}, "long": d.get("long") or {}}]
+
+
 def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
-    """Long minus budget final accuracies of one ce run, in points, and whether validation gained <= 0.3."""
-    budget, long = d.get("budget") or {}, d.get("long") or {}
+    """Long minus budget final accuracies of ce, in points, averaged over the seeds that have both runs,
+    the validation gain's 95 % interval, and whether it is at most the threshold."""
+    def gains(key: str) -> list[float]:
+        return [100 * (run["long"][key] - run["budget"][key]) for run in convergence_runs(d)
+                if run["budget"].get(key) is not None and run["long"].get(key) is not None]
 
-    def gain(key: str) -> float | None:
-        if budget.get(key) is None or long.get(key) is None:
-            return None
-        return 100 * (long[key] - budget[key])
-
-    val = gain("final_val_acc")
-    return {"val_gain": val, "test_gain": gain("final_test_acc"),
-            "passed": None if val is None else common.budget_converged(val)}
+    val, test = gains("final_val_acc"), gains("final_test_acc")
+    mean, interval = stats.mean_interval(val) if val else (None, None)
+    return {"val_gain": mean, "val_gain_ci": interval, "test_gain": sum(test) / len(test) if test else None,
+            "passed": None if mean is None else common.budget_converged(mean)}
 
 
 def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]]) -> list[str]:
@@ -589,9 +593,10 @@ def section_convergence(found: dict[str, Any]) -> list[str]:
     lines = ["## Convergence check: is the student budget long enough?", ""]
     if not runs and not found.get("rejected"):
         return lines + ["No results yet (`convergence_<pair>_<regime>.json`; see benchmarks/README.md).", ""]
-    lines += [f"ce, one seed, trained for the budget of the grid and for a longer budget. The budget counts as "
-              f"converged when the longer run's final validation accuracy is at most {common.CONVERGED_POINTS} "
-              "points higher; the test accuracy is shown but decides nothing.", ""]
+    lines += [f"ce trained for the budget of the grid and for a longer budget, one seed unless more are listed "
+              f"(accuracies are then means over the seeds, and the validation gain has its 95 % interval). The "
+              f"budget counts as converged when the longer runs' final validation accuracy is on average at most "
+              f"{common.CONVERGED_POINTS} points higher; the test accuracy is shown but decides nothing.", ""]
     header = ["pair", "regime", "seed", "epochs", "val acc (%)", "val gain (points)", "test acc (%)",
               "test gain (points)", "verdict"]
     lines += table(header, convergence_rows(runs)) if runs else ["No check of the current budgets yet."]
@@ -607,13 +612,20 @@ def convergence_rows(runs: dict[tuple, Any]) -> list[list[str]]:
     rows = []
     for (pair, regime, *_), d in sorted_cells(runs):
         c = convergence_check(d)
-        budget, long = d.get("budget") or {}, d.get("long") or {}
+        seeds = convergence_runs(d)
         verdict = {True: "converged", False: "**not converged**", None: "pending"}[c["passed"]]
         epochs = f"{d.get('budget_epochs', '?')} → {d.get('long_epochs', '?')}"
-        rows.append([pair, regime, str(d.get("seed", "?")), epochs,
-                     f"{accuracy_text(budget.get('final_val_acc'))} → {accuracy_text(long.get('final_val_acc'))}",
-                     number(c["val_gain"], "+.2f"),
-                     f"{accuracy_text(budget.get('final_test_acc'))} → {accuracy_text(long.get('final_test_acc'))}",
+
+        def accuracies(key: str) -> str:
+            def mean(side: str) -> float | None:
+                values = [run[side].get(key) for run in seeds]
+                return None if None in values else sum(values) / len(values)
+            return f"{accuracy_text(mean('budget'))} → {accuracy_text(mean('long'))}"
+
+        interval = c["val_gain_ci"]
+        gain = number(c["val_gain"], "+.2f") + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "")
+        rows.append([pair, regime, ", ".join(str(run.get("seed", "?")) for run in seeds), epochs,
+                     accuracies("final_val_acc"), gain, accuracies("final_test_acc"),
                      number(c["test_gain"], "+.2f"), verdict])
     return rows
 

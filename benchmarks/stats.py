@@ -106,6 +106,16 @@ def bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP
 TESTS = {"welch": welch, "bootstrap": bootstrap}
 
 
+def mean_interval(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """The mean and its t-based 95 % interval (None for one value, where there is no variance estimate)."""
+    x = _sample(values, "values")
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, None
+    half = float(scipy_stats.t.ppf(1 - ALPHA / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, (mean - half, mean + half)
+
+
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjusted p-values (family = the p-values that are not None), in the input order."""
     present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)

@@ -61,8 +61,19 @@ def test_convergence_verdict_is_one_rule_for_the_script_and_the_report():
     assert not common.budget_converged(0.32) and common.budget_converged(-1.0)
     for budget, long, converged in ((0.850, 0.853, True), (0.850, 0.8532, False)):
         runs = {"final_val_acc": budget, "final_test_acc": 0.84}, {"final_val_acc": long, "final_test_acc": 0.85}
-        assert convergence.verdict(*runs)["converged"] is converged
+        assert convergence.verdict([convergence.gains(*runs)])["converged"] is converged
         assert report.convergence_check({"budget": runs[0], "long": runs[1]})["passed"] is converged
+
+
+def test_convergence_over_seeds_judges_the_mean_gain_and_gives_its_interval():
+    seeds = [convergence.gains({"final_val_acc": 0.850, "final_test_acc": 0.84},
+                               {"final_val_acc": 0.850 + gain, "final_test_acc": 0.84}) for gain in (0.0034, -0.001, 0.002)]
+    out = convergence.verdict(seeds)
+    mean = (0.34 - 0.1 + 0.2) / 3
+    assert out["val_gain_points"] == pytest.approx(mean) and out["converged"]  # one seed alone: +0.34, not
+    t = scipy.stats.t.ppf(0.975, 2) * scipy.stats.tstd([0.34, -0.1, 0.2]) / math.sqrt(3)
+    assert out["val_gain_ci"] == pytest.approx((mean - t, mean + t))
+    assert convergence.verdict(seeds[:1])["val_gain_ci"] is None
 
 
 def test_derived_gains_and_ari_use_validation_for_the_choice():
@@ -324,6 +335,44 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert more["commands"][1].endswith("--methods ce --seeds 3") and more["command"] == more["commands"][1]
     assert accuracy.main(argv) == 1  # back to 2 seeds: nothing is retrained, ce keeps its 3
     assert json.loads(path.read_text())["methods"]["ce"]["runs"] == more["methods"]["ce"]["runs"]
+
+
+def test_convergence_quick_checks_seeds_and_keeps_the_ones_in_its_results_file(quick, tmp_path):
+    argv = _args(quick, "--pairs", PAIR, "--regimes", "low", "--seeds", "2")
+    assert convergence.main(argv) in (0, 1)  # 1: a budget that is not converged (synthetic data, 2 epochs)
+    path = quick["results"] / f"convergence_{PAIR}_low.json"
+    data = json.loads(path.read_text())
+    assert data["seeds"] == [0, 1] and [run["seed"] for run in data["runs"]] == [0, 1]
+    assert data["long_epochs"] > data["budget_epochs"] and data["method"] == "ce"
+    gains = [100 * (run["long"]["final_val_acc"] - run["budget"]["final_val_acc"]) for run in data["runs"]]
+    assert data["val_gain_points"] == pytest.approx(sum(gains) / 2) and len(data["val_gain_ci"]) == 2
+    assert data["converged"] == common.budget_converged(data["val_gain_points"])
+    assert all(run["command"].startswith("python benchmarks/convergence.py") for run in data["runs"])
+    # a fresh work directory (a fresh checkout): the seeds in the results file are kept, seed 2 is trained
+    fresh = _args({"work": tmp_path / "work", "results": quick["results"]}, "--pairs", PAIR, "--regimes", "low",
+                  "--seeds", "3")
+    assert convergence.main(fresh) in (0, 1)
+    again = json.loads(path.read_text())
+    assert again["seeds"] == [0, 1, 2] and again["runs"][:2] == data["runs"]
+    trained = sorted(p.name for p in (tmp_path / "work" / "convergence").rglob("epochs-*"))
+    assert trained == [f"epochs-{data['budget_epochs']}-seed-2", f"epochs-{data['long_epochs']}-seed-2"]
+    # a file from before checks had several seeds: its seed 0 is kept
+    old = {key: data[key] for key in ("pair", "regime", "student", "student_width", "train_images", "val_images",
+                                      "budget_epochs", "long_epochs", "command", "git_commit")}
+    path.write_text(json.dumps({**old, "seed": 0, "budget": data["runs"][0]["budget"],
+                                "long": data["runs"][0]["long"]}))
+    before = path.read_text()
+    elsewhere = {"work": tmp_path / "elsewhere", "results": quick["results"]}
+    assert convergence.main(_args(elsewhere, "--pairs", PAIR, "--regimes", "low")) in (0, 1)
+    assert path.read_text() == before and not (tmp_path / "elsewhere").exists()  # nothing trained or rewritten
+    assert convergence.main(_args(elsewhere, "--pairs", PAIR, "--regimes", "low", "--seeds", "2")) in (0, 1)
+    rewritten = json.loads(path.read_text())
+    assert rewritten["seeds"] == [0, 1] and rewritten["runs"][0]["budget"] == data["runs"][0]["budget"]
+    assert rewritten["runs"][0]["command"] == data["command"]
+    text = "\n".join(report.section_convergence(report.load_results(quick["results"])))
+    row = next(line for line in text.splitlines() if line.startswith(f"| {PAIR} | low | 0, 1 |"))
+    low, high = rewritten["val_gain_ci"]
+    assert f"| {rewritten['val_gain_points']:+.2f} [{low:+.2f}, {high:+.2f}] |" in row
 
 
 def test_quality_report_reuses_the_record_of_the_same_teacher_only(quick, tmp_path, monkeypatch):
