@@ -86,20 +86,40 @@ def verdict(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "converged": common.budget_converged(mean), "threshold_points": common.CONVERGED_POINTS}
 
 
-def kept_runs(path: Path, identity: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """The seeds' runs of an earlier results file checked the same way (same ``identity``), by seed.
+# what the default scale checked before the results files recorded their data and batch size
+LEGACY_SETTINGS = {"scale": "default", "data": "fashion_mnist", "data_options": {}, "batch_size": 128}
 
-    A file written before checks had several seeds holds seed 0's runs at its top level.
-    """
+
+def identity_of(scale: Scale, pair_name: str, regime: str) -> dict[str, Any]:
+    """What decides a check's numbers: a seed's runs are kept only for a file with the same identity."""
+    pair = PAIRS[pair_name]
+    return {"pair": pair.name, "regime": regime, "student": pair.student,
+            "student_width": scale.student_widths[pair.student], "scale": scale.name, "data": scale.data,
+            "data_options": dict(scale.data_options), "train_images": scale.regimes[regime],
+            "val_images": scale.val_size, "batch_size": scale.batch_size,
+            "budget_epochs": scale.budget(pair.student, regime),
+            "long_epochs": long_epochs(scale, pair.student, regime)}
+
+
+def runs_of(found: dict[str, Any]) -> list[dict[str, Any]]:
+    """A results file's runs by seed; a file from before checks had several seeds holds seed 0's at its top level."""
+    if "runs" in found:
+        return found["runs"]
+    return [{"seed": found.get("seed", 0), "budget": found.get("budget") or {}, "long": found.get("long") or {},
+             "command": found.get("command"), "git_commit": found.get("git_commit")}]
+
+
+def kept_runs(path: Path, identity: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The seeds' runs of an earlier results file with the same ``identity``, by seed."""
     if not path.is_file():
         return {}
     found = common.read_json(path)
+    if not any(flag in found.get("command", "") for flag in ("--data ", "--scale", "--quick")):
+        found = {**LEGACY_SETTINGS, **found}  # the default scale's, from before it recorded these
     if any(found.get(key) != value for key, value in identity.items()):
-        log.warning("%s was written for other budgets or data: its runs are not kept", path)
+        log.warning("%s was written with other settings: its runs are not kept", path)
         return {}
-    runs = found.get("runs") or [{"seed": found.get("seed", 0), "budget": found["budget"], "long": found["long"],
-                                  "command": found.get("command"), "git_commit": found.get("git_commit")}]
-    return {run["seed"]: {**run, **gains(run["budget"], run["long"])} for run in runs}
+    return {run["seed"]: {**run, **gains(run["budget"], run["long"])} for run in runs_of(found)}
 
 
 def check_cell(scale: Scale, pair_name: str, regime: str, work: Path, results: Path,
@@ -107,10 +127,7 @@ def check_cell(scale: Scale, pair_name: str, regime: str, work: Path, results: P
     """Both runs of each seed of one (pair, regime); the results file is rewritten after each seed."""
     pair = PAIRS[pair_name]
     path = results / f"convergence_{pair.name}_{regime}.json"
-    identity = {"pair": pair.name, "regime": regime, "student": pair.student,
-                "student_width": scale.student_widths[pair.student], "train_images": scale.regimes[regime],
-                "val_images": scale.val_size, "budget_epochs": scale.budget(pair.student, regime),
-                "long_epochs": long_epochs(scale, pair.student, regime)}
+    identity = identity_of(scale, pair_name, regime)
     runs = kept_runs(path, identity)
     missing = sorted(set(range(seeds)) - set(runs))
     if not missing:

@@ -8,11 +8,12 @@ Prepared for a machine with one CUDA GPU (the CPU machines this project is built
 
 Every step is the real ``featkd`` command, run as a subprocess with its log in the work
 directory; the results file is rewritten after each step. A rerun runs only the steps that
-no earlier call with the same settings finished, and reuses a run directory that is complete:
-on the same machine a timed-out check continues where it stopped; a fresh GPU machine, which
-keeps no files between calls, trains its own teacher first. The results file records each call
-apart, with its machine, commit and teacher. ``--steps`` names the steps to run instead
-(``all``: every one).
+no earlier call with the same settings finished with the same command (a step whose command
+has changed since runs again), and reuses a run directory that is complete: on the same
+machine a timed-out check continues where it stopped; a fresh GPU machine, which keeps no
+files between calls, trains its own teacher first. The results file records each call apart,
+with its machine, commit and teacher. ``--steps`` names the steps to run instead (``all``:
+every one).
 
 1. ``teacher``: ``featkd train-teacher`` resnet34 at full width on Fashion-MNIST (55,000
    images, 5,000 held out for validation, augmentation), bf16 autocast.
@@ -52,6 +53,7 @@ from featkd.train import read_metrics  # noqa: E402
 log = logging.getLogger("benchmarks.gpu_check")
 
 GRID_METHODS = ("ce", "kd", "simkd", "featkd", "featkd_std")
+STEP_NAMES = ("teacher", "cuda_cached", "cuda_online", "cuda_torchrun", "cuda_quality", *GRID_METHODS)
 CACHE_IN_RAM_MB = 32768  # the featkd cache of full-width resnet34 on 55,000 images: about 25 GB
 QUICK_DATA = ["--data", "synthetic", "--data-options",
               "num_classes:4,samples_per_class:12,test_per_class:4,in_channels:1", "--val-size", "8"]
@@ -146,15 +148,15 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
                 "teacher_epochs": args.teacher_epochs, "epochs": args.epochs, "quick": args.quick}
     calls = earlier_calls(path, settings)
     planned = steps(args, work)
-    wanted = chosen_steps(planned, args.steps, finished_steps(calls))
+    commands = {step.name: step.shown() for step in planned}
+    wanted = chosen_steps(planned, args.steps, finished_steps(calls, commands))
     if not wanted:
         log.info("every step has run (%s); --steps all runs them again", path)
         return 0
     # every step is listed from the start, so that a check cut short shows what it did not reach
     call: dict[str, Any] = {**common.run_record(argv, None), "settings": settings,
                             "steps": {step.name: {"command": step.shown(), "pending": True} for step in wanted}}
-    data = {"benchmark": "gpu_check", "planned": [step.name for step in planned], "calls": [*calls, call],
-            "complete": False}
+    data = {"benchmark": "gpu_check", "planned": commands, "calls": [*calls, call], "complete": False}
     failed = []
     for step in wanted:
         if step.name != "teacher" and "error" in call["steps"].get("teacher", {}):
@@ -170,7 +172,7 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
         common.write_json(path, data)
     call["finished"] = common.now()
     call["online_vs_cached_images_per_s"] = _ratio(call["steps"], "cuda_online", "cuda_cached")
-    data["complete"] = {step.name for step in planned} <= finished_steps(data["calls"])
+    data["complete"] = set(commands) <= finished_steps(data["calls"], commands)
     common.write_json(path, data)
     print(json.dumps({name: {k: v for k, v in e.items() if k != "command"} for name, e in call["steps"].items()},
                      indent=1))
@@ -192,10 +194,12 @@ def earlier_calls(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     return calls
 
 
-def finished_steps(calls: list[dict[str, Any]]) -> set[str]:
-    """Names of the steps some call finished without an error."""
+def finished_steps(calls: list[dict[str, Any]], commands: dict[str, str] | None = None) -> set[str]:
+    """Names of the steps some call finished without an error; with ``commands`` (step name -> the
+    command as shown), only those it ran with that same command (an older recipe does not count)."""
     return {name for call in calls for name, entry in call["steps"].items()
-            if not entry.get("pending") and "error" not in entry}
+            if not entry.get("pending") and "error" not in entry
+            and (commands is None or entry.get("command") == commands.get(name))}
 
 
 def chosen_steps(planned: list[Step], names: str | None, finished: set[str]) -> list[Step]:
@@ -210,6 +214,8 @@ def chosen_steps(planned: list[Step], names: str | None, finished: set[str]) -> 
         wanted = set(known)
     else:
         wanted = {name.strip() for name in names.split(",") if name.strip()}
+        if not wanted:
+            raise ValueError(f"--steps names no step; the steps: {', '.join(known)}")
         if unknown := sorted(wanted - set(known)):
             raise ValueError(f"unknown step(s) {', '.join(unknown)}; the steps: {', '.join(known)}")
     if wanted:

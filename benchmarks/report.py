@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import convergence
 import stats
 import validity_report
 from common import BASELINES, METHODS
@@ -232,7 +233,8 @@ def sorted_cells(cells: dict[tuple, Any]) -> list[tuple[tuple, Any]]:
 # --------------------------------------------------------------------------- sections
 TEST_NAMES = {"welch": "Welch's t-test (t distribution with Welch–Satterthwaite degrees of freedom)",
               "bootstrap": f"a studentized bootstrap of Welch's statistic ({stats.BOOTSTRAP_RESAMPLES:,} resamples, "
-                           "seed 0; p is the share of resampled |t| at least the observed one)"}
+                           "seed 0; p = (1 + the resampled |t| at least the observed one) / (1 + the resamples); "
+                           "n/a with fewer than 3 seeds on a side)"}
 
 
 def method_of_test(test: str) -> str:
@@ -367,22 +369,17 @@ def multiplicity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
             "remain significant.", ""]
 
 
-def convergence_runs(d: dict[str, Any]) -> list[dict[str, Any]]:
-    """A check's (budget, long) runs by seed; a file from before checks had several seeds holds one."""
-    return d.get("runs") or [{"seed": d.get("seed", 0), "budget": d.get("budget") or {}, "long": d.get("long") or {}}]
-
-
 def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
-    """Long minus budget final accuracies of ce, in points, averaged over the seeds that have both runs,
-    the validation gain's 95 % interval, and whether it is at most the threshold."""
-    def gains(key: str) -> list[float]:
-        return [100 * (run["long"][key] - run["budget"][key]) for run in convergence_runs(d)
-                if run["budget"].get(key) is not None and run["long"].get(key) is not None]
-
-    val, test = gains("final_val_acc"), gains("final_test_acc")
-    mean, interval = stats.mean_interval(val) if val else (None, None)
-    return {"val_gain": mean, "val_gain_ci": interval, "test_gain": sum(test) / len(test) if test else None,
-            "passed": None if mean is None else common.budget_converged(mean)}
+    """convergence.py's verdict recomputed from the file's accuracies: the mean gains of the seeds
+    that have both runs, the validation gain's 95 % interval, and whether the budget passes."""
+    runs = [{**run, **convergence.gains(run["budget"], run["long"])} for run in convergence.runs_of(d)
+            if all(run[side].get(key) is not None for side in ("budget", "long")
+                   for key in ("final_val_acc", "final_test_acc"))]
+    if not runs:
+        return {"val_gain": None, "val_gain_ci": None, "test_gain": None, "passed": None}
+    found = convergence.verdict(runs)
+    return {"val_gain": found["val_gain_points"], "val_gain_ci": found["val_gain_ci"],
+            "test_gain": found["test_gain_points"], "passed": found["converged"]}
 
 
 def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]]) -> list[str]:
@@ -612,7 +609,7 @@ def convergence_rows(runs: dict[tuple, Any]) -> list[list[str]]:
     rows = []
     for (pair, regime, *_), d in sorted_cells(runs):
         c = convergence_check(d)
-        seeds = convergence_runs(d)
+        seeds = convergence.runs_of(d)
         verdict = {True: "converged", False: "**not converged**", None: "pending"}[c["passed"]]
         epochs = f"{d.get('budget_epochs', '?')} → {d.get('long_epochs', '?')}"
 
@@ -798,9 +795,11 @@ def section_gpu(results: Path) -> list[str]:
     d = common.read_json(path)
     calls = d.get("calls") or [d]  # a file from before calls were recorded apart holds one at its top level
     if not d.get("complete"):
-        from gpu_check import finished_steps
+        import gpu_check
 
-        missing = [name for name in d.get("planned", []) if name not in finished_steps(calls)]
+        planned = d.get("planned") or {}  # step -> command; a file from before calls were apart has none
+        finished = gpu_check.finished_steps(calls, planned or None)
+        missing = [name for name in planned or gpu_check.STEP_NAMES if name not in finished]
         lines += ["**Incomplete or failed.**" + (f" Not finished by any call yet: {', '.join(missing)}."
                                                   if missing else ""), ""]
     if len(calls) > 1:

@@ -20,7 +20,8 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 ALPHA = 0.05  # two-sided level of every verdict; the intervals are (1 - ALPHA) = 95 %
-BOOTSTRAP_RESAMPLES = 9_999  # ALPHA * (resamples + 1) is a whole number
+BOOTSTRAP_RESAMPLES = 9_999
+TIE_TOLERANCE = 1e-9  # relative: a resampled |t| this close to the observed one is a tie, not smaller
 CLOSE_P = (0.01, 0.10)  # a p-value in this range could cross ALPHA with a few more seeds
 SEEDS_WHEN_CLOSE = 5  # the seeds a close verdict needs on each side
 
@@ -77,29 +78,34 @@ def bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP
               seed: int = 0) -> Comparison:
     """Studentized (bootstrap-t) test of mean(a) - mean(b): each sample resampled with replacement, ``seed`` fixed.
 
-    Each resample gives Welch's statistic t* = (diff* - diff) / se*; resamples with se* = 0
-    (both constant) are dropped. p = (1 + #{|t*| >= |t|}) / (kept + 1), and the interval is
-    diff -/+ q se with q the |t*| quantile at which p crosses 0.05, so that p < 0.05 exactly
-    when the interval excludes 0. (A percentile bootstrap of the differences, simulated at
-    3 to 5 seeds a side under no true difference, called 11-18 % of differences significant;
-    this test stayed below 5 %.)
+    Each resample gives Welch's statistic t* = (diff* - diff) / se*; resamples in which both
+    samples come out constant (no se*) are dropped. p = (1 + #{|t*| >= |t|}) / (kept + 1),
+    where a |t*| equal to |t| up to rounding counts (repeated accuracies make such ties
+    common), and the interval is diff -/+ q se with q the |t*| at which p crosses 0.05, so
+    that p < 0.05 exactly when the interval excludes 0. It needs 3 seeds a side: a sample of
+    2 has only itself and constants as resamples, and the test would be invalid (n/a).
+    (A percentile bootstrap of the differences, simulated at 3 to 5 seeds a side under no
+    true difference, called 11-18 % of differences significant; this test stayed below 5 %.)
     """
     x, y = _sample(a, "a"), _sample(b, "b")
     diff = float(x.mean() - y.mean())
-    missing = _no_test_reason(x, y)
+    missing = _no_test_reason(x, y) or ("fewer than 3 seeds on a side: too few distinct resamples"
+                                        if min(len(x), len(y)) < 3 else "")
     if missing:
         return Comparison(diff, None, None, None, len(x), len(y), "bootstrap", missing)
     rng = np.random.default_rng(seed)
     xs = x[rng.integers(0, len(x), (resamples, len(x)))]
     ys = y[rng.integers(0, len(y), (resamples, len(y)))]
+    kept = (np.ptp(xs, axis=1) > 0) | (np.ptp(ys, axis=1) > 0)  # exact: a variance of equal floats can be 1e-28
+    xs, ys = xs[kept], ys[kept]
     se_star = np.sqrt(xs.var(axis=1, ddof=1) / len(x) + ys.var(axis=1, ddof=1) / len(y))
-    kept = se_star > 0
-    t_star = np.sort(np.abs(xs.mean(axis=1) - ys.mean(axis=1) - diff)[kept] / se_star[kept])[::-1]
+    t_star = np.sort(np.abs(xs.mean(axis=1) - ys.mean(axis=1) - diff) / se_star)[::-1]
     se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
-    p = min(1.0, (1 + int(np.sum(t_star >= abs(diff) / se))) / (len(t_star) + 1))
-    # p < ALPHA  <=>  fewer than m of the |t*| reach |t|  <=>  |t| > the m-th largest |t*|
+    reach = abs(diff) / se * (1 - TIE_TOLERANCE)  # a |t*| this large counts as at least |t|
+    p = min(1.0, (1 + int(np.sum(t_star >= reach))) / (len(t_star) + 1))
+    # p < ALPHA  <=>  fewer than m of the |t*| reach  <=>  |t| (1 - tol) > the m-th largest |t*|
     m = math.ceil(ALPHA * (len(t_star) + 1) - 1)
-    half = float(t_star[m - 1]) * se if m >= 1 else math.inf  # m < 1: too few resamples kept for any p < ALPHA
+    half = float(t_star[m - 1]) / (1 - TIE_TOLERANCE) * se if m >= 1 else math.inf  # m < 1: no p < ALPHA possible
     return Comparison(diff, (diff - half, diff + half), p, None, len(x), len(y), "bootstrap")
 
 

@@ -357,8 +357,8 @@ def test_convergence_quick_checks_seeds_and_keeps_the_ones_in_its_results_file(q
     trained = sorted(p.name for p in (tmp_path / "work" / "convergence").rglob("epochs-*"))
     assert trained == [f"epochs-{data['budget_epochs']}-seed-2", f"epochs-{data['long_epochs']}-seed-2"]
     # a file from before checks had several seeds: its seed 0 is kept
-    old = {key: data[key] for key in ("pair", "regime", "student", "student_width", "train_images", "val_images",
-                                      "budget_epochs", "long_epochs", "command", "git_commit")}
+    old = {key: data[key] for key in (*convergence.identity_of(common.build_scale("quick"), PAIR, "low"),
+                                      "command", "git_commit")}
     path.write_text(json.dumps({**old, "seed": 0, "budget": data["runs"][0]["budget"],
                                 "long": data["runs"][0]["long"]}))
     before = path.read_text()
@@ -373,6 +373,24 @@ def test_convergence_quick_checks_seeds_and_keeps_the_ones_in_its_results_file(q
     row = next(line for line in text.splitlines() if line.startswith(f"| {PAIR} | low | 0, 1 |"))
     low, high = rewritten["val_gain_ci"]
     assert f"| {rewritten['val_gain_points']:+.2f} [{low:+.2f}, {high:+.2f}] |" in row
+
+
+def test_convergence_keeps_runs_only_from_a_file_checked_the_same_way(tmp_path):
+    identity = convergence.identity_of(common.build_scale("default"), PAIR, "low")
+    run = {"final_val_acc": 0.85, "final_test_acc": 0.84}
+    legacy = {key: identity[key] for key in ("pair", "regime", "student", "student_width", "train_images",
+                                             "val_images", "budget_epochs", "long_epochs")}
+    legacy.update(seed=0, budget=run, long=run, command="python benchmarks/convergence.py", git_commit="abc")
+    path = tmp_path / "convergence.json"
+    path.write_text(json.dumps(legacy))  # the default scale's file from before data and batch size were recorded
+    kept = convergence.kept_runs(path, identity)
+    assert list(kept) == [0] and kept[0]["val_gain_points"] == 0.0 and kept[0]["command"] == legacy["command"]
+    path.write_text(json.dumps({**legacy, "command": "python benchmarks/convergence.py --data cifar10"}))
+    assert convergence.kept_runs(path, identity) == {}
+    assert convergence.kept_runs(path, {**identity, "data": "cifar10"}) == {}
+    path.write_text(json.dumps({**identity, "batch_size": 64, "runs": [{"seed": 0, "budget": run, "long": run}]}))
+    assert convergence.kept_runs(path, identity) == {}  # trained with another batch size
+    assert list(convergence.kept_runs(path, {**identity, "batch_size": 64})) == [0]
 
 
 def test_quality_report_reuses_the_record_of_the_same_teacher_only(quick, tmp_path, monkeypatch):

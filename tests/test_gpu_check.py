@@ -85,7 +85,30 @@ def test_unknown_step_is_refused_before_anything_runs(tmp_path, capsys):
             "--results", str(tmp_path / "out"), "--steps", "ce,no_such_step"]
     assert gpu_check.main(argv) == 2
     assert "unknown step(s) no_such_step; the steps: teacher, " in capsys.readouterr().err
+    assert gpu_check.main([*argv[:-1], ","]) == 2
+    assert "--steps names no step" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_a_step_run_with_another_command_is_not_finished(tmp_path):
+    args = gpu_check.build_parser().parse_args(["--quick", "--device", "cpu"])
+    planned = gpu_check.steps(args, tmp_path)
+    assert [step.name for step in planned] == list(gpu_check.STEP_NAMES)
+    commands = {step.name: step.shown() for step in planned}
+    call = {"steps": {"teacher": {"command": commands["teacher"], "final_test_acc": 0.9},
+                      "ce": {"command": commands["ce"].replace("--teacher-mode auto", "--teacher-mode cache"),
+                             "final_test_acc": 0.8},
+                      "kd": {"command": commands["kd"], "error": "exit 1"}}}
+    assert gpu_check.finished_steps([call]) == {"teacher", "ce"}
+    assert gpu_check.finished_steps([call], commands) == {"teacher"}
+    assert [step.name for step in gpu_check.chosen_steps(planned, None, {"teacher"})] == list(gpu_check.STEP_NAMES)
+    # the report lists the steps no call finished with its current command
+    (tmp_path / "gpu").mkdir()
+    data = {"benchmark": "gpu_check", "planned": commands, "complete": False,
+            "calls": [{"command": "gpu_check.py", "machine": {}, **call}]}
+    (tmp_path / "gpu" / "gpu_check.json").write_text(json.dumps(data))
+    text = "\n".join(report.section_gpu(tmp_path))
+    assert "Not finished by any call yet: cuda_cached, cuda_online, cuda_torchrun, cuda_quality, ce, kd, " in text
 
 
 def test_data_root_reaches_every_training_command(tmp_path):
@@ -136,6 +159,8 @@ def test_report_gives_the_online_cached_ratio_of_a_check_cut_short(tmp_path):
     (tmp_path / "gpu" / "gpu_check.json").write_text(json.dumps(data))
     text = "\n".join(report.section_gpu(tmp_path))
     assert "**Incomplete or failed.**" in text and "Online teacher / cached teacher images/s: 2.50." in text
+    # a file from before the steps were planned in it names what is missing from the known steps
+    assert "Not finished by any call yet: teacher, cuda_torchrun, cuda_quality, ce, kd, simkd, featkd, " in text
 
 
 def test_a_check_cut_short_lists_the_steps_it_did_not_reach(tmp_path, monkeypatch):

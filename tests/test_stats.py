@@ -100,16 +100,33 @@ def test_bootstrap_is_seeded_and_covers_the_true_difference():
 
 
 @pytest.mark.parametrize("n_a, n_b", [(3, 3), (5, 3), (5, 5)])
-def test_bootstrap_keeps_its_level_at_the_benchmarks_seed_counts(n_a, n_b):
+@pytest.mark.parametrize("decimals", [None, 1])  # accuracies as measured, or rounded so that seeds tie
+def test_bootstrap_keeps_its_level_at_the_benchmarks_seed_counts(n_a, n_b, decimals):
     """Under no true difference it calls at most about 5 % significant (a percentile bootstrap called
     11-18 % at these sizes), and p < 0.05 exactly when the interval excludes 0."""
     rng = np.random.default_rng(2)
     trials, significant = 400, 0
     for trial in range(trials):
-        c = stats.bootstrap(rng.normal(85.0, 0.5, n_a), rng.normal(85.0, 0.5, n_b), resamples=999, seed=trial)
+        a, b = rng.normal(85.0, 0.3, n_a), rng.normal(85.0, 0.3, n_b)
+        if decimals is not None:
+            a, b = a.round(decimals), b.round(decimals)
+        c = stats.bootstrap(a, b, resamples=999, seed=trial)
+        if c.p is None:  # both rounded samples constant
+            continue
         significant += c.significant
         assert c.significant == (c.ci[0] > 0 or c.ci[1] < 0)
     assert significant / trials <= 0.07
+
+
+def test_bootstrap_counts_ties_and_needs_three_seeds_a_side():
+    # |t| is 1 here, and so are a third of the resampled |t|: rounding must not make them smaller
+    tied = stats.bootstrap([84.9] * 3, [84.9, 84.9, 85.3])
+    assert tied.p > 0.3 and not tied.significant and tied.ci[0] < 0 <= tied.ci[1]
+    # the constant sample's variance comes out as 1e-28 in floats: its resamples with a constant
+    # partner are still dropped, not counted as extreme
+    assert stats.bootstrap([91.16] * 3, [91.0, 91.3, 91.2]).p > 0.5
+    two = stats.bootstrap([1.0, 1.0, 1.0], [1.0, 2.0])  # resamples of 2 seeds: itself or constants
+    assert two.p is None and two.verdict == "n/a" and "fewer than 3 seeds" in two.note
 
 
 def test_holm_adjusts_step_down_and_keeps_missing_values():
