@@ -146,8 +146,9 @@ def test_job_costs_put_the_longest_jobs_first(tmp_path):
     probe = {"pairs": {p: {"ce": {"cpu": 1e-3 * (i + 1)}} for i, p in enumerate(common.PAIRS)}}
     (tmp_path / "probe.json").write_text(json.dumps(probe))
     costs = accuracy.job_costs(scale, ["ce"], tmp_path / "probe.json")
-    # 4x the probe's time per image, 2.25x the epochs
-    assert costs[("vit_b-vit_et", "low")] == pytest.approx(4 * 2.25 * costs[("vgg19_bn-vgg11_bn", "low")])
+    # 4x the probe's time per image, times the ratio of the two students' epochs
+    epochs = scale.budget("vit_et", "low") / scale.budget("vgg11_bn", "low")
+    assert costs[("vit_b-vit_et", "low")] == pytest.approx(4 * epochs * costs[("vgg19_bn-vgg11_bn", "low")])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
