@@ -612,19 +612,20 @@ def convergence_rows(runs: dict[tuple, Any]) -> list[list[str]]:
         seeds = convergence.runs_of(d)
         verdict = {True: "converged", False: "**not converged**", None: "pending"}[c["passed"]]
         epochs = f"{d.get('budget_epochs', '?')} → {d.get('long_epochs', '?')}"
-
-        def accuracies(key: str) -> str:
-            def mean(side: str) -> float | None:
-                values = [run[side].get(key) for run in seeds]
-                return None if None in values else sum(values) / len(values)
-            return f"{accuracy_text(mean('budget'))} → {accuracy_text(mean('long'))}"
-
         interval = c["val_gain_ci"]
         gain = number(c["val_gain"], "+.2f") + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "")
         rows.append([pair, regime, ", ".join(str(run.get("seed", "?")) for run in seeds), epochs,
-                     accuracies("final_val_acc"), gain, accuracies("final_test_acc"),
+                     _budget_to_long(seeds, "final_val_acc"), gain, _budget_to_long(seeds, "final_test_acc"),
                      number(c["test_gain"], "+.2f"), verdict])
     return rows
+
+
+def _budget_to_long(runs: list[dict[str, Any]], key: str) -> str:
+    """'budget → long' of one accuracy, each the mean over the seeds' runs ('–' when a run lacks it)."""
+    def mean(side: str) -> float | None:
+        values = [run[side].get(key) for run in runs]
+        return None if None in values else sum(values) / len(values)
+    return f"{accuracy_text(mean('budget'))} → {accuracy_text(mean('long'))}"
 
 
 def section_accuracy(found: dict[str, Any], analysed: dict[tuple[str, str], CellStats]) -> list[str]:
