@@ -440,7 +440,8 @@ def gain_over(method: dict[str, Any], reference: dict[str, Any]) -> dict[str, An
 def ari(gains: dict[str, float | None], qualify_by: dict[str, float | None] | None = None,
         method: str = "featkd", baselines: Sequence[str] = BASELINES,
         min_gain: float = ARI_MIN_GAIN) -> dict[str, Any]:
-    """The paper's ARI: mean over the qualifying baselines b of gain_method / gain_b.
+    """The paper's ARI (as the authors' Plotfigs.py computes it): mean over the qualifying baselines b
+    of gain_method / gain_b.
 
     ``gains`` are mean test gains over ce in percentage points. A baseline qualifies when its
     gain in ``qualify_by`` (the validation gains; ``gains`` itself when None) is at least
