@@ -171,7 +171,7 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
                      entry.get("images_per_s"))
         common.write_json(path, data)
     call["finished"] = common.now()
-    call["online_vs_cached_images_per_s"] = _ratio(call["steps"], "cuda_online", "cuda_cached")
+    call["online_vs_cached_images_per_s"] = online_vs_cached(call["steps"])
     data["complete"] = set(commands) <= finished_steps(data["calls"], commands)
     common.write_json(path, data)
     print(json.dumps({name: {k: v for k, v in e.items() if k != "command"} for name, e in call["steps"].items()},
@@ -223,8 +223,9 @@ def chosen_steps(planned: list[Step], names: str | None, finished: set[str]) -> 
     return [step for step in planned if step.name in wanted]
 
 
-def _ratio(found: dict[str, Any], a: str, b: str) -> float | None:
-    x, y = found.get(a, {}).get("images_per_s"), found.get(b, {}).get("images_per_s")
+def online_vs_cached(steps: dict[str, Any]) -> float | None:
+    """Images/s of the online-teacher step over the cached-teacher step; None unless both ran."""
+    x, y = (steps.get(name, {}).get("images_per_s") for name in ("cuda_online", "cuda_cached"))
     return x / y if x and y else None
 
 

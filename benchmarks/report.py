@@ -24,6 +24,7 @@ from typing import Any
 
 import common
 import convergence
+import gpu_check
 import stats
 import validity_report
 from common import BASELINES, METHODS
@@ -796,8 +797,6 @@ def section_gpu(results: Path) -> list[str]:
     d = common.read_json(path)
     calls = d.get("calls") or [d]  # a file from before calls were recorded apart holds one at its top level
     if not d.get("complete"):
-        import gpu_check
-
         planned = d.get("planned") or {}  # step -> command; a file from before calls were apart has none
         finished = gpu_check.finished_steps(calls, planned or None)
         missing = [name for name in planned or gpu_check.STEP_NAMES if name not in finished]
@@ -824,8 +823,7 @@ def _gpu_call(call: dict[str, Any], index: int | None) -> list[str]:
     rows = [[name, f"`{step['command']}`", _gpu_outcome(step), number(step.get("images_per_s"), ".0f"),
              _spread(step.get("images_per_s_per_epoch"))] for name, step in call["steps"].items()]
     lines += table(["step", "command", "final test acc (%)", "images/s", "per epoch, min–max"], rows)
-    speeds = [call["steps"].get(name, {}).get("images_per_s") for name in ("cuda_online", "cuda_cached")]
-    ratio = speeds[0] / speeds[1] if all(speeds) else None  # also when a later step was cut short
+    ratio = gpu_check.online_vs_cached(call["steps"])  # also for a call cut short after both steps
     return lines + (["", f"Online teacher / cached teacher images/s: {ratio:.2f}."] if ratio else []) + [""]
 
 
