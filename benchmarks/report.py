@@ -897,8 +897,9 @@ def section_probe(found: dict[str, Any]) -> list[str]:
     lines += ["", f"Estimated duration of the default suite (accuracy, layer_validity, throughput) from these "
               f"times{settings}:", ""]
     phases = [k[:-7] for k in next(iter(d["estimate"].values())) if k.endswith("_wall_s")]
-    rows = [[stat] + [f"{est[f'{p}_wall_s'] / 60:.0f}" for p in phases] + [f"**{est['wall_s'] / 3600:.1f}**",
-                                                                         f"{est['cpu_s'] / 3600:.1f}"]
+    rows = [[stat] + [f"{est[f'{p}_wall_s'] / 60:.0f}" for p in phases]
+            + [f"**{est['wall_s'] / 3600:.1f}**" if stat == "cpu" else f"{est['wall_s'] / 3600:.1f}",
+               f"{est['cpu_s'] / 3600:.1f}"]
             for stat, est in d["estimate"].items()]
     lines += table(["times"] + [f"{p.replace('_', ' ')} (min)" for p in phases]
                    + [f"total (h, {next(iter(d['estimate'].values()))['workers']} workers)", "one core (h)"], rows)
@@ -907,17 +908,24 @@ def section_probe(found: dict[str, Any]) -> list[str]:
         lines += ["", "The grid runs in resumable parts, one per (pair, regime); estimated hours of one core each "
                   "(CPU times), beside the hours the finished methods of each part took (the sum of their "
                   "runs' wall-clock times, one core per run):", ""]
+        parts = {cell: part_progress(found["accuracy"].get(tuple(cell.split()))) for cell in cells}
         lines += table(["part", "estimated hours", "methods done", "hours taken"],
-                       [[cell, f"{seconds / 3600:.1f}", *measured_part(found["accuracy"].get(tuple(cell.split())))]
+                       [[cell, f"{seconds / 3600:.1f}", parts[cell][0],
+                         "—" if parts[cell][1] is None else f"{parts[cell][1]:.1f}"]
                         for cell, seconds in cells.items()])
+        finished = [(cells[cell] / 3600, hours) for cell, (_, hours, complete) in parts.items() if complete]
+        if finished:
+            estimated, taken = (sum(x) for x in zip(*finished))
+            lines += ["", f"The {len(finished)} finished parts took {taken:.1f} h against {estimated:.1f} h "
+                      f"estimated from CPU times ({taken / estimated:.2f}×): the CPU row is the estimate to read."]
     return lines + [""]
 
 
-def measured_part(d: dict[str, Any] | None) -> list[str]:
-    """Methods finished out of the grid's (and the seeds run of unfinished ones), and the hours their
-    runs took, for one accuracy file."""
+def part_progress(d: dict[str, Any] | None) -> tuple[str, float | None, bool]:
+    """For one accuracy file: the methods finished out of the grid's (and the seeds run of unfinished
+    ones), the hours their runs took (None when none has run), and whether every row has finished."""
     if d is None:
-        return ["0", "—"]
+        return "0", None, False
     finished, unfinished = d.get("methods", {}), d.get("unfinished", {})
     done = [name for name, m in finished.items() if m.get("wall_s") is not None]
     extending = extending_rows(d)
@@ -928,7 +936,7 @@ def measured_part(d: dict[str, Any] | None) -> list[str]:
     seeds = sum(len(m["runs"]) for m in started)
     methods = f"{len(done)} of {total}" + (f" (+ {seeds} seed{'s' * (seeds != 1)} of {len(started)} more)"
                                            if started else "")
-    return [methods, f"{sum(walls.values()) / 3600:.1f}"]
+    return methods, sum(walls.values()) / 3600, len(done) == total and not started
 
 
 def _load(values: list[float] | None) -> str:

@@ -350,6 +350,7 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
     assert row(text, f"{PAIR} low") == [f"{PAIR} low", "2.0", f"2 of {rows}", "1.5"]
     assert row(text, f"{PAIR} full") == [f"{PAIR} full", "10.0", "0", "—"]
     assert "for the settings of commit" not in text
+    assert "finished parts" not in text  # the low part has rows left to run
     low["unfinished"] = {"sp": {"runs": low["methods"]["ce"]["runs"][:2], "wall_s": 1800.0}}  # 2 seeds of sp
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
     assert row(text, f"{PAIR} low")[2:] == [f"2 of {rows} (+ 2 seeds of 1 more)", "2.0"]
@@ -357,6 +358,12 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
     low["unfinished"] = {"ce": {"runs": low["methods"]["ce"]["runs"] * 2, "wall_s": 3600.0 + 1800.0}}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
     assert row(text, f"{PAIR} low")[2:] == [f"2 of {rows}", "2.0"]
+    for method in common.rows():  # every row done: the finished part calibrates the estimate
+        low["methods"].setdefault(method, {"runs": [], "wall_s": 1800.0})
+    low["unfinished"] = {}
+    text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
+    hours = 1.5 + 0.5 * (len(common.rows()) - 2)
+    assert f"The 1 finished parts took {hours:.1f} h against 2.0 h estimated from CPU times" in text
     probe["re_estimated"] = {"git_commit": "0123456789abcdef", "at": "2026-11-30T23:00:00+00:00",
                              "command": "python benchmarks/accuracy.py --re-estimate"}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {}}))
