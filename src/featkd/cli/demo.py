@@ -63,8 +63,8 @@ def add_parser(subparsers: Any) -> None:
                     "layers, distil a small student with featkd and the baselines, and write a report.",
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--epochs", type=int, help="student epochs (teacher: --teacher-epochs)")
-    parser.add_argument("--teacher-epochs", type=int, help="teacher epochs")
+    parser.add_argument("--epochs", type=int, help=f"student epochs (default {DemoPlan.epochs})")
+    parser.add_argument("--teacher-epochs", type=int, help=f"teacher epochs (default {DemoPlan.teacher_epochs})")
     parser.add_argument("--methods", help="comma-separated methods to compare (default featkd,ce,kd,fitnet)")
     parser.add_argument("--config", metavar="FILE", help="YAML file with demo sizes (see configs/demo.yaml)")
     parser.add_argument("--quick", action="store_true", help="reduced size (seconds; used by the tests)")
