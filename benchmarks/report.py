@@ -916,7 +916,8 @@ def section_probe(found: dict[str, Any]) -> list[str]:
         finished = [(cells[cell] / 3600, hours) for cell, (_, hours, complete) in parts.items() if complete]
         if finished:
             estimated, taken = (sum(x) for x in zip(*finished))
-            lines += ["", f"The {len(finished)} finished parts took {taken:.1f} h against {estimated:.1f} h "
+            count = f"{len(finished)} finished part{'s' * (len(finished) != 1)}"
+            lines += ["", f"The {count} took {taken:.1f} h against {estimated:.1f} h "
                       f"estimated from CPU times ({taken / estimated:.2f}×): the CPU row is the estimate to read."]
     return lines + [""]
 

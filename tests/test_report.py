@@ -363,7 +363,7 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
     low["unfinished"] = {}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
     hours = 1.5 + 0.5 * (len(common.rows()) - 2)
-    assert f"The 1 finished parts took {hours:.1f} h against 2.0 h estimated from CPU times" in text
+    assert f"The 1 finished part took {hours:.1f} h against 2.0 h estimated from CPU times" in text
     probe["re_estimated"] = {"git_commit": "0123456789abcdef", "at": "2026-11-30T23:00:00+00:00",
                              "command": "python benchmarks/accuracy.py --re-estimate"}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {}}))
