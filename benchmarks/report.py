@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import common
 import convergence
@@ -910,34 +910,52 @@ def section_probe(found: dict[str, Any]) -> list[str]:
                   "runs' wall-clock times, one core per run):", ""]
         parts = {cell: part_progress(found["accuracy"].get(tuple(cell.split()))) for cell in cells}
         lines += table(["part", "estimated hours", "methods done", "hours taken"],
-                       [[cell, f"{seconds / 3600:.1f}", parts[cell][0],
-                         "—" if parts[cell][1] is None else f"{parts[cell][1]:.1f}"]
+                       [[cell, f"{seconds / 3600:.1f}", parts[cell].methods,
+                         "—" if parts[cell].hours is None else f"{parts[cell].hours:.1f}"]
                         for cell, seconds in cells.items()])
-        finished = [(cells[cell] / 3600, hours) for cell, (_, hours, complete) in parts.items() if complete]
-        if finished:
-            estimated, taken = (sum(x) for x in zip(*finished))
-            count = f"{len(finished)} finished part{'s' * (len(finished) != 1)}"
-            lines += ["", f"The {count} took {taken:.1f} h against {estimated:.1f} h "
-                      f"estimated from CPU times ({taken / estimated:.2f}×): the CPU row is the estimate to read."]
+        lines += calibration(d, cells, parts)
     return lines + [""]
 
 
-def part_progress(d: dict[str, Any] | None) -> tuple[str, float | None, bool]:
-    """For one accuracy file: the methods finished out of the grid's (and the seeds run of unfinished
-    ones), the hours their runs took (None when none has run), and whether every row has finished."""
+def calibration(probe: dict[str, Any], cells: dict[str, float], parts: dict[str, PartProgress]) -> list[str]:
+    """How the CPU-time estimate compares with the parts that finished, each part's hours scaled to the
+    runs the estimate counts (some rows run more seeds where a verdict was close)."""
+    finished = [cell for cell, part in parts.items() if part.complete]
+    if not finished:
+        return []
+    seeds = (probe.get("re_estimated") or probe)["scale"]["seeds"]
+    estimated = sum(cells[c] for c in finished) / 3600
+    scaled = sum(parts[c].hours * parts[c].rows * seeds / parts[c].runs for c in finished)
+    count = f"{len(finished)} finished part{'s' * (len(finished) != 1)}"
+    return ["", f"The {count} took {scaled:.1f} h (scaled to {seeds} seeds a row) against "
+            f"{estimated:.1f} h estimated from CPU times ({scaled / estimated:.2f}×): the CPU row is the "
+            "estimate to read."]
+
+
+class PartProgress(NamedTuple):
+    methods: str  # finished out of the grid's rows (and the seeds run of unfinished ones)
+    hours: float | None  # the hours all its runs took; None without an accuracy file
+    runs: int  # the runs those hours cover
+    rows: int  # the grid's rows in this part
+    complete: bool  # every row finished
+
+
+def part_progress(d: dict[str, Any] | None) -> PartProgress:
+    """The progress of one part of the grid, from its accuracy file."""
     if d is None:
-        return "0", None, False
+        return PartProgress("0", None, 0, len(common.rows()), False)
     finished, unfinished = d.get("methods", {}), d.get("unfinished", {})
     done = [name for name, m in finished.items() if m.get("wall_s") is not None]
     extending = extending_rows(d)
     started = [m for name, m in unfinished.items() if name not in extending]
     # a row getting more seeds is done; its unfinished entry carries all its hours, counted once
-    walls = {**{name: finished[name]["wall_s"] for name in done}, **{m: e["wall_s"] for m, e in unfinished.items()}}
+    entries = {**{name: finished[name] for name in done}, **unfinished}
     total = len(set(finished) | set(d.get("missing", [])) | set(common.rows()))
     seeds = sum(len(m["runs"]) for m in started)
     methods = f"{len(done)} of {total}" + (f" (+ {seeds} seed{'s' * (seeds != 1)} of {len(started)} more)"
                                            if started else "")
-    return methods, sum(walls.values()) / 3600, len(done) == total and not started
+    return PartProgress(methods, sum(e["wall_s"] for e in entries.values()) / 3600,
+                        sum(len(e.get("runs", [])) for e in entries.values()), total, len(done) == total and not started)
 
 
 def _load(values: list[float] | None) -> str:

@@ -358,12 +358,17 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
     low["unfinished"] = {"ce": {"runs": low["methods"]["ce"]["runs"] * 2, "wall_s": 3600.0 + 1800.0}}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
     assert row(text, f"{PAIR} low")[2:] == [f"2 of {rows}", "2.0"]
-    for method in common.rows():  # every row done: the finished part calibrates the estimate
-        low["methods"].setdefault(method, {"runs": [], "wall_s": 1800.0})
+    rows = len(common.rows())  # every row done, ce with 4 seeds: the finished part calibrates the estimate
+    for method in common.rows():
+        low["methods"].setdefault(method, {"runs": low["methods"]["kd"]["runs"], "wall_s": 1800.0})
+    low["methods"]["ce"]["runs"] = low["methods"]["ce"]["runs"] * 2
     low["unfinished"] = {}
+    probe["scale"] = {"seeds": 2}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {(PAIR, "low"): low}}))
-    hours = 1.5 + 0.5 * (len(common.rows()) - 2)
-    assert f"The 1 finished part took {hours:.1f} h against 2.0 h estimated from CPU times" in text
+    hours, runs = 1.5 + 0.5 * (rows - 2), 2 * rows + 2
+    scaled = hours * 2 * rows / runs
+    assert (f"The 1 finished part took {scaled:.1f} h (scaled to 2 seeds a row) against 2.0 h "
+            f"estimated from CPU times ({scaled / 2.0:.2f}×)") in text
     probe["re_estimated"] = {"git_commit": "0123456789abcdef", "at": "2026-11-30T23:00:00+00:00",
                              "command": "python benchmarks/accuracy.py --re-estimate"}
     text = "\n".join(report.section_probe({"probe": probe, "accuracy": {}}))
