@@ -173,7 +173,7 @@ SCALES: dict[str, Scale] = {
         # ViT-ET +1.18 validation points from 15 to 30 full-regime epochs, +0.74 from 160 to 240 low-regime ones
         # and +0.56 from 240 to 360 (360 x 5,000 images: about the steps of its 30 full-regime epochs);
         # MobileNetV2 +0.46 from 15 to 30 full-regime epochs, +0.98 from 30 to 60 and +1.24 from 60 to 120;
-        # VGG11 +0.47 [+0.14, +0.79] from 160 to 240 low-regime epochs (3 seeds)
+        # VGG11 +0.47 [+0.14, +0.79] from 160 to 240 low-regime epochs (3 seeds; 240 -> 360: -0.17 [-1.93, +1.58])
         student_epochs={"vit_et": {"full": 30, "low": 360}, "mobilenetv2": {"full": 120}, "vgg11_bn": {"low": 240}},
         seeds=3,
         val_size=5000,
