@@ -9,11 +9,30 @@ Distillation" (Cooper et al., NeurReps 2025, arXiv 2511.14981).
 
 Sub-packages: ``models`` (the paper's zoo), ``data``, ``layers`` (generalized
 layers and taps), ``quality``, ``distillation`` (methods, losses, projectors,
-teacher outputs), ``train`` (the method-agnostic trainer), ``cli``.
+teacher outputs), ``train`` (the method-agnostic trainer), ``cli``; each is reachable
+as ``featkd.<name>`` after ``import featkd`` and imported on first use.
 """
+
+import importlib
+from types import ModuleType
 
 from featkd import quality
 from featkd.api import distill, train_teacher
 
 __version__ = "0.1.0"
 __all__ = ["distill", "quality", "train_teacher"]
+
+#: Sub-packages reachable as ``featkd.<name>`` after ``import featkd``; imported on first
+#: use, so ``import featkd`` stays light.
+_LAZY_SUBMODULES = frozenset({"api", "checkpoint", "cli", "config", "data", "distillation", "graph",
+                              "layers", "models", "report", "selection", "train"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"featkd.{name}")
+    raise AttributeError(f"module 'featkd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})
