@@ -545,6 +545,43 @@ def test_report_from_run_directories(tmp_path, data):
         find_runs(tmp_path / "a" / "missing")
 
 
+def test_report_of_a_run_in_progress_names_the_layers_and_rule_it_trains_with(tmp_path):
+    """Before results.json exists the report reads run.json, not a guess (k = 4, rule Q)."""
+    from featkd.report import comparison_rows, load_run
+    from featkd.selection import DEFAULT_RULE
+
+    train, test = get_datasets("synthetic", num_classes=3, samples_per_class=8, test_per_class=4, image_size=8)
+    teacher = create_model("resnet34", 3, 3, 8, 1 / 16).eval()
+    out = tmp_path / "featkd"
+    api.distill(teacher, lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test, method="featkd",
+                teacher_name="resnet34", student_name="resnet9", student_layers=[2, 3, 4], epochs=2,
+                stop_after_epochs=1, out=str(out), **FAST)
+    assert not (out / "results.json").exists()
+    settings = json.loads((out / "run.json").read_text())
+    layers = settings["teacher_layers"]
+    assert len(layers) == 3 and settings["selected_by"] == DEFAULT_RULE
+    text = write_report(tmp_path).read_text()
+    assert f"(3 by rule `{DEFAULT_RULE}`, in depth order): **{layers}**" in text
+    row = comparison_rows([load_run(out)])[0]
+    assert row["teacher layers"] != "–" and row["final acc"] == "unfinished"
+
+
+def test_report_skips_a_cut_off_last_metrics_line_and_refuses_a_bad_one_before_it(tmp_path, data, caplog):
+    from featkd.report import load_run
+
+    train, test = data
+    api.train_teacher(dropout_net, train, test, out=str(tmp_path), epochs=2, lr=0.01, **FAST)
+    metrics = tmp_path / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"seed": 0, "epoch": 3, "lo')
+    with caplog.at_level("WARNING", logger="featkd.report"):
+        assert [r["epoch"] for r in load_run(tmp_path).histories[0]] == [1, 2]
+    assert "cut off" in caplog.text
+    metrics.write_text('{"seed": 0, "ep\n' + whole)
+    with pytest.raises(ValueError, match="line 1: not a JSON record"):
+        load_run(tmp_path)
+
+
 def test_validation_split_picks_the_best_epoch_and_never_the_test_split(tmp_path):
     from featkd.data import load_splits
 

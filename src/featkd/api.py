@@ -507,13 +507,13 @@ def distill(
 
     extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
              **_data_info(train_set)}
-    if t_spec == "auto":
-        from featkd.selection import resolve_rule
-
-        extra["selected_by"] = resolve_rule(config.select_by, config.quality_variant).name
     settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
                 "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
                 "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
+    if t_spec == "auto":
+        from featkd.selection import resolve_rule
+
+        extra["selected_by"] = settings["selected_by"] = resolve_rule(config.select_by, config.quality_variant).name
     with sigterm_as_exit():  # SIGTERM unwinds like SIGINT, so the cache's files are deleted
         try:
             with experiment_logs(config, context.is_main) as loggers:

@@ -44,6 +44,12 @@ class RunRecord:
     config: dict[str, Any]
     results: dict[str, Any] | None
     histories: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # run.json: what the run resolved at its start
+
+    def resolved(self, key: str) -> Any:
+        """``key`` from results.json, else from run.json (a run still in progress has only the latter)."""
+        value = (self.results or {}).get(key)
+        return self.settings.get(key) if value is None else value
 
     @property
     def is_distill(self) -> bool:
@@ -99,15 +105,30 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     config = yaml.safe_load(config_file.read_text()) or {}
     results_file = path / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    settings_file = path / "run.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     histories: dict[int, list[dict[str, Any]]] = {}
     metric_files = [path / "metrics.jsonl"] if (path / "metrics.jsonl").is_file() else sorted(
         path.glob("run-*/metrics.jsonl"))
     for metric_file in metric_files:
-        for line in metric_file.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                histories.setdefault(int(record["seed"]), []).append(record)
-    return RunRecord(name or path.name, path, config, results, histories)
+        for record in _read_metrics(metric_file):
+            histories.setdefault(int(record["seed"]), []).append(record)
+    return RunRecord(name or path.name, path, config, results, histories, settings)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a cut-off last line (a run killed while writing it) is
+    skipped with a warning, a bad line before it is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({err})") from err
+            log.warning("%s: skipped its last line, cut off (%s)", path, err)
+    return records
 
 
 def find_runs(root: str | Path) -> list[RunRecord]:
@@ -136,8 +157,8 @@ def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
             "run": run.name,
             "model": run.model,
             "method": run.method,
-            "teacher layers": _layers(res.get("teacher_layers")),
-            "student layers": _layers(res.get("student_layers")),
+            "teacher layers": _layers(run.resolved("teacher_layers")),
+            "student layers": _layers(run.resolved("student_layers")),
             "epochs": str(run.config.get("epochs", "")),
             "runs": str(len(per_run) or len(run.histories)),
             "final acc": format_mean_std(final) if final else "unfinished",
@@ -192,12 +213,14 @@ def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
     """Markdown for a run's quality.json: selected layers, the plot and the per-layer table."""
     from featkd.quality import QualityReport
 
-    from featkd.selection import PAPER_RULE, parse_rule
+    from featkd.selection import PAPER_RULE, parse_rule, resolve_rule
 
     report = QualityReport.from_json(run.path / "quality.json")
-    k = len((run.results or {}).get("teacher_layers") or []) or 4
-    # the rule the run used; runs from before select_by used Q in their variant
-    rule = (run.results or {}).get("selected_by") or run.config.get("select_by") or "Q"
+    k = len(run.resolved("teacher_layers") or []) or 4
+    rule = run.resolved("selected_by")
+    if rule is None:  # a run in progress from before run.json recorded it
+        rule = (resolve_rule(run.config["select_by"], run.config.get("quality_variant")).name
+                if "select_by" in run.config else "Q")  # runs from before select_by used Q in their variant
     plot = run.path / "quality.png"
     if not plot.is_file():
         report.plot(plot, k, rule)
