@@ -203,5 +203,18 @@ def test_run_json_keeps_the_software_of_earlier_calls_of_a_resumed_run(teacher_d
     assert main(args) == 0
     record = json.loads((out / "run.json").read_text())
     assert record["earlier_calls"] == [{k: older[k] for k in ("versions", "git_commit", "git_dirty", "device",
-                                                              "world_size")}]
+                                                              "world_size", "execution")}]
     assert record["git_commit"] == first["git_commit"] and record["versions"] == first["versions"]
+
+
+def test_run_json_records_a_resume_that_switches_the_memory_format(teacher_dir, tmp_path):
+    """channels_last changes float rounding, not what is computed: a resume may switch it, and run.json
+    keeps the option each call ran with."""
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, out, "--method", "kd", "--epochs", "2")
+    assert main([*args, "stop_after_epochs=1"]) == 0
+    assert json.loads((out / "run.json").read_text())["execution"] == {"channels_last": True, "compile": False}
+    assert main([*args, "channels_last=false"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["execution"] == {"channels_last": False, "compile": False}
+    assert [call["execution"] for call in record["earlier_calls"]] == [{"channels_last": True, "compile": False}]

@@ -32,8 +32,9 @@ __all__ = [
 
 # DistillConfig fields that only matter when knowledge quality chooses the teacher layers.
 SELECTION_FIELDS = ("quality_variant", "quality_subset", "select_by")
-# Fields that change how a run executes but not what it computes: ignored when
-# deciding whether an output directory may be resumed.
+# Fields that change how a run executes but not what it computes (channels_last and compile change
+# float rounding, as another CPU would): ignored when deciding whether an output directory may be
+# resumed; run.json's earlier_calls records the execution options of each call that differed.
 RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memory_mb", "eval_batch_size",
                             "channels_last", "compile", "log"})
 

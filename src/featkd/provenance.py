@@ -57,7 +57,8 @@ def _git(root: Path, *args: str) -> str | None:
 
 def run_record(config: Any, lr: float, settings: dict[str, Any] | None = None, *,
                world_size: int = 1, device: str = "cpu") -> dict[str, Any]:
-    """The effective values of a run: lr, widths, ``settings`` (e.g. resolved layers), versions, git commit."""
+    """The effective values of a run: lr, widths, ``settings`` (e.g. resolved layers), device, execution
+    options (channels_last, compile), versions, git commit."""
     commit, dirty = git_state()
     widths = {name: getattr(config, name) for name in ("width", "teacher_width", "student_width")
               if getattr(config, name, None) is not None}
@@ -67,6 +68,8 @@ def run_record(config: Any, lr: float, settings: dict[str, Any] | None = None, *
         **(settings or {}),
         "world_size": world_size,
         "device": device,
+        # how it ran: these change float rounding (not what is computed), so a resume may switch them
+        "execution": {name: getattr(config, name) for name in ("channels_last", "compile") if hasattr(config, name)},
         "versions": software_versions(),
         "git_commit": commit,
         "git_dirty": dirty,

@@ -937,13 +937,14 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
     context.barrier()
 
 
-#: what each call that trained part of a run records (its software, code and machine)
-CALL_FIELDS = ("versions", "git_commit", "git_dirty", "device", "world_size")
+#: what each call that trained part of a run records (its software, code, machine and execution options)
+CALL_FIELDS = ("versions", "git_commit", "git_dirty", "device", "world_size", "execution")
 
 
 def _with_earlier_calls(record: dict[str, Any], path: Path) -> dict[str, Any]:
-    """``record`` with ``earlier_calls``: the software, code and machine of the calls before this one
-    in a started directory (consecutive identical ones once), so a resumed run says what trained it."""
+    """``record`` with ``earlier_calls``: the software, code, machine and execution options of the
+    calls before this one in a started directory (consecutive identical ones once), so a resumed run
+    says what trained it."""
     old = json.loads(path.read_text()) if path.is_file() and has_started(path.parent) else {}
     calls = list(old.get("earlier_calls", []))
     previous = {k: old[k] for k in CALL_FIELDS if k in old}
