@@ -132,6 +132,17 @@ def test_more_runs_add_seeds_and_keep_the_finished_ones(teacher_dir, tmp_path, c
     assert "runs: 1 -> 2" in capsys.readouterr().err
 
 
+def test_a_failed_command_keeps_the_quality_files_already_in_its_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quality", "--model", "resnet9", "--width", "1/16", "--out", str(out), *DATA]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "quality.json" in before
+    assert main(["train-teacher", "--model", "resnet9", "--width", "1/16", "--out", str(out),
+                 "--data", "cifar10", "--data-root", str(tmp_path / "no-such")]) == 2
+    assert "cifar10" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_failure_before_any_progress_leaves_the_output_as_it_was_found(tmp_path):
     from featkd.train import output_untouched_on_error
 
@@ -150,6 +161,15 @@ def test_a_failure_before_any_progress_leaves_the_output_as_it_was_found(tmp_pat
     (existing / "notes").mkdir(parents=True)
     fail_after_writing(existing)
     assert sorted(p.name for p in existing.iterdir()) == ["notes"]   # the user's folder and files stay
+
+    earlier = tmp_path / "earlier"          # files of the same names it found there are put back
+    (earlier / "run-0").mkdir(parents=True)
+    kept = {"quality.json": '{"layers": []}', "config.yaml": "model: mine\n", "run-0/metrics.jsonl": "{}\n"}
+    for name, text in kept.items():
+        (earlier / name).write_text(text)
+    fail_after_writing(earlier)
+    assert {name: (earlier / name).read_text() for name in kept} == kept
+    assert not (earlier / "run.json").exists()
 
     started = tmp_path / "started"
     (started / "run-0").mkdir(parents=True)

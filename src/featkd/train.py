@@ -375,11 +375,11 @@ def _first_line(err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _write_text_atomic(path: Path, text: str) -> None:
+def _write_text_atomic(path: Path, text: str | bytes) -> None:
     """Write through a synced temporary file and a rename: after a crash or power loss ``path``
     holds the old text or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -962,8 +962,12 @@ def _drop_summary_of_fewer_runs(path: Path, runs: int) -> None:
         path.unlink()
 
 
+def _unstarted_files(out: Path) -> list[Path]:
+    return [f for d in (out, *out.glob("run-*")) for f in map(d.joinpath, UNSTARTED_FILES)]
+
+
 def _remove_unstarted_files(out: Path) -> None:
-    for path in (f for d in (out, *out.glob("run-*")) for f in map(d.joinpath, UNSTARTED_FILES)):
+    for path in _unstarted_files(out):
         path.unlink(missing_ok=True)
 
 
@@ -971,14 +975,19 @@ def _remove_unstarted_files(out: Path) -> None:
 def output_untouched_on_error(out: Path) -> Iterator[None]:
     """When the body fails before any run of ``out`` saved progress (bad input found late: a
     training set smaller than a batch, subsets too small for the quality report), remove what it
-    wrote there and the folders it created, so a failed command leaves ``out`` as it found it.
-    A started directory is never touched. Call it on the main process only."""
+    wrote there and the folders it created and put back the files it replaced (an earlier
+    ``featkd quality --out``, a config.yaml given with ``--config``), so a failed command leaves
+    ``out`` as it found it. A started directory is never touched. Call it on the main process only."""
     created = [d for d in (out, *out.parents) if not d.exists()]
+    found = {path: path.read_bytes() for path in _unstarted_files(out) if path.is_file()}  # small files
     try:
         yield
     except Exception:
         if not has_started(out):
             _remove_unstarted_files(out)
+            for path, content in found.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write_text_atomic(path, content)
             for folder in [*out.glob("run-*"), *created]:  # deepest first
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
