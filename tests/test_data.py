@@ -116,6 +116,35 @@ def test_idx_reader_rejects_bad_header(tmp_path):
         get_datasets("fashion_mnist", root=tmp_path)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[: len(raw) // 2], "not a readable IDX file .*ended before"),        # cut-off download
+    (lambda raw: raw[:10] + bytes(len(raw) - 10), "not a readable IDX file"),            # corrupt deflate data
+    (lambda raw: gzip.decompress(raw), "not a readable IDX file .*Not a gzipped file"),  # plain bytes named .gz
+    (lambda raw: gzip.compress(gzip.decompress(raw)[:6]), "cut off inside its header"),
+])
+def test_damaged_idx_files_are_named_in_a_clear_error(tmp_path, damage, message):
+    write_fashion(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=message) as error:
+        get_datasets("fashion_mnist", root=tmp_path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.full(10, 200), r"holds 10 label\(s\) outside 0..9 \(e.g. 200\)"),
+    (np.arange(9), r"shape \(9,\), not 10 labels"),
+    (np.zeros((10, 1)), r"shape \(10, 1\), not 10 labels"),
+])
+def test_fashion_mnist_labels_that_do_not_fit_their_images_are_refused(tmp_path, labels, message):
+    write_fashion(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    write_idx(path, labels)
+    with pytest.raises(ValueError, match=message) as error:
+        get_datasets("fashion_mnist", root=tmp_path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
 @pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_system_files_with_train_limit():
     train, test = get_datasets("fashion_mnist", train_limit=5000, seed=1)
@@ -552,6 +581,7 @@ def write_cifar10(root, batches, meta=None):
 
 @pytest.mark.parametrize("batch, message", [
     ((np.zeros((2, 3000), np.uint8), [0, 1]), r"'data' has shape \(2, 3000\), not rows of 3072 bytes"),
+    ((np.zeros((2, 32, 32, 3), np.uint8), [0, 1]), r"'data' has shape \(2, 32, 32, 3\), not rows"),  # HWC
     ((np.zeros((2, 3072), np.uint8), [0]), "1 labels for 2 images"),
     ((np.zeros((2, 3072), np.uint8), [3, 10]), r"labels holds 1 value\(s\) outside 0..9 \(e.g. 10\)"),
 ])

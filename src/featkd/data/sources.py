@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pickle
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,17 @@ class _Splits:
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (unsigned-byte data, ``.gz`` or plain) into a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # truncated or damaged compressed data
+        raise ValueError(f"{path}: not a readable IDX file ({err})") from None
     magic = int.from_bytes(raw[:4], "big")
     type_code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
-    if magic >> 16 != 0 or type_code != 0x08:
+    if len(raw) < 4 or magic >> 16 != 0 or type_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic})")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: cut off inside its header ({len(raw)} bytes for {ndim} dimensions)")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(dims):
@@ -192,10 +198,28 @@ def _load_fashion_mnist(root: Path | None, download: bool, *, pad: int = 2) -> _
                          "Install them with `apt-get install dataset-fashion-mnist` (puts them in "
                          f"{FASHION_MNIST_SYSTEM_DIR}), pass root=<that folder> (--data-root), or use download=True "
                          f"{_DOWNLOAD_OPTION} where a network exists.")
-    arrays = [_read_idx(_idx_file(complete[0], stem)) for stem in FASHION_MNIST_FILES]
-    images = [F.pad(torch.from_numpy(a.copy()).unsqueeze(1), (pad,) * 4) for a in arrays[0::2]]
-    labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2]]
+    folder, classes = complete[0], len(FASHION_MNIST_CLASSES)
+    splits = [_read_idx_pair(_idx_file(folder, images), _idx_file(folder, labels), classes)
+              for images, labels in zip(FASHION_MNIST_FILES[0::2], FASHION_MNIST_FILES[1::2])]
+    images = [F.pad(torch.from_numpy(array.copy()).unsqueeze(1), (pad,) * 4) for array, _ in splits]
+    labels = [torch.from_numpy(array.astype(np.int64)) for _, array in splits]
     return _Splits(images[0], labels[0], images[1], labels[1], list(FASHION_MNIST_CLASSES))
+
+
+def _read_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W) and labels (N,) in 0..num_classes-1 from two IDX files; ValueError naming the
+    file that does not fit."""
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if images.ndim != 3:
+        raise ValueError(f"{images_path}: holds an array of shape {images.shape}, not images (N, H, W)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{labels_path}: holds an array of shape {labels.shape}, not {len(images)} labels "
+                         f"for the images of {images_path.name}")
+    outside = labels[labels >= num_classes]
+    if outside.size:
+        raise ValueError(f"{labels_path}: holds {outside.size} label(s) outside 0..{num_classes - 1} "
+                         f"(e.g. {int(outside[0])})")
+    return images, labels
 
 
 _CIFAR = {
@@ -276,7 +300,8 @@ def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.
     except (TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"{path}: not a CIFAR batch ({type(err).__name__}: {err})") from None
     pixels = 3 * 32 * 32
-    if data.ndim < 1 or data.size % pixels or (data.ndim > 1 and math.prod(data.shape[1:]) != pixels):
+    # rows of 3072 bytes (the files' layout) or (N, 3, 32, 32); (N, 32, 32, 3) would scramble the colours
+    if data.ndim < 1 or data.size % pixels or data.shape[1:] not in ((), (pixels,), (3, 32, 32)):
         raise ValueError(f"{path}: 'data' has shape {data.shape}, not rows of {pixels} bytes (3x32x32 images)")
     images = data.reshape(-1, 3, 32, 32)
     if labels.size != len(images):
