@@ -64,6 +64,8 @@ def files(tmp_path_factory) -> Path:
         for name in ("a", "b"):
             _png(root / "truncated_png" / split / name / "0.png")
             _png(root / "empty_class" / split / name / "0.png")
+            _png(root / "empty_test" / "train" / name / f"{split}.png")
+    (root / "empty_test" / "test").mkdir()
     png = (root / "truncated_png" / "train" / "b" / "0.png").read_bytes()
     (root / "truncated_png" / "train" / "b" / "0.png").write_bytes(png[: len(png) // 2])
     (root / "empty_class" / "train" / "c").mkdir()
@@ -107,6 +109,13 @@ BAD = [
      "empty_class/train/c: class folder holds no images"),
     ([*TEACHER, "--data", "cifar100", "--data-root", "{files}/cifar", *NO_OPTIONS], "train: refused to unpickle posix.system"),
     ([*TEACHER, "--data", "fashion_mnist", "--data-root", "/no/such/dir", *NO_OPTIONS], "Fashion-MNIST IDX files not found"),
+    ([*TEACHER, "--data", "imagefolder", "--data-root", "{files}/empty_test", *NO_OPTIONS],
+     "dataset 'imagefolder' in {files}/empty_test has no test images"),
+    ([*TEACHER, "--data-options", "seed:3"], "data options ['seed'] are not dataset options: use --seed"),
+    ([*TEACHER, "--data-options", "name:cifar10"], "data options ['name'] are not dataset options: use --data"),
+    ([*TEACHER, "--data-options", "num_classes:abc"], "dataset 'synthetic': option num_classes must be int, got 'abc'"),
+    ([*TEACHER, "--data-options", "num_classes:3,samples_per_class:-1"], "samples_per_class=-1: must be at least 1"),
+    ([*TEACHER, "--data", "digits", "--data-options", "test_fraction:0"], "test_fraction must be between 0 and 1"),
     # distill
     ([*DISTILL, "--method", "magic"], "unknown method 'magic'"),
     (["distill", "--student", "resnet9", *DATA], "no teacher model"),
@@ -142,6 +151,10 @@ BAD = [
     ([*QUALITY, "--variant", "best"], "argument --variant: invalid choice: 'best'"),
     ([*QUALITY, "--width", "1/x"], "--width must be a number (or a fraction like 1/8), got '1/x'"),
     ([*QUALITY, "--k", "0"], "--k must be at least 1"),
+    ([*QUALITY, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ([*QUALITY, "--subset-size", "0"], "--subset-size must be at least 1, got 0"),
+    ([*QUALITY, "--memory-gb", "0"], "--memory-gb must be positive, got 0.0"),
+    ([*QUALITY, "--data-options", "train_limit:10"], "data options ['train_limit'] are not dataset options: use --train-limit"),
     ([*QUALITY, "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     *([([*QUALITY, "--device", "cuda"], "device 'cuda' asked for but CUDA is not available")]
       if not torch.cuda.is_available() else []),
@@ -182,6 +195,7 @@ def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(args, message, 
     code, _, err = run(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
+    message = message.replace("{files}", str(files))
     assert lines[0].startswith("featkd") and ": error: " in lines[0] and message in lines[0], lines[0]
     assert "Traceback" not in err and "weights_only" not in err
     assert not out.exists() and not (tmp_path / "pwned").exists()

@@ -45,6 +45,20 @@ def test_list_datasets_and_bad_names():
         get_datasets("synthetic", bogus=1)
 
 
+def test_dataset_options_are_checked_against_the_loaders_types_and_featkds_own_settings():
+    from featkd.data import check_data_options, load_splits
+
+    with pytest.raises(ValueError, match="option num_classes must be int, got '3'"):
+        load_splits("synthetic", num_classes="3")
+    with pytest.raises(ValueError, match="option samples_per_class must be int, got True"):
+        load_splits("synthetic", samples_per_class=True)
+    small = load_splits("synthetic", num_classes=2, samples_per_class=2, test_per_class=1, noise=1)  # int for float
+    assert len(small.train) == 4 and len(small.test) == 2
+    check_data_options({"download": True, "val_seed": 1, "num_classes": 3})  # the dataset's or load_splits' own
+    with pytest.raises(ValueError, match=r"\['root', 'seed'\] are not dataset options: use --data-root, --seed"):
+        check_data_options({"seed": 1, "root": "x", "num_classes": 3})
+
+
 def test_synthetic_is_deterministic_and_class_structured():
     train, test = synthetic(seed=3)
     again, _ = synthetic(seed=3)

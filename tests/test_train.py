@@ -566,7 +566,7 @@ def test_report_of_a_run_in_progress_names_the_layers_and_rule_it_trains_with(tm
     assert row["teacher layers"] != "–" and row["final acc"] == "unfinished"
 
 
-def test_report_skips_a_cut_off_last_metrics_line_and_refuses_a_bad_one_before_it(tmp_path, data, caplog):
+def test_report_skips_a_cut_off_last_metrics_line_and_names_damaged_files(tmp_path, data, caplog):
     from featkd.report import load_run
 
     train, test = data
@@ -580,6 +580,15 @@ def test_report_skips_a_cut_off_last_metrics_line_and_refuses_a_bad_one_before_i
     metrics.write_text('{"seed": 0, "ep\n' + whole)
     with pytest.raises(ValueError, match="line 1: not a JSON record"):
         load_run(tmp_path)
+    metrics.write_text(whole)
+    for name, damaged in (("results.json", '{"runs": [\x01'), ("config.yaml", "epochs: [1, 2\n")):
+        path = tmp_path / name
+        good = path.read_text()
+        path.write_text(damaged)
+        with pytest.raises(ValueError, match=f"{name}: damaged, does not parse \\(") as error:
+            load_run(tmp_path)
+        assert "\n" not in str(error.value)  # one line for the CLI
+        path.write_text(good)
 
 
 def test_validation_split_picks_the_best_epoch_and_never_the_test_split(tmp_path):

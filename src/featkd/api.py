@@ -79,14 +79,12 @@ ModelSpec = nn.Module | Callable[[], nn.Module]
 def load_data(config: RunConfig) -> Any:
     """``DataSplits(train, val, test)`` named by ``config`` (augmentation on the training split only;
     ``val`` is None unless ``config.val_size`` is set)."""
-    from featkd.data import load_splits
+    from featkd.data import check_data_options, load_splits
 
-    options = dict(root=config.data_root, image_size=config.image_size, augment=config.augment,
-                   train_limit=config.train_limit, seed=config.seed, val_size=config.val_size)
-    clash = sorted(set(options) & set(config.data_options))
-    if clash:
-        raise ValueError(f"data_options {clash}: set them as options of their own ({', '.join(clash)}=...)")
-    return load_splits(config.data, **options, **config.data_options)
+    check_data_options(config.data_options)
+    return load_splits(config.data, root=config.data_root, image_size=config.image_size, augment=config.augment,
+                       train_limit=config.train_limit, seed=config.seed, val_size=config.val_size,
+                       **config.data_options)
 
 
 def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:

@@ -102,11 +102,13 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a featkd run directory (no config.yaml)")
-    config = yaml.safe_load(config_file.read_text()) or {}
+    config = _read(config_file) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a run's config (a mapping of settings)")
     results_file = path / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else None
+    results = _read(results_file) if results_file.is_file() else None
     settings_file = path / "run.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    settings = _read(settings_file) if settings_file.is_file() else {}
     histories: dict[int, list[dict[str, Any]]] = {}
     metric_files = [path / "metrics.jsonl"] if (path / "metrics.jsonl").is_file() else sorted(
         path.glob("run-*/metrics.jsonl"))
@@ -114,6 +116,14 @@ def load_run(path: str | Path, name: str | None = None) -> RunRecord:
         for record in _read_metrics(metric_file):
             histories.setdefault(int(record["seed"]), []).append(record)
     return RunRecord(name or path.name, path, config, results, histories, settings)
+
+
+def _read(path: Path) -> Any:
+    """A run's YAML or JSON file; ValueError naming it when it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: damaged, does not parse ({' '.join(str(err).split())})") from None
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the selection, write quality.json and quality.png."""
     from featkd.api import sample_input
     from featkd.checkpoint import read_weights
-    from featkd.data import load_splits
+    from featkd.data import check_data_options, load_splits
     from featkd.layers import resolve_layers
     from featkd.models import check_classifier
     from featkd.quality import measure
@@ -143,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers)
     if isinstance(layers, str) and layers != "all":
         raise CliError(f"--layers {layers!r} is not valid here: give 'all' or GL indices/names")
-    if args.k < 1:
-        raise CliError(f"--k must be at least 1, got {args.k}")
+    for option, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--subset-size", args.subset_size)):
+        if value < 1:
+            raise CliError(f"{option} must be at least 1, got {value}")
+    if not args.memory_gb > 0:
+        raise CliError(f"--memory-gb must be positive, got {args.memory_gb}")
     try:
         rule = resolve_rule(args.by, args.variant)
         variant = measure_variant(rule, args.variant)
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     settings = run_settings(args)
+    check_data_options(settings["data_options"])
     splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
                          train_limit=settings["train_limit"], seed=settings["seed"],
                          val_size=settings["val_size"], **settings["data_options"])

@@ -12,7 +12,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+import typing
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -167,6 +168,8 @@ def _load_digits(root: Path | None, download: bool, *, test_fraction: float = 0.
                  split_seed: int = 0) -> _Splits:
     from sklearn.datasets import load_digits
 
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"digits: test_fraction must be between 0 and 1 (both excluded), got {test_fraction}")
     bunch = load_digits()
     images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0))).to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(bunch.target).long()
@@ -453,6 +456,9 @@ def _load_imagefolder(root: Path | None, download: bool, *, image_size: int = 32
 def _load_synthetic(root: Path | None, download: bool, *, num_classes: int = 10, samples_per_class: int = 20,
                     test_per_class: int = 10, image_size: int = 32, in_channels: int = 3, seed: int = 0,
                     noise: float = 0.25) -> _Splits:
+    counts = {"num_classes": num_classes, "samples_per_class": samples_per_class, "test_per_class": test_per_class}
+    if min(counts.values()) < 1:
+        raise ValueError(f"synthetic: {', '.join(f'{k}={v}' for k, v in counts.items() if v < 1)}: must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, in_channels, 4, 4, generator=generator)
     templates = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -510,6 +516,31 @@ def get_datasets(name: str, root: str | Path | None = None, download: bool = Fal
     return splits.train, splits.test
 
 
+#: load_splits arguments that featkd's commands set from settings of their own (argument: setting)
+_SETTING_OF = {"name": "data", "root": "data_root", "image_size": "image_size", "augment": "augment",
+               "train_limit": "train_limit", "seed": "seed", "val_size": "val_size"}
+
+
+def check_data_options(options: Mapping[str, Any]) -> None:
+    """ValueError when dataset options (``--data-options``, a config's ``data_options``) name an
+    argument of :func:`load_splits` that a featkd setting provides (seed, train_limit, ...)."""
+    own = sorted(set(options) & set(_SETTING_OF))
+    if own:
+        settings = ", ".join(f"--{_SETTING_OF[name].replace('_', '-')}" for name in own)
+        raise ValueError(f"data options {own} are not dataset options: use {settings} (or its config key)")
+
+
+def _check_option_types(key: str, loader: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """ValueError naming a dataset option whose value is not of the loader's declared type."""
+    hints = typing.get_type_hints(loader)
+    for name, value in options.items():
+        expected = hints.get(name)
+        accepted = (int, float) if expected is float else (expected,)
+        if expected in (int, float, bool, str) and (
+                not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool))):
+            raise ValueError(f"dataset {key!r}: option {name} must be {expected.__name__}, got {value!r}")
+
+
 def load_splits(name: str, root: str | Path | None = None, download: bool = False,
                 image_size: int | None = None, augment: bool = False, *, in_channels: int | None = None,
                 train_limit: int | None = None, seed: int = 0, val_size: int | None = None,
@@ -533,10 +564,16 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
     if unknown:
         valid = sorted({*options, "image_size", "in_channels", "train_limit", "seed", "augment", "val_size"})
         raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; valid: {valid}")
+    _check_option_types(key, spec.loader, kw)
     for option, value in (("image_size", image_size), ("in_channels", in_channels), ("seed", seed)):
         if option in options and value is not None:
             kw[option] = value
     splits = spec.loader(Path(root).expanduser() if root is not None else None, download, **kw)
+    empty = [split for split, labels in (("training", splits.train_labels), ("test", splits.test_labels))
+             if labels.numel() == 0]
+    if empty:
+        where = f" in {root}" if root is not None else ""
+        raise ValueError(f"dataset {key!r}{where} has no {' and no '.join(empty)} images")
     train_x, test_x = splits.train_images, splits.test_images
     size = image_size or spec.default_image_size
     if size is not None and "image_size" not in options:
