@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 from featkd.layers import (
@@ -192,6 +193,33 @@ def test_a_linear_classifier_after_a_1x1_convolution_keeps_the_convolution_befor
                           nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Flatten(), TracedLinear(8, 3))
     assert generalized_layers(model) == ["1", "4", "5"]
     assert head_index(model) == 3
+
+
+class ScaledGelu(nn.Module):
+    """An activation scaled before it is returned (timm's nfnet GammaAct): its GELU output is no
+    module's output or input, so it cannot be tapped."""
+
+    def forward(self, x):
+        return F.gelu(x) * 1.7
+
+
+class UntappedActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1, self.c2, self.a2 = nn.Conv2d(3, 8, 3, 2, 1), ScaledGelu(), nn.Conv2d(8, 8, 3), ScaledGelu()
+        self.c3, self.r3, self.c4, self.a4 = nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), ScaledGelu()
+        self.flat = nn.Flatten(1)
+        self.classifier = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        x = self.a4(self.c4(self.r3(self.c3(self.a2(self.c2(self.a1(self.c1(x))))))))
+        return self.classifier(self.flat(F.adaptive_avg_pool2d(x, 1)))
+
+
+def test_untapped_points_before_the_head_do_not_shift_it_into_the_classifier():
+    model = UntappedActivations()
+    assert generalized_layers(model) == ["r3", "flat", "classifier.1"]
+    assert head_index(model) == 2  # three untapped GELUs come before it: the classifier's ReLU is head
 
 
 def test_squeezenet_class_scores_are_in_the_head():

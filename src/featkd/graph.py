@@ -415,14 +415,15 @@ def trace_layers(model: nn.Module, keep_whole: Callable[[nn.Module], bool]) -> G
     def is_block(call: Call) -> bool:
         return type(modules[call[0]]) in blocks
 
-    candidates, head = _candidates(relevant, main, tracer, modules, is_block)
+    candidates, head_candidate = _candidates(relevant, main, tracer, modules, is_block)
     points: list[Point] = []
     untappable: list[str] = []
+    head = head_candidate  # the head's index among the tapped points: less the untapped ones before it
     for position, node in enumerate(candidates):
         point = _point(node, tracer, is_block)
         if point is None:
             untappable.append(node.name)
-            head -= position < head
+            head -= position < head_candidate
         else:
             points.append(point)
     if untappable:
