@@ -227,6 +227,21 @@ def test_run_json_keeps_the_software_of_earlier_calls_of_a_resumed_run(teacher_d
     assert record["git_commit"] == first["git_commit"] and record["versions"] == first["versions"]
 
 
+def test_a_teacher_without_checkpoint_is_the_same_on_every_call_so_the_run_resumes(tmp_path, capsys):
+    """Its weights come from the run's seed, not from the process's random state."""
+    import torch
+
+    def args(out, *extra):
+        return ["distill", "--teacher", "resnet34", "--teacher-width", "1/16", "--student", "resnet9",
+                "--student-width", "1/16", "--method", "kd", "--epochs", "2", "--out", str(out), *DATA, *extra]
+
+    assert main(args(tmp_path / "a", "stop_after_epochs=1")) == 0
+    torch.manual_seed(1234)  # another process state
+    assert main(args(tmp_path / "a")) == 0, capsys.readouterr().err  # the digest matches: it resumes
+    assert main(args(tmp_path / "b")) == 0
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
 def test_run_json_records_a_resume_that_switches_the_memory_format(teacher_dir, tmp_path):
     """channels_last changes float rounding, not what is computed: a resume may switch it, and run.json
     keeps the option each call ran with."""

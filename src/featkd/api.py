@@ -226,13 +226,16 @@ def _quality_layers(
     rule = resolved.name
     context = context or DistContext(device=device)
     saved = out / QUALITY_FILE if out is not None else None
-    if saved is not None and saved.is_file():
+    selected = None
+    # the main process alone decides, reading quality.json or measuring, and tells the others: a rank
+    # that looked for the file on its own could find it written and skip the broadcast
+    if context.is_main and saved is not None and saved.is_file():
         report = QualityReport.from_json(saved)
         if (report.variant == variant and report.settings.get("n_a", 0) <= subset_size
                 and resolved.in_variant(variant).name in report.rules()):
             log.info("teacher layers from %s", saved)
-            return report.select(k, rule)
-    if context.is_main:
+            selected = report.select(k, rule)
+    if context.is_main and selected is None:
         layers = candidate_layers(teacher, k)
         log.info("measuring knowledge quality of teacher layers %s on class-balanced subsets of %d "
                  "training images", layers, len(train_set))
@@ -244,8 +247,6 @@ def _quality_layers(
         if saved is not None:
             report.to_json(saved, k)
             _try_plot(report, out / QUALITY_PLOT, k, rule)
-    else:
-        selected = None
     if context.distributed:
         box = [selected]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -661,8 +662,10 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
     weights = read_weights(config.teacher_checkpoint) if config.teacher_checkpoint else None
     train_set, val_set, test_set = load_data(config)
     num_classes, channels, size = _data_shape(train_set)
-    teacher = create_model(config.teacher, num_classes, in_channels=channels, image_size=size,
-                           width=config.teacher_width)
+    with torch.random.fork_rng(devices=[]):  # a teacher without a checkpoint is the same on every call and
+        torch.manual_seed(config.seed)     # rank (a resume checks its digest); the global RNG is left as it was
+        teacher = create_model(config.teacher, num_classes, in_channels=channels, image_size=size,
+                               width=config.teacher_width)
     if weights is not None:
         load_model_weights(teacher, weights, config.teacher)
 
