@@ -144,6 +144,34 @@ def test_feature_loss_reaching_the_tail_is_refused():
                      num_classes=NUM_CLASSES, sample_input=images())
 
 
+class SharedEncoding(nn.Module):
+    """One convolution called by two consecutive stages (as CoaT shares its position encodings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.encoding = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.pool, self.flat, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.act1(self.encoding(self.stem(x)))
+        x = self.act2(self.encoding(x))
+        return self.fc(self.flat(self.pool(x)))
+
+
+def test_a_detach_point_between_two_uses_of_a_shared_module_is_refused_as_such():
+    teacher = model("torchvision:resnet18", seed=1)
+    student = SharedEncoding()
+    assert "act1" in generalized_layers(student)
+    with pytest.raises(ValueError, match=r"'act1' of SharedEncoding: 2 parameters before it \(encoding.bias, "
+                                         r"encoding.weight\) belong to modules the network calls again"):
+        build_method("featkd", teacher, student, teacher_layers=[3, 8], student_layers=["stem", "act1"],
+                     num_classes=NUM_CLASSES, sample_input=images())
+    method = build_method("featkd", teacher, student, teacher_layers=[3, 8], student_layers=["act1", "act2"],
+                          num_classes=NUM_CLASSES, sample_input=images())  # after the last use: it holds
+    assert method.detach_after == "act2"
+
+
 class Functional(nn.Module):
     """Functional activations, a module reused three times, and a view before the head."""
 

@@ -4,8 +4,10 @@ featkd detaches the student's forward pass after its deepest distilled layer:
 the backbone before that point learns from feature losses only, the tail after
 it from cross-entropy only. That holds only when the detach point lies on the
 main path (every path from the input to the logits passes through it); inside a
-residual branch, cross-entropy reaches the backbone through the skip path.
-:func:`check_gradient_split` proves the split with one dry backward.
+residual branch, cross-entropy reaches the backbone through the skip path. It
+also needs the backbone and the tail to share no parameters: a module called on
+both sides of the point (CoaT's shared position encodings) takes gradients from
+both. :func:`check_gradient_split` proves the split with one dry backward.
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ def _examples(names: set[str]) -> str:
     return ", ".join(shown) + (", ..." if len(names) > _EXAMPLES else "")
 
 
+def _called_more_than_once(model: nn.Module, sample_input: Tensor) -> set[str]:
+    """Names of the parameters of modules that one forward pass of ``model`` calls more than once."""
+    calls: dict[nn.Module, int] = {}
+
+    def count(module: nn.Module, args: tuple, output: object) -> None:
+        calls[module] = calls.get(module, 0) + 1
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with eval_mode(model), torch.no_grad():  # no running statistics change
+            model(sample_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {f"{name}.{p}" if name else p for name, m in model.named_modules() if calls.get(m, 0) > 1
+            for p, _ in m.named_parameters(recurse=False)}
+
+
 def check_gradient_split(model: nn.Module, sample_input: Tensor, teacher) -> None:
     """Raise ValueError unless ``model.method`` splits the student's gradients at its detach point.
 
@@ -77,6 +97,13 @@ def check_gradient_split(model: nn.Module, sample_input: Tensor, teacher) -> Non
                                 params) - backbone
     where = f"student layer {layer!r} of {type(student).__name__}"
     if logit_leak:
+        shared = logit_leak & _called_more_than_once(student, sample_input)
+        if shared:
+            raise ValueError(
+                f"the logit-free split does not hold at {where}: {len(shared)} parameters before it "
+                f"({_examples(shared)}) belong to modules the network calls again after it (shared "
+                "between layers), so cross-entropy reaches them; choose a generalized layer after "
+                "their last use")
         raise ValueError(
             f"the logit-free split does not hold at {where}: cross-entropy reaches "
             f"{len(logit_leak)} parameters before it ({_examples(logit_leak)}), so the layer is not "
