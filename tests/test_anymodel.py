@@ -159,6 +159,19 @@ class SharedEncoding(nn.Module):
         return self.fc(self.flat(self.pool(x)))
 
 
+class SharedThenResidual(SharedEncoding):
+    """The shared module's two calls both come before a residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.act2(self.encoding(self.act1(self.encoding(self.stem(x)))))
+        x = x + self.body(x)
+        return self.fc(self.flat(self.pool(x)))
+
+
 def test_a_detach_point_between_two_uses_of_a_shared_module_is_refused_as_such():
     teacher = model("torchvision:resnet18", seed=1)
     student = SharedEncoding()
@@ -170,6 +183,9 @@ def test_a_detach_point_between_two_uses_of_a_shared_module_is_refused_as_such()
     method = build_method("featkd", teacher, student, teacher_layers=[3, 8], student_layers=["act1", "act2"],
                           num_classes=NUM_CLASSES, sample_input=images())  # after the last use: it holds
     assert method.detach_after == "act2"
+    with pytest.raises(ValueError, match="not on the main path"):  # inside a residual branch: not sharing
+        build_method("featkd", teacher, SharedThenResidual(), teacher_layers=[3, 8],
+                     student_layers=["act2", "body"], num_classes=NUM_CLASSES, sample_input=images())
 
 
 class Functional(nn.Module):

@@ -55,6 +55,8 @@ def test_dataset_options_are_checked_against_the_loaders_types_and_featkds_own_s
     small = load_splits("synthetic", num_classes=2, samples_per_class=2, test_per_class=1, noise=1)  # int for float
     assert len(small.train) == 4 and len(small.test) == 2
     check_data_options({"download": True, "val_seed": 1, "num_classes": 3})  # the dataset's or load_splits' own
+    check_data_options({"augment": True}, passed=("seed",))  # a caller that does not set augment itself
+    assert load_splits("synthetic", num_classes=2, samples_per_class=2, test_per_class=1, noise="1e-1")  # YAML text
     with pytest.raises(ValueError, match=r"\['root', 'seed'\] are not dataset options: use --data-root, --seed"):
         check_data_options({"seed": 1, "root": "x", "num_classes": 3})
 

@@ -218,6 +218,9 @@ def test_run_json_keeps_the_software_of_earlier_calls_of_a_resumed_run(teacher_d
     assert "earlier_calls" not in first
     assert main([*args, "stop_after_epochs=1"]) == 0  # the same software: nothing to add
     assert "earlier_calls" not in json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({k: v for k, v in first.items() if k != "execution"}))
+    assert main([*args, "stop_after_epochs=1"]) == 0  # an older featkd's record, the same in what it holds
+    assert "earlier_calls" not in json.loads((out / "run.json").read_text())
     older = {**first, "git_commit": "0" * 40, "versions": {**first["versions"], "torch": "2.0.0"}}
     (out / "run.json").write_text(json.dumps(older))  # as if the first epochs ran under other software
     assert main(args) == 0

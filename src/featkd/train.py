@@ -950,8 +950,8 @@ def _with_earlier_calls(record: dict[str, Any], path: Path) -> dict[str, Any]:
     previous = {k: old[k] for k in CALL_FIELDS if k in old}
     if previous and (not calls or calls[-1] != previous):
         calls.append(previous)
-    if calls and calls[-1] == {k: record[k] for k in CALL_FIELDS}:
-        calls.pop()  # the same as this call
+    if calls and calls[-1] == {k: record[k] for k in CALL_FIELDS if k in calls[-1]}:
+        calls.pop()  # the same as this call (in what an older featkd recorded)
     return {**record, "earlier_calls": calls} if calls else record
 
 

@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     settings = run_settings(args)
-    check_data_options(settings["data_options"])
+    check_data_options(settings["data_options"],  # the arguments given below
+                       ("name", "root", "image_size", "train_limit", "seed", "val_size"))
     splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
                          train_limit=settings["train_limit"], seed=settings["seed"],
                          val_size=settings["val_size"], **settings["data_options"])

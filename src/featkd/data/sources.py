@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import inspect
 import logging
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 import typing
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -521,24 +522,31 @@ _SETTING_OF = {"name": "data", "root": "data_root", "image_size": "image_size", 
                "train_limit": "train_limit", "seed": "seed", "val_size": "val_size"}
 
 
-def check_data_options(options: Mapping[str, Any]) -> None:
+def check_data_options(options: Mapping[str, Any], passed: Iterable[str] = tuple(_SETTING_OF)) -> None:
     """ValueError when dataset options (``--data-options``, a config's ``data_options``) name an
-    argument of :func:`load_splits` that a featkd setting provides (seed, train_limit, ...)."""
-    own = sorted(set(options) & set(_SETTING_OF))
+    argument of :func:`load_splits` that the caller ``passed`` from a featkd setting (seed,
+    train_limit, ...)."""
+    own = sorted(set(options) & set(passed))
     if own:
         settings = ", ".join(f"--{_SETTING_OF[name].replace('_', '-')}" for name in own)
         raise ValueError(f"data options {own} are not dataset options: use {settings} (or its config key)")
 
 
-def _check_option_types(key: str, loader: Callable[..., Any], options: Mapping[str, Any]) -> None:
-    """ValueError naming a dataset option whose value is not of the loader's declared type."""
+def _typed_options(key: str, loader: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the loader's declared types (ValueError naming a misfit); a float
+    written as text that YAML leaves a string (``1e-1``) is read as a float."""
     hints = typing.get_type_hints(loader)
+    typed = dict(options)
     for name, value in options.items():
         expected = hints.get(name)
+        if expected is float and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                typed[name] = value = float(value)
         accepted = (int, float) if expected is float else (expected,)
         if expected in (int, float, bool, str) and (
                 not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool))):
             raise ValueError(f"dataset {key!r}: option {name} must be {expected.__name__}, got {value!r}")
+    return typed
 
 
 def load_splits(name: str, root: str | Path | None = None, download: bool = False,
@@ -564,7 +572,7 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
     if unknown:
         valid = sorted({*options, "image_size", "in_channels", "train_limit", "seed", "augment", "val_size"})
         raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; valid: {valid}")
-    _check_option_types(key, spec.loader, kw)
+    kw = _typed_options(key, spec.loader, kw)
     for option, value in (("image_size", image_size), ("in_channels", in_channels), ("seed", seed)):
         if option in options and value is not None:
             kw[option] = value

@@ -97,11 +97,10 @@ def check_gradient_split(model: nn.Module, sample_input: Tensor, teacher) -> Non
                                 params) - backbone
     where = f"student layer {layer!r} of {type(student).__name__}"
     if logit_leak:
-        shared = logit_leak & _called_more_than_once(student, sample_input)
-        if shared:
+        if logit_leak <= _called_more_than_once(student, sample_input):  # all of them: sharing explains it
             raise ValueError(
-                f"the logit-free split does not hold at {where}: {len(shared)} parameters before it "
-                f"({_examples(shared)}) belong to modules the network calls again after it (shared "
+                f"the logit-free split does not hold at {where}: {len(logit_leak)} parameters before it "
+                f"({_examples(logit_leak)}) belong to modules the network calls again after it (shared "
                 "between layers), so cross-entropy reaches them; choose a generalized layer after "
                 "their last use")
         raise ValueError(
