@@ -591,6 +591,15 @@ def test_report_skips_a_cut_off_last_metrics_line_and_names_damaged_files(tmp_pa
         path.write_text(good)
 
 
+def test_an_empty_test_or_validation_set_is_refused_before_training(tmp_path, data):
+    train, test = data
+    empty = test.subset(torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="the test set is empty"):
+        api.train_teacher(dropout_net, train, empty, epochs=1, lr=0.01, **FAST)
+    with pytest.raises(ValueError, match="the validation set is empty"):
+        api.train_teacher(dropout_net, train, test, val_set=empty, epochs=1, lr=0.01, **FAST)
+
+
 def test_validation_split_picks_the_best_epoch_and_never_the_test_split(tmp_path):
     from featkd.data import load_splits
 

@@ -614,6 +614,9 @@ class Trainer:
         run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(seed)
         model.to(self.device, memory_format=self.memory_format(model))
+        for split, dataset in (("test", test_set), ("validation", val_set)):
+            if dataset is not None and len(dataset) == 0:  # its accuracy would read 0, not "none"
+                raise ValueError(f"the {split} set is empty")
         loader = self._train_loader(train_set, seed, _requires_full_batches(model), _has_batch_norm(model))
         eval_loaders = {"test": _loader(test_set, cfg.eval_batch_size, shuffle=False)}
         if val_set is not None:
