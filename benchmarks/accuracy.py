@@ -274,8 +274,11 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
             "test_images": len(test)}
     path = pair_results_path(results, pair.name, regime)
     previous = _previous(path, settings)
-    if previous.other_settings:
-        log.warning("%s was written with other settings: its methods are not kept", path)
+    if previous.other_settings:  # a finished row is worth more than this call: never overwritten
+        old = common.read_json(path).get("settings", {})
+        changed = sorted(k for k in {*old, *settings} - {"seeds"} if old.get(k) != settings.get(k))
+        raise ValueError(f"{path} holds this cell with other settings ({', '.join(changed)}): move it away "
+                         "(a superseded_* folder keeps it for the report) or give another --results")
     # the cell's seeds are the fewest it was asked for: more seeds on named rows (where a verdict
     # is close) extend those rows and leave the cell complete
     settings["seeds"] = min(scale.seeds, previous.seeds or scale.seeds)

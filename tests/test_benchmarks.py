@@ -336,6 +336,10 @@ def test_accuracy_quick_writes_results_and_resumes(quick):
     assert more["commands"][1].endswith("--methods ce --seeds 3") and more["command"] == more["commands"][1]
     assert accuracy.main(argv) == 1  # back to 2 seeds: nothing is retrained, ce keeps its 3
     assert json.loads(path.read_text())["methods"]["ce"]["runs"] == more["methods"]["ce"]["runs"]
+    # other settings (here the epochs) never replace a results file's finished rows
+    kept = path.read_bytes()
+    assert accuracy.main([*argv, "--epochs", "3"]) == 1
+    assert path.read_bytes() == kept
 
 
 def test_convergence_quick_checks_seeds_and_keeps_the_ones_in_its_results_file(quick, tmp_path):
