@@ -680,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = common.parse_choice(args.pairs, scale.pairs, "pair")
         regimes = common.parse_choice(args.regimes, list(scale.regimes), "regime")
         methods = common.parse_choice(args.methods, common.rows(), "method")
+        if args.probe_steps < 1:
+            raise ValueError(f"probe-steps must be >= 1, got {args.probe_steps}")
     except ValueError as err:
         print(f"accuracy.py: error: {err}", file=sys.stderr)
         return 2

@@ -298,7 +298,11 @@ def add_common_arguments(parser: Any) -> None:
 
 
 def scale_from_args(args: Any) -> Scale:
-    """The scale named by ``args`` (``--quick`` wins) with its overrides."""
+    """The scale named by ``args`` (``--quick`` wins) with its overrides; ValueError for a process
+    layout (``--threads``, ``--workers``) below 1."""
+    for option in ("threads", "workers"):
+        if getattr(args, option, None) is not None:
+            _check_positive(option, getattr(args, option))
     return build_scale("quick" if args.quick else args.scale, data=args.data, data_root=args.data_root,
                        epochs=args.epochs, teacher_epochs=args.teacher_epochs, seeds=args.seeds,
                        device=args.device)

@@ -866,7 +866,8 @@ def section_further(results: Path, out_dir: Path) -> list[str]:
              "Runs outside the default suite, each with its own generated report "
              "(`python benchmarks/report.py --results DIR --out DIR/REPORT.md`):", ""]
     for path in reports:
-        commands = sorted({c for f in path.parent.glob("*.json") if (c := common.read_json(f).get("command"))})
+        commands = sorted({c for f in path.parent.glob("*.json")
+                           for c in common.read_json(f).get("commands") or [common.read_json(f).get("command")] if c})
         link = os.path.relpath(path, out_dir)
         lines.append(f"- [{path.parent.name}]({link}): " + "; ".join(f"`{c}`" for c in commands))
     return lines + [""]

@@ -516,6 +516,9 @@ def test_accuracy_leaves_a_row_another_process_is_training(quick, tmp_path):
 def test_accuracy_rejects_unknown_names(quick, capsys):
     assert accuracy.main(_args(quick, "--methods", "featkd,magic")) == 2
     assert "valid: ce" in capsys.readouterr().err
+    for option, value in (("--threads", "-1"), ("--workers", "0"), ("--probe-steps", "0")):
+        assert accuracy.main(_args(quick, option, value)) == 2
+        assert f"{option[2:]} must be >= 1, got {value}" in capsys.readouterr().err
 
 
 def test_layer_validity_plan():
@@ -620,10 +623,13 @@ def test_report_links_the_reports_of_further_checks(tmp_path):
     extra = tmp_path / "results" / "longer_budget"
     extra.mkdir(parents=True)
     (extra / "accuracy_resnet34-resnet9_large.json").write_text(json.dumps({"command": "python x.py --epochs 8"}))
+    (extra / "convergence_resnet34-resnet9_large.json").write_text(json.dumps(
+        {"commands": ["python y.py --seeds 3", "python y.py --seeds 5"], "command": "python y.py --seeds 5"}))
     (extra / "REPORT.md").write_text("# extra\n")
     text = report.render(tmp_path / "results", tmp_path / "BENCHMARKS.md")
     assert "## Further checks" in text
-    assert "- [longer_budget](results/longer_budget/REPORT.md): `python x.py --epochs 8`" in text
+    assert ("- [longer_budget](results/longer_budget/REPORT.md): `python x.py --epochs 8`; "
+            "`python y.py --seeds 3`; `python y.py --seeds 5`") in text  # every command that wrote a file
 
 
 def test_report_without_results(tmp_path):
