@@ -262,7 +262,8 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     lines += overview_table(cells, analysed)
     lines += tally_lines(analysed)
     lines += multiplicity_lines(analysed)
-    lines += convergence_summary(found.get("convergence", {}), expected_cells(cells))
+    lines += convergence_summary(found.get("convergence", {}), expected_cells(cells),
+                                 {key: d.get("settings", {}).get("epochs") for key, d in cells.items()})
     lines += gap_summary(cells)
     lines += layer_validity_summary(found.get("layer_validity"))
     lines += rule
@@ -383,11 +384,15 @@ def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
             "test_gain": found["test_gain_points"], "passed": found["converged"]}
 
 
-def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]]) -> list[str]:
+def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]],
+                        budgets: dict[tuple[str, str], int] | None = None) -> list[str]:
     """One line: which cells pass, fail, wait for their longer run, or, of the ``expected`` ones, have no
-    check at their budget yet."""
+    check at their budget yet (``budgets``: the epochs each accuracy cell trained; a check of another
+    budget does not count for it)."""
     if not runs:
         return ["Convergence check: no results yet.", ""]
+    budgets = budgets or {}
+    runs = {key: d for key, d in runs.items() if budgets.get(key) in (None, d.get("budget_epochs"))}
     checks = {key: convergence_check(d) for key, d in sorted_cells(runs)}
     failed = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is False]
     pending = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is None]

@@ -268,6 +268,10 @@ def test_cell_without_a_check_at_its_budget_is_named(results):
     (results / f"convergence_{PAIR}_low.json").rename(results / "rejected.json")
     summary = section(render(results), "## Summary")
     assert f"1 of 1 cells pass; **not checked** at their budget: {PAIR} low." in summary
+    # a check of another budget than the cell trained does not count for it
+    write(results, f"convergence_{PAIR}_low.json", {**convergence_file("low", 0.85, 0.85), "budget_epochs": 2})
+    summary = section(render(results), "## Summary")
+    assert f"1 of 1 cells pass; **not checked** at their budget: {PAIR} low." in summary
 
 
 def test_missing_and_failed_methods(results):
