@@ -50,31 +50,38 @@ def display_path(path: Path) -> str:
 def load_results(results: Path) -> dict[str, Any]:
     """Every results file of ``results``: accuracy and convergence by (pair, regime), the rejected budgets by
     (pair, regime, budget epochs), the single-file benchmarks."""
-    found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "rejected": {}, "quality": {}}
+    found: dict[str, Any] = {"accuracy": {}, "convergence": {}, "rejected": {}, "quality": {}, "unreadable": []}
     sources = (("accuracy", results, "accuracy"), ("convergence", results, "convergence"),
                ("rejected", results / REJECTED_BUDGETS, "convergence"))
     for kind, folder, prefix in sources:
         for path in sorted(folder.glob(f"{prefix}_*.json")):
-            data = _read(path)
+            data = _read(path, found["unreadable"])
             if data is not None:
                 key = (data["pair"], data["regime"])
                 found[kind][(*key, data.get("budget_epochs")) if kind == "rejected" else key] = data
     for name in ("layer_validity", "throughput", "quality_speed", "probe"):
-        found[name] = _read(results / f"{name}.json")
+        found[name] = _read(results / f"{name}.json", found["unreadable"])
     for path in sorted(results.glob("quality_*_*_*.json")):
-        data = _read(path)
+        data = _read(path, found["unreadable"])
         if data is not None and "layers" in data and "variant" in data:
             found["quality"][path.stem] = data
     return found
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, unreadable: list[Path] | None = None) -> dict[str, Any] | None:
+    """A results file's object; None when there is none, or (added to ``unreadable``, with a warning)
+    when it does not parse or holds no JSON object."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        print(f"report.py: warning: {path} is not valid JSON ({err}); skipped", file=sys.stderr)
+        data = common.read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds no JSON object")
+        return data
+    except ValueError as err:
+        print(f"report.py: warning: {err}; skipped", file=sys.stderr)
+        if unreadable is not None:
+            unreadable.append(path)
         return None
 
 
@@ -253,9 +260,12 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     cells = found["accuracy"]
     lines = ["## Summary", ""]
     rule = [rule_line, ""] if rule_line else []
+    unreadable = [f"**Unreadable results files**, left out of every table (repair or move them): "
+                  f"{', '.join(f'`{display_path(p)}`' for p in found['unreadable'])}."
+                  ] if found.get("unreadable") else []
     if not cells:
         return lines + ["No accuracy results yet: run `python benchmarks/accuracy.py` (see benchmarks/README.md).",
-                        ""] + rule
+                        ""] + unreadable + rule
     lines += [method_of_test(test), ""]
     lines += sensitivity_lines(analysed)
     lines += close_verdict_lines(analysed)
@@ -271,6 +281,7 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     partial = [f"{p} {r} ({', '.join(missing_methods(d))})" for (p, r), d in cells.items() if not d.get("complete")]
     if missing:
         lines.append(f"Not run yet: {', '.join(missing)}.")
+    lines += unreadable
     if partial:
         lines.append(f"Partial (methods missing): {'; '.join(partial)}.")
     return lines + [""]
@@ -799,7 +810,9 @@ def section_gpu(results: Path) -> list[str]:
     path = results / "gpu" / "gpu_check.json"
     if not path.is_file():
         return lines + ["Not run yet: it needs a CUDA GPU (`python benchmarks/gpu_check.py`).", ""]
-    d = common.read_json(path)
+    d = _read(path)
+    if d is None:
+        return lines + [f"`{display_path(path)}` is not readable: repair or move it.", ""]
     calls = d.get("calls") or [d]  # a file from before calls were recorded apart holds one at its top level
     if not d.get("complete"):
         planned = d.get("planned") or {}  # step -> command; a file from before calls were apart has none
@@ -871,8 +884,8 @@ def section_further(results: Path, out_dir: Path) -> list[str]:
              "Runs outside the default suite, each with its own generated report "
              "(`python benchmarks/report.py --results DIR --out DIR/REPORT.md`):", ""]
     for path in reports:
-        commands = sorted({c for f in path.parent.glob("*.json")
-                           for c in common.read_json(f).get("commands") or [common.read_json(f).get("command")] if c})
+        files = [d for f in path.parent.glob("*.json") if (d := _read(f)) is not None]
+        commands = sorted({c for d in files for c in d.get("commands") or [d.get("command")] if c})
         link = os.path.relpath(path, out_dir)
         lines.append(f"- [{path.parent.name}]({link}): " + "; ".join(f"`{c}`" for c in commands))
     return lines + [""]

@@ -274,6 +274,22 @@ def test_cell_without_a_check_at_its_budget_is_named(results):
     assert f"1 of 1 cells pass; **not checked** at their budget: {PAIR} low." in summary
 
 
+def test_damaged_files_are_named_and_left_out_instead_of_stopping_the_report(results, capsys):
+    (results / f"accuracy_{PAIR}_low.json").write_text('{"pair": "x", "meth')      # cut off
+    (results / "gpu").mkdir()
+    (results / "gpu" / "gpu_check.json").write_text("{")
+    (results / "extra").mkdir()
+    (results / "extra" / "REPORT.md").write_text("# extra\n")
+    (results / "extra" / "accuracy_a_b.json").write_text("[]")                  # no JSON object
+    text = render(results)
+    summary = section(text, "## Summary")
+    assert f"**Unreadable results files**, left out of every table (repair or move them): " in summary
+    assert f"accuracy_{PAIR}_low.json`" in summary and "| resnet34-resnet9 | low |" not in summary
+    assert "gpu/gpu_check.json` is not readable: repair or move it." in section(text, "## GPU check")
+    assert "- [extra](" in section(text, "## Further checks")
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
 def test_missing_and_failed_methods(results):
     data = accuracy_file("full", {m: a for m, a in FULL.items() if m != "semckd"})
     data["methods"]["sp"] = {"error": "out of memory", "runs": []}
