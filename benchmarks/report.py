@@ -163,6 +163,8 @@ class CellStats:
     @property
     def pending(self) -> str:
         """Why an unjudged cell is not judged yet."""
+        if not self.values.get("ce"):
+            return "ce has no finished run"
         run, tested = len(self.baselines_run), len(self.baselines_tested)
         untested = f" ({run - tested} without a test)" if run > tested else ""
         return f"{run} of {len(BASELINES)} baselines run{untested}" + (", none beats ce so far" if tested else "")
@@ -709,7 +711,7 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
             for a, b, question in COMPARISONS if (a, b) in s.comparisons]
     lines += table(["comparison", "question", "difference (points)", "95 % CI", "p", "Holm p", "verdict"], rows)
     lines.append("")
-    ari = common.derived(methods)["ari_final"] if "ce" in methods else None
+    ari = common.derived(methods)["ari_final"] if s.values.get("ce") else None  # needs ce's numbers
     if ari:
         found = (f"n/a: {ari['note']}" if ari["value"] is None else f"{number(ari['value'])} over "
                  f"{', '.join(ari['baselines'])} (the baselines gaining ≥ {ari['min_gain']} points on validation)")
@@ -729,6 +731,8 @@ def is_new_format(d: dict[str, Any]) -> bool:
 def sensitivity_text(s: CellStats) -> str:
     if s.sensitive:
         return "**Sensitive**: " + ", ".join(f"{b} beats ce ({describe(s.vs_ce[b])})" for b in s.sensitive) + "."
+    if not s.values.get("ce"):
+        return "Sensitivity not known yet: ce, the reference, has no finished run."
     if not s.baselines_run:
         return "Sensitivity not known yet: no baseline was run."
     best = max(s.baselines_run, key=lambda b: s.vs_ce[b].diff)

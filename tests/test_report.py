@@ -274,6 +274,17 @@ def test_cell_without_a_check_at_its_budget_is_named(results):
     assert f"1 of 1 cells pass; **not checked** at their budget: {PAIR} low." in summary
 
 
+def test_a_cell_whose_ce_failed_says_so(results):
+    data = accuracy_file("full", FULL)
+    data["methods"]["ce"] = {"error": "out of memory", "runs": []}
+    write(results, f"accuracy_{PAIR}_full.json", data)
+    text = render(results)
+    assert f"Not judged yet: {PAIR} full (ce has no finished run)" in section(text, "## Summary")
+    cell = section(text, f"### {PAIR}, full regime")
+    assert "Sensitivity not known yet: ce, the reference, has no finished run." in cell
+    assert "ARI" not in cell
+
+
 def test_damaged_files_are_named_and_left_out_instead_of_stopping_the_report(results, capsys):
     (results / f"accuracy_{PAIR}_low.json").write_text('{"pair": "x", "meth')      # cut off
     (results / "gpu").mkdir()
