@@ -110,15 +110,17 @@ def runs_of(found: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def kept_runs(path: Path, identity: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """The seeds' runs of an earlier results file with the same ``identity``, by seed."""
+    """The seeds' runs of an earlier results file with the same ``identity``, by seed; ValueError for a
+    file of another identity (a check of another budget is kept apart, never replaced)."""
     if not path.is_file():
         return {}
     found = common.read_json(path)
     if not any(flag in found.get("command", "") for flag in ("--data ", "--scale", "--quick")):
         found = {**LEGACY_SETTINGS, **found}  # the default scale's, from before it recorded these
-    if any(found.get(key) != value for key, value in identity.items()):
-        log.warning("%s was written with other settings: its runs are not kept", path)
-        return {}
+    changed = sorted(key for key, value in identity.items() if found.get(key) != value)
+    if changed:
+        raise ValueError(f"{path} holds a check with other settings ({', '.join(changed)}): move it away (a "
+                         f"rejected budget's into results/convergence_rejected_budgets/) or give another --results")
     return {run["seed"]: {**run, **gains(run["budget"], run["long"])} for run in runs_of(found)}
 
 

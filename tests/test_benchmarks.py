@@ -391,10 +391,13 @@ def test_convergence_keeps_runs_only_from_a_file_checked_the_same_way(tmp_path):
     kept = convergence.kept_runs(path, identity)
     assert list(kept) == [0] and kept[0]["val_gain_points"] == 0.0 and kept[0]["command"] == legacy["command"]
     path.write_text(json.dumps({**legacy, "command": "python benchmarks/convergence.py --data cifar10"}))
-    assert convergence.kept_runs(path, identity) == {}
-    assert convergence.kept_runs(path, {**identity, "data": "cifar10"}) == {}
+    with pytest.raises(ValueError, match=r"other settings \(batch_size, data, data_options, scale\)"):
+        convergence.kept_runs(path, identity)  # never replaced: its check stays as it was
+    with pytest.raises(ValueError, match="other settings"):
+        convergence.kept_runs(path, {**identity, "data": "cifar10"})
     path.write_text(json.dumps({**identity, "batch_size": 64, "runs": [{"seed": 0, "budget": run, "long": run}]}))
-    assert convergence.kept_runs(path, identity) == {}  # trained with another batch size
+    with pytest.raises(ValueError, match=r"other settings \(batch_size\)"):
+        convergence.kept_runs(path, identity)  # trained with another batch size
     assert list(convergence.kept_runs(path, {**identity, "batch_size": 64})) == [0]
 
 
