@@ -611,7 +611,11 @@ def re_estimate(scale: Scale, methods: list[str], workers: int, results: Path, a
     if not path.is_file():
         print(f"accuracy.py: error: no {path}: run --probe first", file=sys.stderr)
         return 2
-    probe = common.read_json(path)
+    try:
+        probe = common.read_json(path)
+    except ValueError as err:
+        print(f"accuracy.py: error: {err}", file=sys.stderr)
+        return 2
     current = scale.to_dict()
     changed = [k for k in TIMED_SETTINGS if probe["scale"].get(k) != current[k]]
     if changed:

@@ -695,6 +695,9 @@ def test_re_estimate_refuses_times_that_do_not_apply(tmp_path, capsys):
     assert accuracy.main([*argv, "--methods", "ce,sp"]) == 2
     assert "no times for sp" in capsys.readouterr().err
     assert accuracy.main(["--quick", "--results", str(tmp_path / "none"), "--re-estimate"]) == 2
+    path.write_text('{"scale": {')  # damaged: named, no traceback
+    assert accuracy.main([*argv, "--methods", "ce"]) == 2
+    assert f"{path} is not valid JSON" in capsys.readouterr().err
 
 
 def test_estimate_suite_is_arithmetic_on_the_probe_times():
