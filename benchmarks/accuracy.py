@@ -357,7 +357,11 @@ def _format(stats: dict[str, Any]) -> str:
 def job_costs(scale: Scale, methods: list[str], probe_path: Path) -> dict[tuple[str, str], float]:
     """Relative cost of each (pair, regime) job: from the probe's CPU times when there is a probe file,
     else training images x epochs (the ViT pair counted double)."""
-    probe = common.read_json(probe_path)["pairs"] if probe_path.is_file() else {}
+    try:
+        probe = common.read_json(probe_path).get("pairs", {}) if probe_path.is_file() else {}
+    except ValueError as err:  # it only orders the jobs: a damaged probe.json stops nothing
+        log.warning("%s; jobs ordered by their training images and epochs", err)
+        probe = {}
     costs = {}
     for pair in PAIRS:
         for regime, images in scale.regimes.items():

@@ -143,6 +143,8 @@ def test_job_costs_put_the_longest_jobs_first(tmp_path):
     scale = common.build_scale("default")
     costs = accuracy.job_costs(scale, ["ce"], tmp_path / "no-probe.json")
     assert costs[("vit_b-vit_et", "full")] == 2 * 2 * costs[("resnet34-resnet9", "full")]  # twice the epochs
+    (tmp_path / "damaged.json").write_text('{"pairs": {')
+    assert accuracy.job_costs(scale, ["ce"], tmp_path / "damaged.json") == costs  # ordered without it
     probe = {"pairs": {p: {"ce": {"cpu": 1e-3 * (i + 1)}} for i, p in enumerate(common.PAIRS)}}
     (tmp_path / "probe.json").write_text(json.dumps(probe))
     costs = accuracy.job_costs(scale, ["ce"], tmp_path / "probe.json")
