@@ -131,12 +131,14 @@ class Previous:
     builds: list[dict[str, Any]] = field(default_factory=list)  # teacher cache builds
     commands: list[str] = field(default_factory=list)  # every command that wrote the file
     seeds: int | None = None  # the cell's number of seeds
-    other_settings: bool = False  # there is a file, written with other settings (nothing kept)
+    other_settings: list[str] = field(default_factory=list)  # the settings a file of this cell differs in
 
 
-def _same_cell(old: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """Whether a results file's data was written with ``settings`` (its number of seeds may differ)."""
-    return {**old.get("settings", {}), "seeds": None} == {**settings, "seeds": None}
+def _changed_settings(old: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The settings a results file's data was written with other values of (its number of seeds may
+    differ): none when it is this cell's."""
+    found = old.get("settings", {})
+    return sorted(k for k in {*found, *settings} - {"seeds"} if found.get(k) != settings.get(k))
 
 
 def _previous(path: Path, settings: dict[str, Any], keep_errors: bool = False) -> Previous:
@@ -150,8 +152,9 @@ def _previous(path: Path, settings: dict[str, Any], keep_errors: bool = False) -
     if not path.is_file():
         return Previous()
     old = common.read_json(path)
-    if not _same_cell(old, settings):
-        return Previous(other_settings=True)
+    changed = _changed_settings(old, settings)
+    if changed:
+        return Previous(other_settings=changed)
     return Previous(methods={m: e for m, e in old.get("methods", {}).items() if keep_errors or "error" not in e},
                     unfinished=dict(old.get("unfinished", {})), builds=list(old.get("teacher_cache_builds", [])),
                     commands=old.get("commands") or [c for c in [old.get("command")] if c],
@@ -183,7 +186,7 @@ class CellResults:
         if not self.path.is_file():
             return {"complete": False}
         old = common.read_json(self.path)
-        return old if _same_cell(old, self.head["settings"]) else {"complete": False}
+        return {"complete": False} if _changed_settings(old, self.head["settings"]) else old
 
     def save(self, row: str, *, done: Any = KEEP, unfinished: Any = KEEP) -> dict[str, Any]:
         """Write the file with ``row``'s finished entry ``done`` and its ``unfinished`` one (None
@@ -263,22 +266,20 @@ def run_pair(scale: Scale, pair_name: str, regime: str, methods: list[str], work
     from featkd.distillation import METHOD_INFO
 
     pair = PAIRS[pair_name]
+    settings = settings_of(scale, pair, regime)
+    path = pair_results_path(results, pair.name, regime)
+    previous = _previous(path, settings)
+    if previous.other_settings:  # a finished row is worth more than this call: never overwritten
+        raise ValueError(f"{path} holds this cell with other settings ({', '.join(previous.other_settings)}): "
+                         "move it away (a superseded_* folder keeps it for the report) or give another --results")
     train, val, test = common.load_regime(scale, regime)
     teacher = common.load_teacher(scale, pair.teacher, work, train)
     layers = layer_lists(scale, pair, regime, work)
-    settings = settings_of(scale, pair, regime)
     head = {"benchmark": "accuracy", "pair": pair.name, "regime": regime, "settings": settings,
             **record, "job_started": common.now(),
             "teacher": common.teacher_summary(scale, pair.teacher, work), "layers": layers,
             "train_images": len(train), "val_images": len(val) if val is not None else 0,
             "test_images": len(test)}
-    path = pair_results_path(results, pair.name, regime)
-    previous = _previous(path, settings)
-    if previous.other_settings:  # a finished row is worth more than this call: never overwritten
-        old = common.read_json(path).get("settings", {})
-        changed = sorted(k for k in {*old, *settings} - {"seeds"} if old.get(k) != settings.get(k))
-        raise ValueError(f"{path} holds this cell with other settings ({', '.join(changed)}): move it away "
-                         "(a superseded_* folder keeps it for the report) or give another --results")
     # the cell's seeds are the fewest it was asked for: more seeds on named rows (where a verdict
     # is close) extend those rows and leave the cell complete
     settings["seeds"] = min(scale.seeds, previous.seeds or scale.seeds)

@@ -398,13 +398,12 @@ def convergence_check(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def convergence_summary(runs: dict[tuple[str, str], Any], expected: list[tuple[str, str]],
-                        budgets: dict[tuple[str, str], int] | None = None) -> list[str]:
+                        budgets: dict[tuple[str, str], int]) -> list[str]:
     """One line: which cells pass, fail, wait for their longer run, or, of the ``expected`` ones, have no
     check at their budget yet (``budgets``: the epochs each accuracy cell trained; a check of another
     budget does not count for it)."""
     if not runs:
         return ["Convergence check: no results yet.", ""]
-    budgets = budgets or {}
     runs = {key: d for key, d in runs.items() if budgets.get(key) in (None, d.get("budget_epochs"))}
     checks = {key: convergence_check(d) for key, d in sorted_cells(runs)}
     failed = [f"{p} {r}" for (p, r), c in checks.items() if c["passed"] is False]

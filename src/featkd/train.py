@@ -375,12 +375,12 @@ def _first_line(err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def _write_text_atomic(path: Path, text: str | bytes) -> None:
+def _write_atomic(path: Path, content: str | bytes) -> None:
     """Write through a synced temporary file and a rename: after a crash or power loss ``path``
-    holds the old text or the new, never a part."""
+    holds the old content or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -388,7 +388,7 @@ def _write_text_atomic(path: Path, text: str | bytes) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    _write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    _write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -611,12 +611,12 @@ class Trainer:
         given, is evaluated every epoch (``val_acc``) and picks the best epoch.
         """
         cfg, ctx = self.config, self.context
-        run_dir = Path(run_dir) if run_dir is not None else None
-        torch.manual_seed(seed)
-        model.to(self.device, memory_format=self.memory_format(model))
         for split, dataset in (("test", test_set), ("validation", val_set)):
             if dataset is not None and len(dataset) == 0:  # its accuracy would read 0, not "none"
                 raise ValueError(f"the {split} set is empty")
+        run_dir = Path(run_dir) if run_dir is not None else None
+        torch.manual_seed(seed)
+        model.to(self.device, memory_format=self.memory_format(model))
         loader = self._train_loader(train_set, seed, _requires_full_batches(model), _has_batch_norm(model))
         eval_loaders = {"test": _loader(test_set, cfg.eval_batch_size, shuffle=False)}
         if val_set is not None:
@@ -673,7 +673,7 @@ class Trainer:
             raise ValueError(f"{checkpoint} holds {len(history)} epochs but epochs={self.config.epochs}")
         if self.context.is_main:
             log.info("seed %d: resuming from %s after epoch %d", seed, checkpoint, len(history))
-            _write_text_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+            _write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
         return history
 
     # -- pieces of fit ---------------------------------------------------------
@@ -935,7 +935,7 @@ def prepare_output(out: Path, config: RunConfig, context: DistContext) -> None:
             log.info("%s held an unstarted run of another config: replacing it", out)
             _remove_unstarted_files(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(existing, config.to_yaml())
+        _write_atomic(existing, config.to_yaml())
         remove_stale_caches(out)  # a killed run's teacher cache; no cache of this run exists yet
     context.barrier()
 
@@ -990,7 +990,7 @@ def output_untouched_on_error(out: Path) -> Iterator[None]:
             _remove_unstarted_files(out)
             for path, content in found.items():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_text_atomic(path, content)
+                _write_atomic(path, content)
             for folder in [*out.glob("run-*"), *created]:  # deepest first
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
