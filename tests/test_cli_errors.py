@@ -153,7 +153,9 @@ BAD = [
     ([*QUALITY, "--k", "0"], "--k must be at least 1"),
     ([*QUALITY, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ([*QUALITY, "--subset-size", "0"], "--subset-size must be at least 1, got 0"),
-    ([*QUALITY, "--memory-gb", "0"], "--memory-gb must be positive, got 0.0"),
+    ([*QUALITY, "--memory-gb", "0"], "--memory-gb must be a positive number, got 0.0"),
+    ([*QUALITY, "--memory-gb", "inf"], "--memory-gb must be a positive number, got inf"),
+    ([*QUALITY, "--memory-gb", "0.000001"], "memory_budget of 536 bytes is too small"),
     ([*QUALITY, "--data-options", "train_limit:10"], "data options ['train_limit'] are not dataset options: use --train-limit"),
     ([*QUALITY, "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     *([([*QUALITY, "--device", "cuda"], "device 'cuda' asked for but CUDA is not available")]

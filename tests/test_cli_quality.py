@@ -107,6 +107,15 @@ def test_selection_rule_and_precision_options(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_without_checkpoint_the_model_is_seeded_and_the_user_warned(tmp_path, caplog):
+    q_values = []
+    for name in ("a", "b"):
+        assert main(BASE + ["--layers", "3,4", "--out", str(tmp_path / name)]) == 0
+        q_values.append(QualityReport.from_json(tmp_path / name / "quality.json").values("Q"))
+    assert q_values[0] == q_values[1]  # the same --seed: the same random model
+    assert "no --checkpoint: measuring a randomly initialised resnet9 (seed 0)" in caplog.text
+
+
 def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path, capsys):
     """A ViT teacher trained at 16 px (patch 2) only loads when measured at its own size."""
     teacher = tmp_path / "teacher"

@@ -350,6 +350,26 @@ def test_errors():
         layer_quality(x, y, num_train=10, memory_budget=100)
     with pytest.raises(ValueError, match="both feats_b and labels_b"):
         layer_quality(x, y, x, num_train=10)
+    with pytest.raises(ValueError, match="too small for a class of 3 samples"):
+        quality.class_spectrum(x[:3], memory_budget=100)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_features_are_named_not_an_eigensolver_failure(bad):
+    x, y = clustered(4, 3, (5,), seed=11)
+    x[3, 2] = bad
+    for variant in ("paper", "corrected"):
+        with pytest.raises(ValueError, match="1 of 12 samples have NaN or infinite features"):
+            layer_quality(x, y, num_train=20, variant=variant)
+
+
+def test_float32_overflow_is_an_error_float64_measures_it():
+    x, y = clustered(4, 3, (5,), seed=12, relu=False)
+    huge = x * 1e20  # finite in float32, its squares are not
+    with pytest.raises(ValueError, match="too large for float32 products.*dtype=torch.float64"):
+        layer_quality(huge, y, num_train=20)
+    scaled = layer_quality(huge, y, num_train=20, dtype=torch.float64)
+    assert scaled["Q"] == pytest.approx(layer_quality(x, y, num_train=20, **EXACT)["Q"], rel=1e-6)
 
 
 # ------------------------------------------------------------ measure and the report
@@ -437,6 +457,36 @@ def test_measure_layer_choice_mode_and_augmentation(synthetic_train):
         measure(model, synthetic_train, subset_size=3, progress=False)
 
 
+def test_measure_fails_before_any_forward_and_names_the_layer(synthetic_train):
+    model = tiny_model()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match="memory_budget .* too small"):
+        measure(model, synthetic_train, memory_budget=2_000, **MEASURE_KW)
+    assert calls == []  # refused before the slow part
+    model[2].register_forward_hook(lambda module, args, out: out * math.nan)  # GL 1 diverged
+    with pytest.raises(ValueError, match=r"layer 1 \(3\): .* NaN or infinite"):
+        measure(model, synthetic_train, **MEASURE_KW)
+
+
+def test_measure_reads_torchvision_targets_without_loading_images(synthetic_train):
+    class TorchvisionLike(torch.utils.data.Dataset):  # .targets, and items only through __getitem__
+        targets = synthetic_train.labels.tolist()
+        loaded = 0
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, index):
+            TorchvisionLike.loaded += 1
+            return synthetic_train.batch(torch.tensor([index]))[0][0], self.targets[index]
+
+    report = measure(tiny_model(), TorchvisionLike(), **MEASURE_KW, **EXACT)
+    assert TorchvisionLike.loaded == 2 + 24 + 30  # a shape probe, subsets A and B: no pass for labels
+    reference = measure(tiny_model(), synthetic_train, **MEASURE_KW, **EXACT)
+    assert report.values("Q") == pytest.approx(reference.values("Q"), rel=1e-12)
+
+
 def make_report(q_values):
     rows = [
         LayerQuality(index=i, name=f"layer{i}", shape=[2, 3], D=6, S=0.1 * i, I=1.0 - 0.1 * i,
@@ -463,6 +513,15 @@ def test_select_orders_by_depth_and_breaks_ties_deeper():
     assert report[3].name == "layer3"
     with pytest.raises(KeyError):
         report[9]
+
+
+def test_select_leaves_out_layers_without_a_score_while_k_others_remain(caplog):
+    rows = make_report([0.5, float("nan"), 0.9, 0.9, 0.1]).layers
+    report = QualityReport(rows, variant="paper", model="net", settings={}, candidates=[1, 2, 3])
+    assert report.select(2, by="bands:Q") == [2, 3]  # not GL 1, alone in its band but unscored
+    assert "layers [1] have no Q score: left out of the selection" in caplog.text
+    assert report.select(3, by="bands:Q") == [1, 2, 3]  # too few scored: kept, with a warning
+    assert "fewer than k=3 others do: they may be chosen" in caplog.text
 
 
 def test_json_round_trip_table_and_plot(tmp_path):

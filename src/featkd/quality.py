@@ -31,11 +31,12 @@ its truncated spectrum row gets entropy 0; we do not reproduce that.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -183,8 +184,21 @@ def gram_statistics(
             centred.addmm_(low, low.T)
         else:
             centred += low @ low.T
+    _check_finite(sq_norms, centred, dtype)
     _centre_exactly(centred, cross, mean_sq)
     return GramStatistics(centred, cross, mean_sq, sq_norms)
+
+
+def _check_finite(sq_norms: Tensor, centred: Tensor, dtype: torch.dtype) -> None:
+    """ValueError for NaN or infinite features, or for products that overflowed ``dtype``."""
+    bad = ~torch.isfinite(sq_norms)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {len(bad)} samples have NaN or infinite features "
+                         "(has the model diverged?)")
+    if not torch.isfinite(centred).all():
+        largest = float(sq_norms.max().sqrt())
+        raise ValueError(f"features too large for {str(dtype).replace('torch.', '')} products "
+                         f"(largest sample norm {largest:.3g}); measure with dtype=torch.float64")
 
 
 def _centre_exactly(centred: Tensor, cross: Tensor, mean_sq: Tensor) -> None:
@@ -506,6 +520,20 @@ def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) 
 # ------------------------------------------------------------ subset B
 
 
+def _spectrum_budget(m: int, budget: int | None, dtype: torch.dtype) -> int | None:
+    """Bytes left for column chunks once one class's m x m matrices are held."""
+    if budget is None:
+        return None
+    squares = 2 + (dtype == torch.float32) / 2  # Gram, eigvalsh copy, f32 product
+    fixed = int(squares * FLOAT64_BYTES * m * m)
+    if budget - fixed < 8 * FLOAT64_BYTES * m:
+        raise ValueError(
+            f"memory_budget of {budget:,} bytes is too small for a class of {m} samples: its m x m "
+            f"matrices alone need {fixed:,} bytes plus {8 * FLOAT64_BYTES * m:,} for one chunk"
+        )
+    return budget - fixed
+
+
 def class_spectrum(
     feats: Tensor,
     *,
@@ -520,7 +548,7 @@ def class_spectrum(
     """
     feats = flatten_features(feats)
     m, dim = feats.shape
-    spare = None if memory_budget is None else max(memory_budget - FLOAT64_BYTES * m * m, 1)
+    spare = _spectrum_budget(m, memory_budget, dtype)
     gram = gram_statistics(feats, dtype=dtype, device=device, chunk_budget=spare)
     eig = _eigenvalues(gram.centred).clamp(min=0).flip(0)[: min(m, dim)]
     total = eig.sum()
@@ -900,8 +928,19 @@ class QualityReport:
 # ------------------------------------------------------------ measure
 
 
+@contextlib.contextmanager
+def _naming_layer(index: int, name: str) -> Iterator[None]:
+    """Prefix a ValueError raised inside with the layer it concerns."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"layer {index} ({name}): {err}") from err
+
+
 def _dataset_labels(dataset) -> Tensor:
     labels = getattr(dataset, "labels", None)
+    if labels is None:  # torchvision's datasets
+        labels = getattr(dataset, "targets", None)
     if labels is None:  # any map-style dataset yielding (image, label, ...)
         labels = [int(dataset[i][1]) for i in range(len(dataset))]
     return torch.as_tensor(labels, dtype=torch.long)
@@ -1004,8 +1043,10 @@ def measure(
     choose as ``--teacher-layers auto`` does: never the stem or a head layer unless fewer than k
     others were measured.
 
-    ``dataset`` is the training split (``.labels``; ``.batch(indices)`` when
-    present; augmentation is switched off). Subset A holds floor(subset_size / C)
+    ``dataset`` is the training split: labels from ``.labels`` or torchvision's
+    ``.targets``, else from each item; ``.batch(indices)`` when present;
+    augmentation switched off through ``.with_augment(False)`` when it has one
+    (give any other dataset its evaluation transform). Subset A holds floor(subset_size / C)
     samples per class, subset B min(per_class_b, N / C), both capped at the
     smallest class, drawn from one generator seeded with ``seed`` (A first). The
     model runs in eval mode without gradients on ``device`` (it is moved there).
@@ -1048,6 +1089,8 @@ def measure(
     members_b = [subset_b[labels[subset_b] == c] for c in torch.unique(labels[subset_b])]
     width = max(len(m) for m in members_b)
     half_budget = memory_budget // 2
+    _spare_budget(len(subset_a), half_budget, variant, dtype)  # too small: fail before any forward
+    _spectrum_budget(width, half_budget, dtype)
 
     was_training = model.training
     model.to(device).eval()
@@ -1073,8 +1116,9 @@ def measure(
                         class_feats, _ = _features(model, dataset, members, group_names, device,
                                                    batch_size, bar, group_layouts)
                         for slot, feats in enumerate(class_feats):
-                            spectra[slot].append(class_spectrum(
-                                feats, dtype=dtype, device=device, memory_budget=half_budget))
+                            with _naming_layer(indices[group[slot]], group_names[slot]):
+                                spectra[slot].append(class_spectrum(
+                                    feats, dtype=dtype, device=device, memory_budget=half_budget))
                         del class_feats
                     feats_a, pooled_a = _features(model, dataset, subset_a, group_names, device,
                                                   batch_size, bar, group_layouts)
@@ -1082,8 +1126,10 @@ def measure(
                                      group_names, group_layouts, device, batch_size, bar)
                     for slot, i in enumerate(group):
                         bar.set_postfix_str(f"layer {indices[i]}")
-                        sample = sample_statistics(feats_a[slot], labels_a, variant=variant,
-                                                   memory_budget=half_budget, dtype=dtype, device=device)
+                        with _naming_layer(indices[i], names[i]):
+                            sample = sample_statistics(feats_a[slot], labels_a, variant=variant,
+                                                       memory_budget=half_budget, dtype=dtype,
+                                                       device=device)
                         feats_a[slot] = None  # free as we go
                         entropy = spectrum_entropy(pad_spectra(spectra[slot], width), variant=variant)
                         parts = quality_parts(sample, entropy, num_train=len(labels), variant=variant)

@@ -15,8 +15,9 @@ A rule has a name usable on the command line (``featkd quality --by RULE``,
   ``bands:Q/corrected``): the score measured in that variant of the metric
   ("paper" or "corrected"). Without it, the variant the report was measured in.
 
-Ties break towards the deeper layer; a missing score (NaN) ranks last. Each
-rule is a small pure function of (layers, scores, k).
+Ties break towards the deeper layer; a missing score (NaN) ranks last, and
+:func:`select` leaves such layers out (with a warning) while k others remain.
+Each rule is a small pure function of (layers, scores, k).
 
 :data:`DEFAULT_RULE` is what ``auto`` uses; :data:`PAPER_RULE` reproduces the
 paper's choice.
@@ -24,6 +25,7 @@ paper's choice.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ SCORES = ("Q", "S", "I", "E", "sqrtIE", "depth", "probe")
 VARIANT_FREE = ("depth", "probe")  # scores that do not depend on the knowledge-quality variant
 VARIANTS = ("paper", "corrected")  # the knowledge-quality variants (featkd.quality, spec/quality.md)
 DEFAULT_VARIANT = "paper"
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ set builders
@@ -190,9 +194,23 @@ def select(report: Any, k: int, rule: str | Rule | None = None) -> list[int]:
                          f"this report holds the {report.variant} variant (measure it again with "
                          f"variant {rule.variant})")
     layers = [row.index for row in report.layers]
-    pool = choosable(layers, report.candidates, k)
-    scores = [score for layer, score in zip(layers, report.values(rule.score)) if layer in pool]
-    return sorted(rule.choose(pool, scores, k))
+    scores = dict(zip(layers, report.values(rule.score)))
+    pool = _scored(choosable(layers, report.candidates, k), scores, k, rule.score)
+    return sorted(rule.choose(pool, [scores[layer] for layer in pool], k))
+
+
+def _scored(pool: list[int], scores: dict[int, float], k: int, score: str) -> list[int]:
+    """``pool`` without the layers whose score is missing (NaN), unless fewer than ``k`` would remain."""
+    missing = [layer for layer in pool if math.isnan(scores[layer])]
+    if not missing:
+        return pool
+    kept = [layer for layer in pool if layer not in missing]
+    if len(kept) >= k:
+        logger.warning("layers %s have no %s score: left out of the selection", missing, score)
+        return kept
+    logger.warning("layers %s have no %s score, but fewer than k=%d others do: they may be chosen",
+                   missing, score, k)
+    return pool
 
 
 def set_score(scores: dict[int, float], layers: Sequence[int]) -> float:

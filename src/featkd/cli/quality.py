@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--subset-size", args.subset_size)):
         if value < 1:
             raise CliError(f"{option} must be at least 1, got {value}")
-    if not args.memory_gb > 0:
-        raise CliError(f"--memory-gb must be positive, got {args.memory_gb}")
+    if not 0 < args.memory_gb < math.inf:
+        raise CliError(f"--memory-gb must be a positive number, got {args.memory_gb}")
     try:
         rule = resolve_rule(args.by, args.variant)
         variant = measure_variant(rule, args.variant)
@@ -156,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     settings = run_settings(args)
+    if weights is None:
+        logger.warning("no --checkpoint: measuring a randomly initialised %s (seed %d), "
+                       "not a trained teacher", settings["model"], args.seed)
     check_data_options(settings["data_options"],  # the arguments given below
                        ("name", "root", "image_size", "train_limit", "seed", "val_size"))
     splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
@@ -163,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
                          val_size=settings["val_size"], **settings["data_options"])
     train = splits.train
     channels, size, _ = train.image_shape
-    model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels, size,
-                                  checkpoint=weights)
+    with torch.random.fork_rng(devices=[]):  # without a checkpoint: the same model for the same --seed
+        torch.manual_seed(args.seed)
+        model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels,
+                                      size, checkpoint=weights)
     check_classifier(model, sample_input(train), train.num_classes, training=False)  # it can take the data's images
     if layers != "all":
         try:
