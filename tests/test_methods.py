@@ -488,9 +488,13 @@ def test_semckd_embeddings_take_the_training_batch_size():
     assert mlp[0].in_features == 8 and mlp[0].out_features == 256 and mlp[2].out_features == 128
     model = DistillModel(student, method)
     out = teacher_outputs(method, teacher, x)
-    attention = method.attention(extract(student, x, method.student_layers), out.features)
+    student_feats = extract(student, x, method.student_layers)
+    attention = method.attention(student_feats, out.features)
     assert attention.shape == (8, 4, 4)
     assert torch.allclose(attention.sum(-1), torch.ones(8, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # scores and softmax stay float32
+        mixed = method.attention(student_feats, out.features)
+    assert torch.allclose(mixed, attention, atol=1e-6)
     _, losses = model(x[:5], y[:5], teacher_outputs(method, teacher, x[:5]))   # padded
     assert torch.isfinite(losses["semckd"])
     x_big, y_big = batch(size=9)

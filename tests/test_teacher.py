@@ -59,6 +59,11 @@ def test_online_teacher_taps_in_eval_mode_without_grad():
     features_only = OnlineTeacher(teacher, [2], need_logits=False)(x)
     assert features_only.logits is None and torch.equal(features_only.features[0], out.features[1])
     assert OnlineTeacher(teacher, [], need_logits=False)(x) == TeacherOutputs([], None)
+    cnn = make_teacher("resnet34").eval()
+    norm = next(m for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)).train()
+    before = norm.running_mean.clone()
+    OnlineTeacher(cnn, [3], need_logits=False)(x)
+    assert torch.equal(norm.running_mean, before) and not norm.training  # a submodule left training
 
 
 @pytest.mark.parametrize("name", list(TEACHERS))

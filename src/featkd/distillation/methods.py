@@ -397,7 +397,8 @@ class SemCKD(Method):
         """(B, S, T) attention of each sample's student layers over the teacher layers."""
         query = torch.stack([embed(f) for embed, f in zip(self.queries, student_feats)], dim=1)
         key = torch.stack([embed(f.detach()) for embed, f in zip(self.keys, teacher_feats)], dim=1)
-        return torch.softmax(query @ key.transpose(1, 2), dim=-1)
+        with torch.autocast(device_type=query.device.type, enabled=False):  # float32, as the embeddings
+            return torch.softmax(query @ key.transpose(1, 2), dim=-1)
 
     def losses(self, logits, student_feats, teacher, labels):
         losses = self.logit_losses(logits, teacher, labels)

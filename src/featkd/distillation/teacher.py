@@ -64,8 +64,8 @@ class OnlineTeacher:
     def __call__(self, x: Tensor) -> TeacherOutputs:
         if not self.layers and not self.need_logits:
             return TeacherOutputs([], None)
-        if self.teacher.training:
-            self.teacher.eval()
+        if any(module.training for module in self.teacher.modules()):  # a BatchNorm left training
+            self.teacher.eval()                                          # would update its statistics
         logits = None
         with FeatureTap(self.teacher, self.layers, stop_early=not self.need_logits) as tap:
             logits = self.teacher(x)
