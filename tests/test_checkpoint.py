@@ -46,6 +46,42 @@ def test_rejects_objects_and_keeps_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["c.pt"]
 
 
+def test_a_full_disk_is_an_os_error_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import featkd.checkpoint as checkpoint
+
+    path = tmp_path / "c.pt"
+    save_tensors(path, {"w": torch.ones(1)})
+    real_fdopen = os.fdopen
+
+    class Full(io.RawIOBase):  # the disk fills after the first kilobyte
+        def __init__(self, fd, mode):
+            self.file, self.written = real_fdopen(fd, mode), 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", Full)
+    with pytest.raises(OSError, match=r"cannot write .*c\.pt: No space left on device") as caught:
+        save_tensors(path, {"w": torch.zeros(1000)})
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    torch.testing.assert_close(load_tensors(path)["w"], torch.ones(1))
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
 def test_load_model_weights_from_run_dir(tmp_path):
     src, dst = nn.Linear(2, 3), nn.Linear(2, 3)
     save_tensors(tmp_path / "model.pt", src.state_dict())

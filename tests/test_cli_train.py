@@ -103,6 +103,22 @@ def test_stop_and_resume_from_the_command_line(teacher_dir, tmp_path, capsys):
     assert code == 0 and [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_a_seed_run_alone_is_that_seed_of_several_runs_on_drawn_data(tmp_path, capsys):
+    """The training subset (and generated data) come from --data-seed, not the run's seed."""
+    args = ["train-teacher", "--model", "resnet9", "--width", "1/16", "--epochs", "1", "--train-limit", "12",
+            *DATA]
+    assert main([*args, "--runs", "2", "--out", str(tmp_path / "two")]) == 0
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--seed", "1", "--data-seed", "1", "--out", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+
+    def curve(run_dir):
+        return [(r["loss_ce"], r["train_acc"], r["test_acc"]) for r in read_metrics(run_dir)]
+
+    assert curve(tmp_path / "one") == curve(tmp_path / "two" / "run-1")
+    assert curve(tmp_path / "other") != curve(tmp_path / "one")  # other images drawn
+
+
 def test_bad_yaml_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")

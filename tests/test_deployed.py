@@ -136,8 +136,9 @@ def test_kd_settings_reach_the_method(tmp_path, data, teacher):
 @pytest.mark.parametrize("values, message", [
     ({"method": "featkd", "kd_weight": 2}, "no KD term"),
     ({"method": "simkd", "kd_temperature": 2}, "no KD term"),
-    ({"method": "kd", "kd_temperature": 0}, "kd_temperature must be > 0"),
-    ({"method": "kd", "kd_weight": -1}, "kd_weight must be >= 0"),
+    ({"method": "kd", "kd_temperature": 0}, "kd_temperature must be a finite number > 0"),
+    ({"method": "kd", "kd_temperature": float("inf")}, "kd_temperature must be a finite number > 0"),
+    ({"method": "kd", "kd_weight": -1}, "kd_weight must be a finite number >= 0"),
 ])
 def test_kd_settings_are_checked(values, message):
     with pytest.raises(ValueError, match=message):

@@ -62,6 +62,11 @@ def test_a_started_directory_of_another_config_is_still_refused(teacher_dir, tmp
     err = capsys.readouterr().err
     assert "holds a run with a different config (epochs: 2 -> 1; method: 'ce' -> 'kd')" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "config.yaml").unlink()  # its checkpoint alone cannot say what it was trained with
+    del before["config.yaml"]
+    assert main(distill_args(teacher_dir, out, "--method", "ce", "--epochs", "2", "--lr", "0.5")) == 2
+    assert "holds a started run (checkpoint, weights or results) but no config.yaml" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_run_json_records_the_effective_settings(teacher_dir, tmp_path):

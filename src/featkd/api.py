@@ -83,7 +83,7 @@ def load_data(config: RunConfig) -> Any:
 
     check_data_options(config.data_options)
     return load_splits(config.data, root=config.data_root, image_size=config.image_size, augment=config.augment,
-                       train_limit=config.train_limit, seed=config.seed, val_size=config.val_size,
+                       train_limit=config.train_limit, seed=config.data_seed, val_size=config.val_size,
                        **config.data_options)
 
 
@@ -481,7 +481,7 @@ def distill(
         t_layers = resolve_teacher_layers(
             t_spec, teacher, config.teacher, len(s_layers), train_set,
             device=device, out=out, context=context, variant=config.quality_variant,
-            subset_size=config.quality_subset, seed=config.seed, progress=show_progress(config.progress),
+            subset_size=config.quality_subset, seed=config.data_seed, progress=show_progress(config.progress),
             rule=config.select_by, probe_set=val_set,
         )
     feed = teacher_feed if teacher_feed is not None else TeacherFeed(

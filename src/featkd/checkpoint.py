@@ -82,9 +82,12 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it the mode open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed_write = err.__context__  # torch.save reports a failed write (a full disk) as a RuntimeError
+        if isinstance(err, RuntimeError) and isinstance(failed_write, OSError):
+            raise OSError(failed_write.errno, f"cannot write {path}: {failed_write.strerror}") from err
         raise
 
 

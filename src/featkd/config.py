@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class RunConfig:
     val_size: int | None = _opt(None, "hold out a stratified validation split of this many training images "
                                 "(fixed seed 0, before train_limit); it picks the best epoch")
     data_options: dict[str, Any] = _opt({}, "extra dataset options, e.g. samples_per_class:8,num_classes:4")
+    data_seed: int = _opt(0, "seed of the data drawn: the train_limit subset, generated datasets and the "
+                          "quality subset; the same for every run, so seed k alone is run k of --runs N")
     epochs: int = _opt(50, "training epochs")
     batch_size: int = _opt(128, "global batch size (split across DDP processes)")
     optimizer: str = _opt("adamw", "adamw: one-cycle schedule; sgd: multi-step schedule", ("adamw", "sgd"))
@@ -152,10 +155,12 @@ class RunConfig:
         for name in ("image_size", "train_limit", "val_size", "stop_after_epochs"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 < self.lr_gamma < math.inf:
+            raise ValueError(f"lr_gamma must be a finite number > 0, got {self.lr_gamma}")
         if not 0 < self.pct_start < 1:
             raise ValueError(f"pct_start must be between 0 and 1, got {self.pct_start}")
         if not 0 <= self.momentum < 1:
@@ -164,8 +169,9 @@ class RunConfig:
             m < 1 for m in self.milestones
         ):
             raise ValueError(f"milestones must be increasing positive epochs, got {self.milestones}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
@@ -269,10 +275,10 @@ class DistillConfig(RunConfig):
                 _check_width(name, getattr(self, name))
         _check_positive("cache_memory_mb", self.cache_memory_mb)
         _check_positive("quality_subset", self.quality_subset)
-        if self.kd_temperature is not None and not self.kd_temperature > 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
-        if self.kd_weight is not None and not self.kd_weight >= 0:
-            raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
+        if self.kd_temperature is not None and not 0 < self.kd_temperature < math.inf:
+            raise ValueError(f"kd_temperature must be a finite number > 0, got {self.kd_temperature}")
+        if self.kd_weight is not None and not 0 <= self.kd_weight < math.inf:
+            raise ValueError(f"kd_weight must be a finite number >= 0, got {self.kd_weight}")
         measure_variant(resolve_rule(self.select_by, self.quality_variant), self.quality_variant)
         from featkd.distillation import METHOD_INFO, list_methods
 
@@ -296,8 +302,8 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def _check_width(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _check_model(name: str, value: str) -> None:

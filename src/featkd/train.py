@@ -880,8 +880,11 @@ def check_output(out: Path, config: RunConfig) -> None:
     replaces it.
     """
     existing = out / CONFIG_FILE
-    if not existing.is_file() or not has_started(out):
+    if not has_started(out):
         return
+    if not existing.is_file():
+        raise ValueError(f"{out} holds a started run (checkpoint, weights or results) but no {CONFIG_FILE}, "
+                         "so its configuration is unknown: choose a new --out")
     diffs = _differences(existing, config)
     if diffs:
         raise ValueError(

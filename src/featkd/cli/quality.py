@@ -90,7 +90,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "train_limit": args.train_limit if args.train_limit is not None else (
             run.train_limit if data_from_run else None),
         "val_size": args.val_size if args.val_size is not None else (run.val_size if data_from_run else None),
-        "seed": run.seed if data_from_run else 0,
+        "seed": run.data_seed if data_from_run else 0,
     }
     for key in ("model", "data"):
         if settings[key] is None:

@@ -519,7 +519,7 @@ def get_datasets(name: str, root: str | Path | None = None, download: bool = Fal
 
 #: load_splits arguments that featkd's commands set from settings of their own (argument: setting)
 _SETTING_OF = {"name": "data", "root": "data_root", "image_size": "image_size", "augment": "augment",
-               "train_limit": "train_limit", "seed": "seed", "val_size": "val_size"}
+               "train_limit": "train_limit", "seed": "data_seed", "val_size": "val_size"}
 
 
 def check_data_options(options: Mapping[str, Any], passed: Iterable[str] = tuple(_SETTING_OF)) -> None:
