@@ -118,6 +118,32 @@ def test_a_seed_run_alone_is_that_seed_of_several_runs_on_drawn_data(tmp_path, c
     assert curve(tmp_path / "one") == curve(tmp_path / "two" / "run-1")
     assert curve(tmp_path / "other") != curve(tmp_path / "one")  # other images drawn
 
+    # one run of several is a run directory too: model, width and data from the parent's config.yaml
+    one_run = str(tmp_path / "two" / "run-1")
+    assert main(["distill", "--teacher-checkpoint", one_run, "--student", "resnet9", "--student-width", "1/16",
+                 "--method", "ce", "--epochs", "1", "--out", str(tmp_path / "student"), *DATA]) == 0
+    assert yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())["teacher_width"] == 0.0625
+    assert main(["train-teacher", "--init-checkpoint", one_run, "--epochs", "1", "--out", str(tmp_path / "init"),
+                 *DATA]) == 0
+    assert main(["quality", "--checkpoint", one_run, "--layers", "3,4", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "quality.json").read_text())["settings"]["num_train"] == 12
+
+
+def test_quality_measures_what_auto_took_with_the_same_data_seed(teacher_dir, tmp_path, capsys):
+    data = ["--train-limit", "12", "--val-size", "3", "--data-seed", "1"]
+    assert main(["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9", "--student-width",
+                 "1/16", "--method", "featkd", "--teacher-layers", "auto", "--epochs", "1", *data,
+                 "--out", str(tmp_path / "auto"), *DATA]) == 0
+    assert main(["quality", "--checkpoint", str(teacher_dir), "--no-progress", *data,
+                 "--out", str(tmp_path / "q"), *DATA[:4]]) == 0
+    capsys.readouterr()
+    auto, again = (json.loads((tmp_path / d / "quality.json").read_text()) for d in ("auto", "q"))
+    measured = {row["index"]: row["Q"] for row in again["layers"]}  # every GL; auto: its candidates
+    assert {row["index"]: row["Q"] for row in auto["layers"]}.items() <= measured.items()
+    assert again["variant"] == auto["variant"]
+    assert again["settings"]["seed"] == 1 and again["settings"]["num_train"] == 12
+
 
 def test_bad_yaml_file_exits_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"

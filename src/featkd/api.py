@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ __all__ = [
     "load_trained_model",
     "resolve_student_layers",
     "resolve_teacher_layers",
+    "run_config_file",
     "sample_input",
     "spread_layers",
     "TeacherFeed",
@@ -567,12 +569,21 @@ def method_uses_layers(method: str) -> bool:
 
 
 # --------------------------------------------------------------------------- from configs
+def run_config_file(run_dir: str | Path) -> Path | None:
+    """The config.yaml of a run directory: its own or, for one run of several (``run-<i>``), its
+    parent's; None when there is neither."""
+    run_dir = Path(run_dir)
+    folders = (run_dir, run_dir.parent) if re.fullmatch(r"run-\d+", run_dir.name) else (run_dir,)
+    return next((f / "config.yaml" for f in folders if (f / "config.yaml").is_file()), None)
+
+
 def _teacher_run_config(checkpoint: str | None) -> TrainConfig | None:
-    """The TrainConfig of a train-teacher run directory, when ``checkpoint`` is one."""
+    """The TrainConfig of a train-teacher run directory (or one ``run-<i>`` of it), when ``checkpoint``
+    is one."""
     if not checkpoint or not Path(checkpoint).is_dir():
         return None
-    path = Path(checkpoint) / "config.yaml"
-    if not path.is_file():
+    path = run_config_file(checkpoint)
+    if path is None:
         return None
     try:
         return TrainConfig.from_yaml(path)

@@ -62,7 +62,11 @@ def add_parser(subparsers) -> None:
                         f"e.g. bands:Q/corrected; {PAPER_RULE} is the paper's (default: {DEFAULT_RULE}, "
                         "in --variant when that is given)")
     parser.add_argument("--out", default="runs/quality", help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets A and B")
+    parser.add_argument("--data-seed", type=int, metavar="SEED",
+                        help="seed of the data drawn (the --train-limit subset, generated datasets), as "
+                        "distill --data-seed (default: the run directory's when its data are used, else 0)")
+    parser.add_argument("--seed", type=int, help="seed of the subsets A and B, and of a model without "
+                        "--checkpoint (default: the data seed, as --teacher-layers auto draws them)")
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
@@ -90,7 +94,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "train_limit": args.train_limit if args.train_limit is not None else (
             run.train_limit if data_from_run else None),
         "val_size": args.val_size if args.val_size is not None else (run.val_size if data_from_run else None),
-        "seed": run.data_seed if data_from_run else 0,
+        "data_seed": args.data_seed if args.data_seed is not None else (run.data_seed if data_from_run else 0),
     }
     for key in ("model", "data"):
         if settings[key] is None:
@@ -118,15 +122,17 @@ def _data_options(text: str | None) -> dict[str, Any]:
 
 def _run_config(checkpoint: str | None) -> Any:
     """The TrainConfig of a train-teacher run directory, or None for a file or another kind of run."""
+    from featkd.api import run_config_file
     from featkd.config import TrainConfig
 
-    if not checkpoint or not (Path(checkpoint) / "config.yaml").is_file():
+    path = run_config_file(checkpoint) if checkpoint and Path(checkpoint).is_dir() else None
+    if path is None:
         return None
     try:
-        return TrainConfig.from_yaml(Path(checkpoint) / "config.yaml")
+        return TrainConfig.from_yaml(path)
     except ValueError as err:
-        logger.warning("%s/config.yaml is not a train-teacher config (%s): using the options only",
-                       checkpoint, str(err).splitlines()[0])
+        logger.warning("%s is not a train-teacher config (%s): using the options only",
+                       path, str(err).splitlines()[0])
         return None
 
 
@@ -147,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
     for option, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--subset-size", args.subset_size)):
         if value < 1:
             raise CliError(f"{option} must be at least 1, got {value}")
+    for option, value in (("--seed", args.seed), ("--data-seed", args.data_seed)):
+        if value is not None and value < 0:
+            raise CliError(f"{option} must be at least 0, got {value}")
     if not 0 < args.memory_gb < math.inf:
         raise CliError(f"--memory-gb must be a positive number, got {args.memory_gb}")
     try:
@@ -157,18 +166,19 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     weights = read_weights(args.checkpoint) if args.checkpoint else None  # before the data: fails fast
     settings = run_settings(args)
+    seed = args.seed if args.seed is not None else settings["data_seed"]
     if weights is None:
         logger.warning("no --checkpoint: measuring a randomly initialised %s (seed %d), "
-                       "not a trained teacher", settings["model"], args.seed)
+                       "not a trained teacher", settings["model"], seed)
     check_data_options(settings["data_options"],  # the arguments given below
                        ("name", "root", "image_size", "train_limit", "seed", "val_size"))
     splits = load_splits(settings["data"], root=settings["data_root"], image_size=settings["image_size"],
-                         train_limit=settings["train_limit"], seed=settings["seed"],
+                         train_limit=settings["train_limit"], seed=settings["data_seed"],
                          val_size=settings["val_size"], **settings["data_options"])
     train = splits.train
     channels, size, _ = train.image_shape
     with torch.random.fork_rng(devices=[]):  # without a checkpoint: the same model for the same --seed
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels,
                                       size, checkpoint=weights)
     check_classifier(model, sample_input(train), train.num_classes, training=False)  # it can take the data's images
@@ -178,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         except (IndexError, ValueError) as err:
             raise CliError(str(err)) from err
     report = measure(
-        model, train, layers, variant=variant, seed=args.seed, device=device,
+        model, train, layers, variant=variant, seed=seed, device=device,
         batch_size=args.batch_size, memory_budget=int(args.memory_gb * 1024**3),
         subset_size=args.subset_size, dtype=getattr(torch, args.dtype), model_name=settings["model"],
         probe_set=splits.val, progress=show_progress(args.progress),
