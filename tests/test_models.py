@@ -154,6 +154,47 @@ def test_seeded_construction_is_deterministic(name):
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
+def _reference(name: str) -> nn.Module:
+    """torchvision's model of the same shape at width 1, 100 classes, 32 px (spec/experiments.md)."""
+    from torchvision.models import mobilenet_v2, resnet18, resnet34, vgg11_bn, vgg19_bn
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if name in ("resnet34", "resnet18"):
+        net = {"resnet34": resnet34, "resnet18": resnet18}[name](num_classes=100)
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the 32-px stem
+        return net
+    if name in ("vgg19_bn", "vgg11_bn"):
+        net = {"vgg19_bn": vgg19_bn, "vgg11_bn": vgg11_bn}[name](num_classes=100)
+        net.classifier[0] = nn.Linear(512, 4096)  # a 1x1 map after the last pool
+        return net
+    if name == "mobilenetv2":
+        return mobilenet_v2(num_classes=100)
+    layers, heads, dim, mlp = {"vit_b": (12, 12, 768, 3072), "vit_et": (8, 6, 192, 576)}[name]
+    return VisionTransformer(32, 4, layers, heads, dim, mlp, num_classes=100)
+
+
+@pytest.mark.parametrize("name", ["resnet34", "resnet18", "vgg19_bn", "vgg11_bn", "mobilenetv2", "vit_b", "vit_et"])
+def test_parameter_counts_equal_torchvisions_at_width_1(name):
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        ours, reference = create_model(name, 100, image_size=32), _reference(name)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_init_schemes_are_pinned():
+    """Every benchmark result was trained with these; a change must be deliberate."""
+    torch.manual_seed(0)
+    resnet = create_model("resnet34", 100)
+    assert resnet.fc.weight.std().item() == pytest.approx(0.01, rel=0.05) and not resnet.fc.bias.any()
+    conv = resnet.layer1[0].conv1.weight  # Kaiming normal, fan_out
+    assert conv.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    vit = create_model("vit_et", 100)
+    attention = vit.blocks[0].self_attention
+    bound = 1 / 192 ** 0.5  # nn.Linear's default, re-drawn after the attention module zeroed it
+    assert attention.out_proj.bias.abs().max() <= bound and attention.out_proj.bias.abs().max() > bound / 2
+    assert attention.out_proj.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    assert not vit.patch_embed.cls_token.any()
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_width_scales_channels_not_depth(name):
     narrow = create_model(name, 10, width=0.25)

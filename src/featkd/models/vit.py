@@ -115,6 +115,9 @@ def init_vit(model: nn.Module) -> nn.Module:
     initialisation (Kaiming-uniform with a = sqrt(5): std = 1/sqrt(3 fan_in); attention
     in-projection Xavier-uniform), re-drawn here so the result does not depend on construction
     order; the positional embedding is normal with std 0.02, the CLS token zero, LayerNorms unit.
+    The attention out-projection is a Linear, so it is re-drawn after its attention module and
+    keeps a uniform bias where nn.MultiheadAttention alone would leave it zero; kept so, as every
+    benchmark result was trained with it (tests/test_models.py pins it).
     (A fixed std of 0.02 on every Linear, as ViT-B uses at d = 768, leaves narrow blocks almost
     silent: at d = 12 a block's update is ~100x smaller than its input, and a 1/16-width ViT-ET
     learned to 28 % instead of 66 % on 20k Fashion-MNIST images in two epochs.)
