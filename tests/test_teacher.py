@@ -229,3 +229,53 @@ def test_stale_cache_removal_keeps_the_caches_in_use(tmp_path):
     assert remove_stale_caches(tmp_path) == [other]
     ours.close()
     assert cache_folders(tmp_path) == [] and remove_stale_caches(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("method_name", ["featkd", "fitnet", "fitnet_fc", "sp"])
+def test_maps_pooled_once_in_the_cache_leave_every_loss_unchanged(method_name):
+    """A student with smaller maps (mobilenetv2): the cache pools the teacher's maps once, bit for
+    bit what the losses did on every batch."""
+    torch.manual_seed(0)
+    teacher = make_teacher("resnet34")
+    student = create_model("mobilenetv2", NUM_CLASSES, width=1 / 16).eval()
+    dataset = make_dataset(size=16, augment=False)
+    idx = torch.tensor([5, 0, 11, 3, 3, 14, 8, 1])
+    x, y, _ = dataset.batch(idx)
+    method = build_method(method_name, teacher, student, teacher_layers=[3, 7, 13, 16],
+                          student_layers=[3, 6, 13, 17], num_classes=NUM_CLASSES, sample_input=x)
+    sizes = method.teacher_pool_sizes()
+    if method_name in ("featkd", "fitnet"):  # one student layer per teacher layer, each map halved
+        assert sizes == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    else:  # a teacher map used at several sizes (fitnet_fc), or whole (sp): nothing to pool ahead
+        assert sizes == [None] * 4
+    feed = api.TeacherFeed(teacher, dataset, "cache", torch.device("cpu"), batch_size=16, progress=False)
+    feed.configure(method)
+    pooled = feed(x, idx)
+    full = feed._cache.lookup(idx)
+    for feat, whole, size in zip(pooled.features, full.features, sizes):
+        assert feat.shape[2:] == (size or whole.shape[2:])
+    model = DistillModel(student, method)
+    _, with_pooled = model(x, y, pooled)
+    _, with_full = model(x, y, full)
+    for key in with_full:
+        assert torch.equal(with_pooled[key], with_full[key]), key
+    feed.close()
+
+
+def test_the_cache_pools_only_when_the_copy_fits_beside_it(caplog):
+    teacher, dataset = make_teacher("resnet34"), make_dataset(size=16, augment=False)
+    student = create_model("mobilenetv2", NUM_CLASSES, width=1 / 16).eval()
+    x, _, _ = dataset.batch(torch.arange(2))
+    method = build_method("featkd", teacher, student, teacher_layers=[3, 7, 13, 16],
+                          student_layers=[3, 6, 13, 17], num_classes=NUM_CLASSES, sample_input=x)
+    full_bytes = 16 * sum(4 * c * s * s for c, s in ((4, 32), (8, 16), (16, 8), (32, 4)))  # width 1/16
+    for budget, pools in ((full_bytes + full_bytes // 4, True), (full_bytes, False)):
+        feed = api.TeacherFeed(teacher, dataset, "cache", torch.device("cpu"), batch_size=16,
+                               memory_budget_bytes=budget, progress=False)
+        feed.configure(method)
+        with caplog.at_level(logging.INFO, logger="featkd.api"):
+            first = feed(x, torch.arange(2)).features[0]
+        assert first.shape[2:] == ((16, 16) if pools else (32, 32))
+        assert ("maps pooled once" if pools else "no room to pool") in caplog.text
+        caplog.clear()
+        feed.close()

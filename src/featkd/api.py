@@ -294,9 +294,14 @@ class TeacherFeed:
         self.active = False
         self._online: Any = None
         self._cache: Any = None
+        self._pool_sizes: tuple = ()
+        self._pooled: dict[tuple, Any] = {}
 
     def configure(self, method: Any) -> None:
-        """Take the teacher layers and logit need from ``method`` (first call wins)."""
+        """Take the teacher layers and logit need from ``method`` (first call wins), and the sizes
+        its losses pool the teacher's maps to (each call: the method of the run about to train)."""
+        sizes = getattr(method, "teacher_pool_sizes", lambda: [])()
+        self._pool_sizes = tuple(sizes) if method.needs_teacher_features else ()
         if self._online is not None:
             return
         from featkd.distillation import OnlineTeacher
@@ -328,10 +333,25 @@ class TeacherFeed:
         if self.mode == "online":
             return self._online(x)
         self.prepare()
-        return self._cache.lookup(idx, self.device)
+        return self._cache_pooled(self._pool_sizes).lookup(idx, self.device)
+
+    def _cache_pooled(self, sizes: tuple) -> Any:
+        """The cache with its maps pooled once to ``sizes`` (no more pooling on every batch), when
+        the cache is in RAM and the pooled copy fits the memory budget beside it; else the cache."""
+        if not any(sizes) or len(sizes) != len(self.layers) or not self._cache.in_memory:
+            return self._cache
+        if sizes not in self._pooled:
+            held = self._cache.nbytes + sum(c.nbytes for c in self._pooled.values() if c is not self._cache)
+            extra = self._cache.pooled_bytes(self._cache.feature_shapes, sizes, len(self._cache))
+            fits = held + extra <= self.memory_budget_bytes
+            self._pooled[sizes] = self._cache.pooled(sizes) if fits else self._cache
+            log.info("teacher cache: %s", f"maps pooled once to {list(sizes)} ({extra / 1e6:.1f} MB)"
+                     if fits else "no room to pool the maps once; the losses pool them every batch")
+        return self._pooled[sizes]
 
     def close(self) -> None:
         """Free the cache (and delete its memory-mapped files)."""
+        self._pooled.clear()
         if self._cache is not None:
             self._cache.close()
             self._cache = None

@@ -173,6 +173,12 @@ class Method(nn.Module):
         """The network used at inference (the student itself, by default); shares parameters."""
         return student
 
+    def teacher_pool_sizes(self) -> list[tuple[int, ...] | None]:
+        """Per teacher layer, the (H, W) every use of its feature average-pools it to first (None:
+        used as it is). A teacher cache can pool once (:meth:`TeacherCache.pooled`) and the losses do not
+        change: pooling a pooled map to its own size does nothing."""
+        return [None] * len(self.teacher_layers)
+
 
 class FeatureMSE(Method):
     """Projected-feature MSE: FitNet, FitNet-FC and the featkd family.
@@ -196,6 +202,12 @@ class FeatureMSE(Method):
         self.projectors = nn.ModuleList(
             make_projector(student_shapes[s], teacher_shapes[t], "single", s_layouts[s], t_layouts[t])
             for s, t in self.pairs)
+
+    def teacher_pool_sizes(self) -> list[tuple[int, ...] | None]:
+        found: list[set] = [set() for _ in self.teacher_layers]
+        for (_, t), projector in zip(self.pairs, self.projectors):
+            found[t].add(projector.teacher_pool_size())
+        return [next(iter(sizes)) if len(sizes) == 1 else None for sizes in found]
 
     def losses(self, logits, student_feats, teacher, labels):
         losses = self.logit_losses(logits, teacher, labels)

@@ -123,6 +123,14 @@ class PairProjector(nn.Module):
                                          to_canonical(teacher_feat, self.teacher_layout))
         return self.projector(student), teacher
 
+    def teacher_pool_size(self) -> tuple[int, ...] | None:
+        """The (H, W) :meth:`forward` pools a channels-first teacher map to, when smaller than the
+        map (None otherwise): pooled ahead of time, the teacher's feature passes through unchanged."""
+        if self.dims != 2 or self.teacher_layout != "channels_first" or len(self.student_shape) != 3:
+            return None
+        size = tuple(min(s, t) for s, t in zip(self.student_shape[1:], self.teacher_shape[1:]))
+        return size if size != self.teacher_shape[1:] else None
+
 
 def make_projector(student_shape: Sequence[int], teacher_shape: Sequence[int],
                    kind: str = "single", student_layout: str | None = None,

@@ -199,6 +199,39 @@ class TeacherCache:
         logits = self._gather(self._logits, idx, device) if self._logits is not None else None
         return TeacherOutputs(features, logits)
 
+    def pooled(self, sizes: Sequence[tuple[int, ...] | None], chunk: int = 4096) -> TeacherCache:
+        """A cache of the same samples whose feature maps are average-pooled to ``sizes`` (H, W), in
+        RAM as float32, each computed once as :func:`featkd.distillation.losses.resize_to` would on
+        every batch; a None size shares the array as it is. Keep this cache open while it is used."""
+        if len(sizes) != len(self._features):
+            raise ValueError(f"{len(sizes)} sizes for {len(self._features)} cached features")
+        features = [array if size is None else self._pool(array, tuple(size), chunk)
+                    for array, size in zip(self._features, sizes)]
+        return TeacherCache(features, self._logits)
+
+    @staticmethod
+    def pooled_bytes(shapes: Sequence[Sequence[int]], sizes: Sequence[tuple[int, ...] | None],
+                     count: int) -> int:
+        """Bytes :meth:`pooled` adds for per-sample feature ``shapes`` and ``count`` samples."""
+        return sum(count * shape[0] * math.prod(size) * 4 for shape, size in zip(shapes, sizes) if size)
+
+    @property
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shapes of the cached features."""
+        return [tuple(a.shape[1:]) for a in self._features]
+
+    @staticmethod
+    def _pool(array: Tensor | np.memmap, size: tuple[int, ...], chunk: int) -> Tensor:
+        from .losses import resize_to
+
+        count = int(array.shape[0])
+        out = torch.empty((count, int(array.shape[1]), *size), dtype=torch.float32)
+        for start in range(0, count, chunk):
+            rows = array[start : start + chunk]
+            rows = rows if isinstance(rows, Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+            out[start : start + chunk] = resize_to(rows.float(), size)
+        return out
+
     @staticmethod
     def _gather(array: Tensor | np.memmap, idx: Tensor, device: torch.device | str) -> Tensor:
         rows = array[idx] if isinstance(array, Tensor) else torch.from_numpy(array[idx.numpy()])
