@@ -737,12 +737,14 @@ class SharedTeacherFeed:
         self._key: tuple[str, ...] | None = None
         self._cache: Any = None
         self._online: Any = None   # instead of a cache too large for memory on an accelerator
+        self._pool_sizes: tuple = ()  # the method's (TeacherCache.view: its maps pooled once)
 
     def configure(self, method: Any) -> None:
         """Serve ``method`` from now on (its teacher layers and whether it needs logits)."""
         self._need_logits = bool(method.needs_teacher_logits)
         layers = tuple(method.teacher_layers) if method.needs_teacher_features else ()
         self._want = layers if (layers or self._need_logits) else None
+        self._pool_sizes = tuple(method.teacher_pool_sizes()) if layers else ()
 
     def prepare(self) -> None:
         """Build the cache for the current method's layers unless it is the one held."""
@@ -770,7 +772,8 @@ class SharedTeacherFeed:
         if self._want is None:
             return None
         self.prepare()
-        out = self._online(x) if self._online is not None else self._cache.lookup(idx, self.device)
+        out = (self._online(x) if self._online is not None else
+               self._cache.view(self._pool_sizes, self.memory_budget_bytes).lookup(idx, self.device))
         if not self._need_logits:
             out.logits = None
         return out

@@ -253,6 +253,16 @@ def test_shared_feed_builds_one_cache_per_layer_list():
 
         direct = extract(teacher, train.batch(idx)[0], [3, 7, 13, 16])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(second.features, direct))
+    from featkd.distillation.losses import resize_to
+    from featkd.models import create_model
+
+    small_maps = create_model("mobilenetv2", 3, in_channels=1, width=1 / 16)  # half the teacher's maps
+    feed.configure(build_method("featkd", teacher, small_maps, teacher_layers=[3, 7, 13, 16],
+                                student_layers=[3, 6, 13, 17], num_classes=3, sample_input=x))
+    pooled = feed(x, idx)  # the same cache, its maps pooled once
+    assert len(feed.build_seconds) == 2
+    for feat, whole in zip(pooled.features, second.features):
+        assert torch.equal(feat, resize_to(whole, [s // 2 for s in whole.shape[2:]]))
     feed.close()
 
 

@@ -273,7 +273,7 @@ def test_the_cache_pools_only_when_the_copy_fits_beside_it(caplog):
         feed = api.TeacherFeed(teacher, dataset, "cache", torch.device("cpu"), batch_size=16,
                                memory_budget_bytes=budget, progress=False)
         feed.configure(method)
-        with caplog.at_level(logging.INFO, logger="featkd.api"):
+        with caplog.at_level(logging.INFO, logger="featkd.distillation.teacher"):
             first = feed(x, torch.arange(2)).features[0]
         assert first.shape[2:] == ((16, 16) if pools else (32, 32))
         assert ("maps pooled once" if pools else "no room to pool") in caplog.text

@@ -295,7 +295,6 @@ class TeacherFeed:
         self._online: Any = None
         self._cache: Any = None
         self._pool_sizes: tuple = ()
-        self._pooled: dict[tuple, Any] = {}
 
     def configure(self, method: Any) -> None:
         """Take the teacher layers and logit need from ``method`` (first call wins), and the sizes
@@ -333,25 +332,10 @@ class TeacherFeed:
         if self.mode == "online":
             return self._online(x)
         self.prepare()
-        return self._cache_pooled(self._pool_sizes).lookup(idx, self.device)
-
-    def _cache_pooled(self, sizes: tuple) -> Any:
-        """The cache with its maps pooled once to ``sizes`` (no more pooling on every batch), when
-        the cache is in RAM and the pooled copy fits the memory budget beside it; else the cache."""
-        if not any(sizes) or len(sizes) != len(self.layers) or not self._cache.in_memory:
-            return self._cache
-        if sizes not in self._pooled:
-            held = self._cache.nbytes + sum(c.nbytes for c in self._pooled.values() if c is not self._cache)
-            extra = self._cache.pooled_bytes(self._cache.feature_shapes, sizes, len(self._cache))
-            fits = held + extra <= self.memory_budget_bytes
-            self._pooled[sizes] = self._cache.pooled(sizes) if fits else self._cache
-            log.info("teacher cache: %s", f"maps pooled once to {list(sizes)} ({extra / 1e6:.1f} MB)"
-                     if fits else "no room to pool the maps once; the losses pool them every batch")
-        return self._pooled[sizes]
+        return self._cache.view(self._pool_sizes, self.memory_budget_bytes).lookup(idx, self.device)
 
     def close(self) -> None:
         """Free the cache (and delete its memory-mapped files)."""
-        self._pooled.clear()
         if self._cache is not None:
             self._cache.close()
             self._cache = None

@@ -162,6 +162,7 @@ class TeacherCache:
                  directory: Path | None = None, lock: IO[bytes] | None = None) -> None:
         self._features = features
         self._logits = logits
+        self._views: dict[tuple, TeacherCache] = {}
         self.directory = directory
         self._finalizer = weakref.finalize(self, _remove_directory, directory, lock)
 
@@ -189,7 +190,7 @@ class TeacherCache:
 
     def close(self) -> None:
         """Drop the arrays and delete any memmap files."""
-        self._features, self._logits = [], None
+        self._features, self._logits, self._views = [], None, {}
         self._finalizer()
 
     def lookup(self, idx: Tensor, device: torch.device | str = "cpu") -> TeacherOutputs:
@@ -198,6 +199,23 @@ class TeacherCache:
         features = [self._gather(a, idx, device) for a in self._features]
         logits = self._gather(self._logits, idx, device) if self._logits is not None else None
         return TeacherOutputs(features, logits)
+
+    def view(self, sizes: Sequence[tuple[int, ...] | None], memory_budget_bytes: int) -> TeacherCache:
+        """This cache with its maps pooled to ``sizes`` (a method's :meth:`teacher_pool_sizes`), made
+        once per sizes and kept until :meth:`close`, when the cache is in RAM and the copies fit
+        ``memory_budget_bytes`` beside it; else this cache (the losses then pool on every batch)."""
+        sizes = tuple(tuple(size) if size else None for size in sizes)
+        if not any(sizes) or len(sizes) != len(self._features) or not self.in_memory:
+            return self
+        if sizes not in self._views:
+            held = self.nbytes + sum(self.pooled_bytes(self.feature_shapes, key, len(self)) for key, view
+                                     in self._views.items() if view is not self)
+            extra = self.pooled_bytes(self.feature_shapes, sizes, len(self))
+            fits = held + extra <= memory_budget_bytes
+            self._views[sizes] = self.pooled(sizes) if fits else self
+            log.info("teacher cache: %s", f"maps pooled once to {list(sizes)} ({extra / 1e6:.1f} MB)"
+                     if fits else "no room to pool the maps once; the losses pool them every batch")
+        return self._views[sizes]
 
     def pooled(self, sizes: Sequence[tuple[int, ...] | None], chunk: int = 4096) -> TeacherCache:
         """A cache of the same samples whose feature maps are average-pooled to ``sizes`` (H, W), in
