@@ -57,7 +57,7 @@ def test_dataset_options_are_checked_against_the_loaders_types_and_featkds_own_s
     check_data_options({"download": True, "val_seed": 1, "num_classes": 3})  # the dataset's or load_splits' own
     check_data_options({"augment": True}, passed=("seed",))  # a caller that does not set augment itself
     assert load_splits("synthetic", num_classes=2, samples_per_class=2, test_per_class=1, noise="1e-1")  # YAML text
-    with pytest.raises(ValueError, match=r"\['root', 'seed'\] are not dataset options: use --data-root, --seed"):
+    with pytest.raises(ValueError, match=r"\['root', 'seed'\] are not dataset options: use --data-root, --data-seed"):
         check_data_options({"seed": 1, "root": "x", "num_classes": 3})
 
 
