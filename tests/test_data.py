@@ -556,6 +556,10 @@ def test_derive_generator_streams():
     assert torch.equal(a, torch.rand(3, generator=derive_generator(1, 2, 3)))
     assert not torch.equal(a, torch.rand(3, generator=derive_generator(1, 2, 4)))
     assert not torch.equal(a, torch.rand(3, generator=derive_generator(1, 3, 2)))
+    # NumPy pads keys with zeros: the trailing tag of the augmentation's key keeps it apart
+    shuffle = torch.randperm(9, generator=derive_generator(3, 1))
+    assert torch.equal(shuffle, torch.randperm(9, generator=derive_generator(3, 1, 0)))
+    assert not torch.equal(shuffle, torch.randperm(9, generator=derive_generator(3, 1, 0, 1)))
 
 
 def test_validation_split_is_held_out_first_stratified_and_fixed():

@@ -353,6 +353,27 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 # ----------------------------------------------------------------------------- pieces
+def test_evaluation_never_augments(data):
+    train, test = data
+    seen = []
+
+    class Recording(nn.Module):  # keeps the images it is evaluated on
+        def __init__(self):
+            super().__init__()
+            self.net = student()
+
+        def forward(self, x):
+            if not self.training:
+                seen.append(x.detach().clone())
+            return self.net(x)
+
+    api.train_teacher(Recording, train, test.with_augment(True), epochs=1, lr=1e-3,
+                      val_set=test.with_augment(True), **FAST)
+    plain = test.with_augment(False).batch(torch.arange(len(test)))[0]
+    evaluated = [images for images in seen if len(images) == len(test)]  # not the 2-image model check
+    assert len(evaluated) == 2 and all(torch.equal(images, plain) for images in evaluated)  # val, test
+
+
 def test_pack_state_round_trip():
     state = {"state": {0: {"step": torch.tensor(3.0), "buf": torch.ones(2)}, 1: {"buf": None}},
              "groups": [{"betas": (0.9, 0.99), "lr": 0.1, "name": "x", "params": [0, 1]}],

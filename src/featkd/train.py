@@ -618,9 +618,9 @@ class Trainer:
         torch.manual_seed(seed)
         model.to(self.device, memory_format=self.memory_format(model))
         loader = self._train_loader(train_set, seed, _requires_full_batches(model), _has_batch_norm(model))
-        eval_loaders = {"test": _loader(test_set, cfg.eval_batch_size, shuffle=False)}
+        eval_loaders = {"test": _loader(_unaugmented(test_set), cfg.eval_batch_size, shuffle=False)}
         if val_set is not None:
-            eval_loaders["val"] = _loader(val_set, cfg.eval_batch_size, shuffle=False)
+            eval_loaders["val"] = _loader(_unaugmented(val_set), cfg.eval_batch_size, shuffle=False)
         optimizer = build_optimizer((p for p in model.parameters() if p.requires_grad), cfg, self.lr)
         scheduler = build_scheduler(optimizer, cfg, self.lr, len(loader))
         history = self._restore(run_dir, model, optimizer, scheduler, seed)
@@ -798,6 +798,11 @@ def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
 
 def _has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _unaugmented(dataset: Any) -> Any:
+    """``dataset`` with its augmentation off (evaluation never augments), where it has the switch."""
+    return dataset.with_augment(False) if hasattr(dataset, "with_augment") else dataset
 
 
 def _requires_full_batches(model: nn.Module) -> bool:

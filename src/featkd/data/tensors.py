@@ -85,7 +85,13 @@ def convert_channels(images: Tensor, in_channels: int) -> Tensor:
 
 
 def derive_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of non-negative ints (e.g. seed, epoch, rank)."""
+    """A CPU generator seeded from a tuple of non-negative ints (e.g. seed, epoch, rank).
+
+    NumPy's SeedSequence pads the key with zeros, so keys that differ only in trailing zeros
+    ((3, 1) and (3, 1, 0)) give the same stream: end the key of each kind of stream with its own
+    non-zero tag, as the augmentation's (seed, epoch, rank, 1) does beside the shuffle's
+    (seed, epoch). (Kept so: every recorded run's shuffles and crops come from these streams.)
+    """
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
