@@ -261,3 +261,20 @@ def test_run_json_records_a_resume_that_switches_the_memory_format(teacher_dir, 
     record = json.loads((out / "run.json").read_text())
     assert record["execution"] == {"channels_last": False, "compile": False}
     assert [call["execution"] for call in record["earlier_calls"]] == [{"channels_last": True, "compile": False}]
+
+
+def test_a_directory_another_process_trains_in_is_refused(teacher_dir, tmp_path, capsys):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    other = os.open(out, os.O_RDONLY)  # another process's hold, as featkd takes it
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(distill_args(teacher_dir, out, "--method", "ce")) == 2
+        assert "is in use: another featkd process is training there" in capsys.readouterr().err
+        assert not any(out.iterdir())  # nothing written
+    finally:
+        os.close(other)
+    assert main(distill_args(teacher_dir, out, "--method", "ce")) == 0  # free again
