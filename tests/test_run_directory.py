@@ -275,6 +275,15 @@ def test_a_directory_another_process_trains_in_is_refused(teacher_dir, tmp_path,
         assert main(distill_args(teacher_dir, out, "--method", "ce")) == 2
         assert "is in use: another featkd process is training there" in capsys.readouterr().err
         assert not any(out.iterdir())  # nothing written
+        from featkd import api
+        from featkd.data import get_datasets
+        from featkd.models import create_model
+
+        train, test = get_datasets("synthetic", num_classes=3, samples_per_class=4, image_size=8)
+        with pytest.raises(ValueError, match="is in use"):  # the API refuses before writing too
+            api.train_teacher(lambda: create_model("resnet9", 3, 3, 8, 1 / 16), train, test, epochs=1,
+                              lr=1e-3, out=str(out), progress=False, device="cpu")
+        assert not any(out.iterdir())
     finally:
         os.close(other)
     assert main(distill_args(teacher_dir, out, "--method", "ce")) == 0  # free again

@@ -47,6 +47,7 @@ from featkd.train import (
     channels_last_format,
     check_output,
     default_lr,
+    held_exclusively,
     init_distributed,
     prepare_output,
     show_progress,
@@ -481,53 +482,54 @@ def distill(
                      num_classes=train_set.num_classes, sample_input=sample,
                      batch_size=config.batch_size // context.world_size,
                      kd_temperature=config.kd_temperature, kd_weight=config.kd_weight)
-    if out is not None:
-        prepare_output(out, config, context)  # setup succeeded: claim the directory
-    if t_spec == "auto":
-        t_layers = resolve_teacher_layers(
-            t_spec, teacher, config.teacher, len(s_layers), train_set,
-            device=device, out=out, context=context, variant=config.quality_variant,
-            subset_size=config.quality_subset, seed=config.data_seed, progress=show_progress(config.progress),
-            rule=config.select_by, probe_set=val_set,
+    with held_exclusively(out, context):  # from the claim to the end: one process per run directory
+        if out is not None:
+            prepare_output(out, config, context)  # setup succeeded: claim the directory
+        if t_spec == "auto":
+            t_layers = resolve_teacher_layers(
+                t_spec, teacher, config.teacher, len(s_layers), train_set,
+                device=device, out=out, context=context, variant=config.quality_variant,
+                subset_size=config.quality_subset, seed=config.data_seed, progress=show_progress(config.progress),
+                rule=config.select_by, probe_set=val_set,
+            )
+        feed = teacher_feed if teacher_feed is not None else TeacherFeed(
+            teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
+            memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
+            progress=show_progress(config.progress) and context.is_main,
         )
-    feed = teacher_feed if teacher_feed is not None else TeacherFeed(
-        teacher, train_set, config.teacher_mode, device, batch_size=config.eval_batch_size,
-        memory_budget_bytes=config.cache_memory_mb * 2**20, cache_dir=out,
-        progress=show_progress(config.progress) and context.is_main,
-    )
 
-    def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
-        net = _instantiate(student, seed).to(device)
-        distill_method = build_method(
-            config.method, teacher, net, teacher_layers=t_layers, student_layers=s_layers,
-            num_classes=train_set.num_classes, sample_input=sample,
-            batch_size=config.batch_size // context.world_size,
-            kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
-        )
-        feed.configure(distill_method)
-        model = DistillModel(net, distill_method)
-        deployed = model.deployed()
-        extra["deployed_params"] = used_parameter_count(deployed, sample)  # the same for every run
-        return model, deployed
+        def build_run(seed: int) -> tuple[nn.Module, nn.Module]:
+            net = _instantiate(student, seed).to(device)
+            distill_method = build_method(
+                config.method, teacher, net, teacher_layers=t_layers, student_layers=s_layers,
+                num_classes=train_set.num_classes, sample_input=sample,
+                batch_size=config.batch_size // context.world_size,
+                kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
+            )
+            feed.configure(distill_method)
+            model = DistillModel(net, distill_method)
+            deployed = model.deployed()
+            extra["deployed_params"] = used_parameter_count(deployed, sample)  # the same for every run
+            return model, deployed
 
-    extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
-             **_data_info(train_set)}
-    settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
-                "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
-                "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
-    if t_spec == "auto":
-        from featkd.selection import resolve_rule
+        extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
+                 **_data_info(train_set)}
+        settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
+                    "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
+                    "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
+        if t_spec == "auto":
+            from featkd.selection import resolve_rule
 
-        extra["selected_by"] = settings["selected_by"] = resolve_rule(config.select_by, config.quality_variant).name
-    with sigterm_as_exit():  # SIGTERM unwinds like SIGINT, so the cache's files are deleted
-        try:
-            with experiment_logs(config, context.is_main) as loggers:
-                return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
-                                  teacher=feed, callbacks=[*callbacks, *loggers], extra=extra,
-                                  settings=settings, val_set=val_set)
-        finally:
-            if teacher_feed is None:  # a feed passed in belongs to the caller
-                feed.close()
+            extra["selected_by"] = settings["selected_by"] = resolve_rule(config.select_by, config.quality_variant).name
+        with sigterm_as_exit():  # SIGTERM unwinds like SIGINT, so the cache's files are deleted
+            try:
+                with experiment_logs(config, context.is_main) as loggers:
+                    return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
+                                      teacher=feed, callbacks=[*callbacks, *loggers], extra=extra,
+                                      settings=settings, val_set=val_set)
+            finally:
+                if teacher_feed is None:  # a feed passed in belongs to the caller
+                    feed.close()
 
 
 def _pin_teacher(config: DistillConfig, teacher: nn.Module) -> None:

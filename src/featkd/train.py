@@ -1014,12 +1014,13 @@ def output_untouched_on_error(out: Path) -> Iterator[None]:
 def held_exclusively(out: Path | None, context: DistContext) -> Iterator[None]:
     """Hold the run directory ``out`` for this process (the main one) during the block: an advisory
     lock (flock) on the folder itself, so no file is left behind and the OS drops it with the
-    process. ValueError when another process holds it. Nothing is locked where the platform or
-    file system cannot lock."""
-    if out is None or not context.is_main or fcntl is None:
+    process. ValueError when another process holds it. Nested holds of one directory in one
+    process are one hold. Nothing is locked where the platform or file system cannot lock."""
+    if out is None or not context.is_main or fcntl is None or out.resolve() in _HELD:
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
     handle = os.open(out, os.O_RDONLY)
     try:
         try:
@@ -1029,9 +1030,14 @@ def held_exclusively(out: Path | None, context: DistContext) -> Iterator[None]:
                              "to finish (or stop it), or choose another --out") from None
         except OSError as err:  # a file system without locks
             log.debug("cannot lock %s (%s): not locked", out, err)
+        _HELD.add(key)
         yield
     finally:
+        _HELD.discard(key)
         os.close(handle)
+
+
+_HELD: set[Path] = set()  # the run directories this process holds (held_exclusively)
 
 
 @contextlib.contextmanager
