@@ -475,11 +475,11 @@ def derived(methods: dict[str, Any]) -> dict[str, Any]:
     no test) and the paper's ARI of featkd, its baselines chosen on the validation gains."""
     out: dict[str, Any] = {"gain_final": {}, "gain_best_val": {}, "gain_val": {}}
     ce = methods.get("ce")
-    for key, field in (("gain_final", "final_test_acc"), ("gain_best_val", "test_acc_at_best_val"),
-                       ("gain_val", "final_val_acc")):
+    for key, metric in (("gain_final", "final_test_acc"), ("gain_best_val", "test_acc_at_best_val"),
+                        ("gain_val", "final_val_acc")):
         for name, entry in methods.items():
-            if ce is not None and field in entry and field in ce:
-                out[key][name] = gain_over(entry[field], ce[field])
+            if ce is not None and metric in entry and metric in ce:
+                out[key][name] = gain_over(entry[metric], ce[metric])
     val = {name: g["mean"] for name, g in out["gain_val"].items()}
     for which in ("final", "best_val"):
         gains = {name: g["mean"] for name, g in out[f"gain_{which}"].items()}

@@ -313,7 +313,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         if x64 is not None:
             timers["floor64"] = lambda: floor_products(x64, labels)
         runs = best_of(args.repeats, **timers)
-        del x64
+        x64 = None  # free the float64 copy before the next layer
         ours, ours_s, floor_s = runs["ours"]["result"], runs["ours"]["seconds"], runs["floor"]["seconds"]
         row = {
             "index": index, "name": name, "D": x.shape[1],

@@ -27,7 +27,7 @@ import convergence
 import gpu_check
 import stats
 import validity_report
-from common import BASELINES, METHODS
+from common import BASELINES
 
 SMALL_GAP = 2.0  # points: a teacher closer than this to ce leaves little to distil
 REJECTED_BUDGETS = "convergence_rejected_budgets"  # sub-folder of the convergence checks that failed a budget

@@ -294,7 +294,7 @@ def test_damaged_files_are_named_and_left_out_instead_of_stopping_the_report(res
     (results / "extra" / "accuracy_a_b.json").write_text("[]")                  # no JSON object
     text = render(results)
     summary = section(text, "## Summary")
-    assert f"**Unreadable results files**, left out of every table (repair or move them): " in summary
+    assert "**Unreadable results files**, left out of every table (repair or move them): " in summary
     assert f"accuracy_{PAIR}_low.json`" in summary and "| resnet34-resnet9 | low |" not in summary
     assert "gpu/gpu_check.json` is not readable: repair or move it." in section(text, "## GPU check")
     assert "- [extra](" in section(text, "## Further checks")
