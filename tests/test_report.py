@@ -43,7 +43,7 @@ def method_entry(accs: list[float], params: int) -> dict:
 
 def accuracy_file(regime: str, accs: dict[str, list[float]]) -> dict:
     methods = {m: method_entry(a, 12_345 + i) for i, (m, a) in enumerate(accs.items())}
-    missing = [m for m in report.METHODS if m not in methods]
+    missing = [m for m in common.METHODS if m not in methods]
     return {
         "benchmark": "accuracy", "pair": PAIR, "regime": regime,
         "settings": {"scale": "synthetic-test", "data": "fashion_mnist", "regime": regime, "train_images": 5000,
