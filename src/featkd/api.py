@@ -300,8 +300,7 @@ class TeacherFeed:
     def configure(self, method: Any) -> None:
         """Take the teacher layers and logit need from ``method`` (first call wins), and the sizes
         its losses pool the teacher's maps to (each call: the method of the run about to train)."""
-        sizes = getattr(method, "teacher_pool_sizes", lambda: [])()
-        self._pool_sizes = tuple(sizes) if method.needs_teacher_features else ()
+        self._pool_sizes = tuple(method.teacher_pool_sizes()) if method.needs_teacher_features else ()
         if self._online is not None:
             return
         from featkd.distillation import OnlineTeacher
@@ -389,7 +388,8 @@ def train_teacher(
         extra["deployed_params"] = used_parameter_count(net, sample)  # the same for every run
         return ClassifierModel(net), net
 
-    with experiment_logs(config, context.is_main) as loggers:
+    out = Path(config.out) if config.out else None
+    with held_exclusively(out, context), experiment_logs(config, context.is_main) as loggers:
         return train_runs(config, build_run, train_set, test_set, lr=lr, context=context,
                           callbacks=[*callbacks, *loggers], val_set=val_set, extra=extra)
 

@@ -503,35 +503,32 @@ def _exact_pairs(
 
 
 def _spare_budget(n: int, budget: int | None, variant: str, dtype: torch.dtype) -> int | None:
-    """Bytes left for chunks and blocks once the n x n matrices are held."""
+    """Bytes left for subset A's chunks and blocks once its n x n matrices are held."""
+    squares = 1 + (variant == "corrected") + (dtype == torch.float32) / 2  # Gram, eigvalsh copy, f32 product
+    return _budget_left(n, budget, squares, f"{n} samples")
+
+
+def _budget_left(n: int, budget: int | None, squares: float, what: str) -> int | None:
+    """``budget`` less ``squares`` n x n float64 matrices; ValueError when not even one block of
+    eight n-vectors is left (None: unbounded)."""
     if budget is None:
         return None
-    squares = 1 + (variant == "corrected") + (dtype == torch.float32) / 2  # Gram, eigvalsh copy, f32 product
     fixed = int(squares * FLOAT64_BYTES * n * n)
-    spare = budget - fixed
-    if spare < 8 * FLOAT64_BYTES * n:
+    if budget - fixed < 8 * FLOAT64_BYTES * n:
         raise ValueError(
-            f"memory_budget of {budget:,} bytes is too small for {n} samples: the n x n "
+            f"memory_budget of {budget:,} bytes is too small for {what}: the n x n "
             f"matrices alone need {fixed:,} bytes plus {8 * FLOAT64_BYTES * n:,} for one block"
         )
-    return spare
+    return budget - fixed
 
 
 # ------------------------------------------------------------ subset B
 
 
 def _spectrum_budget(m: int, budget: int | None, dtype: torch.dtype) -> int | None:
-    """Bytes left for column chunks once one class's m x m matrices are held."""
-    if budget is None:
-        return None
+    """Bytes left for a class's column chunks once its m x m matrices are held."""
     squares = 2 + (dtype == torch.float32) / 2  # Gram, eigvalsh copy, f32 product
-    fixed = int(squares * FLOAT64_BYTES * m * m)
-    if budget - fixed < 8 * FLOAT64_BYTES * m:
-        raise ValueError(
-            f"memory_budget of {budget:,} bytes is too small for a class of {m} samples: its m x m "
-            f"matrices alone need {fixed:,} bytes plus {8 * FLOAT64_BYTES * m:,} for one chunk"
-        )
-    return budget - fixed
+    return _budget_left(m, budget, squares, f"a class of {m} samples")
 
 
 def class_spectrum(

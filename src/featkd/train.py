@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featkd.checkpoint import CheckpointError, load_tensors, save_tensors
+from featkd.config import RunConfig
 
 try:
     import fcntl
 except ImportError:  # Windows: run directories are not locked
     fcntl = None  # type: ignore[assignment]
-from featkd.config import RunConfig
 
 __all__ = [
     "ClassifierModel",
@@ -1014,13 +1014,12 @@ def output_untouched_on_error(out: Path) -> Iterator[None]:
 def held_exclusively(out: Path | None, context: DistContext) -> Iterator[None]:
     """Hold the run directory ``out`` for this process (the main one) during the block: an advisory
     lock (flock) on the folder itself, so no file is left behind and the OS drops it with the
-    process. ValueError when another process holds it. Nested holds of one directory in one
-    process are one hold. Nothing is locked where the platform or file system cannot lock."""
-    if out is None or not context.is_main or fcntl is None or out.resolve() in _HELD:
+    process. ValueError when another process holds it. Nothing is locked where the platform or
+    file system cannot lock."""
+    if out is None or not context.is_main or fcntl is None:
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
-    key = out.resolve()
     handle = os.open(out, os.O_RDONLY)
     try:
         try:
@@ -1030,14 +1029,9 @@ def held_exclusively(out: Path | None, context: DistContext) -> Iterator[None]:
                              "to finish (or stop it), or choose another --out") from None
         except OSError as err:  # a file system without locks
             log.debug("cannot lock %s (%s): not locked", out, err)
-        _HELD.add(key)
         yield
     finally:
-        _HELD.discard(key)
         os.close(handle)
-
-
-_HELD: set[Path] = set()  # the run directories this process holds (held_exclusively)
 
 
 @contextlib.contextmanager
@@ -1094,35 +1088,33 @@ def train_runs(
 
     context = context or init_distributed(config.device)
     out = Path(config.out) if config.out else None
-    with held_exclusively(out, context):  # no second process trains into the same directory
-        if out is not None:
-            prepare_output(out, config, context)
-            if context.is_main:
-                record = run_record(config, lr, settings, world_size=context.world_size, device=str(context.device))
-                write_json(out / RUN_FILE, _with_earlier_calls(record, out / RUN_FILE))
-        if out is not None and context.is_main:
-            _drop_summary_of_fewer_runs(out / RESULTS_FILE, config.runs)
-        trainer = Trainer(config, context=context, lr=lr, callbacks=callbacks)
-        results = []
-        for seed in config.seeds:
-            run_dir = run_directory(out, seed, config.runs)
-            if trainer.epochs_left == 0 and (run_dir is None or not (run_dir / CHECKPOINT_FILE).is_file()):
-                result = RunResult(seed, [], False, None, run_dir)  # stop_after_epochs spent before this run began
-            else:
-                if run_dir is not None and context.is_main:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                torch.manual_seed(seed)
-                model, export = build_run(seed)
-                result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export,
-                                     teacher=teacher, val_set=val_set)
-            results.append(result)
-            if run_dir is not None and context.is_main and result.finished and config.runs > 1:
-                write_json(run_dir / RESULTS_FILE, result.to_dict())
-            if not result.finished:
-                log.info("stopped after epoch %d of %d; rerun the same command to resume", len(result.history),
-                         config.epochs)
-                break
-        summary = TrainResult(results, out, dict(extra or {}))
-        if out is not None and context.is_main and summary.finished and len(results) == config.runs:
-            write_json(out / RESULTS_FILE, summary.to_dict())
-        return summary
+    if out is not None:
+        prepare_output(out, config, context)
+        if context.is_main:
+            record = run_record(config, lr, settings, world_size=context.world_size, device=str(context.device))
+            write_json(out / RUN_FILE, _with_earlier_calls(record, out / RUN_FILE))
+    if out is not None and context.is_main:
+        _drop_summary_of_fewer_runs(out / RESULTS_FILE, config.runs)
+    trainer = Trainer(config, context=context, lr=lr, callbacks=callbacks)
+    results = []
+    for seed in config.seeds:
+        run_dir = run_directory(out, seed, config.runs)
+        if trainer.epochs_left == 0 and (run_dir is None or not (run_dir / CHECKPOINT_FILE).is_file()):
+            result = RunResult(seed, [], False, None, run_dir)  # stop_after_epochs spent before this run began
+        else:
+            if run_dir is not None and context.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            model, export = build_run(seed)
+            result = trainer.fit(model, train_set, test_set, seed=seed, run_dir=run_dir, export=export,
+                                 teacher=teacher, val_set=val_set)
+        results.append(result)
+        if run_dir is not None and context.is_main and result.finished and config.runs > 1:
+            write_json(run_dir / RESULTS_FILE, result.to_dict())
+        if not result.finished:
+            log.info("stopped after epoch %d of %d; rerun the same command to resume", len(result.history), config.epochs)
+            break
+    summary = TrainResult(results, out, dict(extra or {}))
+    if out is not None and context.is_main and summary.finished and len(results) == config.runs:
+        write_json(out / RESULTS_FILE, summary.to_dict())
+    return summary

@@ -208,9 +208,9 @@ class TeacherCache:
         if not any(sizes) or len(sizes) != len(self._features) or not self.in_memory:
             return self
         if sizes not in self._views:
-            held = self.nbytes + sum(self.pooled_bytes(self.feature_shapes, key, len(self)) for key, view
-                                     in self._views.items() if view is not self)
-            extra = self.pooled_bytes(self.feature_shapes, sizes, len(self))
+            held = self.nbytes + sum(self._pooled_bytes(key) for key, view in self._views.items()
+                                     if view is not self)
+            extra = self._pooled_bytes(sizes)
             fits = held + extra <= memory_budget_bytes
             self._views[sizes] = self.pooled(sizes) if fits else self
             log.info("teacher cache: %s", f"maps pooled once to {list(sizes)} ({extra / 1e6:.1f} MB)"
@@ -227,16 +227,10 @@ class TeacherCache:
                     for array, size in zip(self._features, sizes)]
         return TeacherCache(features, self._logits)
 
-    @staticmethod
-    def pooled_bytes(shapes: Sequence[Sequence[int]], sizes: Sequence[tuple[int, ...] | None],
-                     count: int) -> int:
-        """Bytes :meth:`pooled` adds for per-sample feature ``shapes`` and ``count`` samples."""
-        return sum(count * shape[0] * math.prod(size) * 4 for shape, size in zip(shapes, sizes) if size)
-
-    @property
-    def feature_shapes(self) -> list[tuple[int, ...]]:
-        """Per-sample shapes of the cached features."""
-        return [tuple(a.shape[1:]) for a in self._features]
+    def _pooled_bytes(self, sizes: Sequence[tuple[int, ...] | None]) -> int:
+        """Bytes :meth:`pooled` adds for ``sizes`` (float32 maps)."""
+        return sum(len(self) * int(array.shape[1]) * math.prod(size) * 4
+                   for array, size in zip(self._features, sizes) if size)
 
     @staticmethod
     def _pool(array: Tensor | np.memmap, size: tuple[int, ...], chunk: int) -> Tensor:
