@@ -716,8 +716,9 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
 
     run_dir = Path(run_dir)
     weights = _finished_model_file(run_dir)
-    root = run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent
-    config = _run_config(root / "config.yaml")
+    config_file = run_config_file(run_dir) or run_dir / "config.yaml"
+    root = config_file.parent
+    config = _run_config(config_file)
     summary = _run_summary(root)
     num_classes = summary["num_classes"]
     channels, size = summary["image_shape"][0], summary["image_shape"][1]
