@@ -7,10 +7,11 @@ resnet34 -> resnet9, vgg19_bn -> vgg11_bn, vit_b -> vit_et (the scale's
 ``lv_pairs``). For each teacher, on the training split of the scale's
 ``lv_regime``:
 
-* predictors of every candidate GL t (GL 1 to the last before the head), all
-  from the training split: Q, S, I, E and sqrt(I*E) in both quality variants,
-  depth (t) and a linear probe's accuracy (pooled features, fitted and scored
-  on two halves of the quality subset A);
+* predictors of every candidate GL t (GL 1 to the last before the head):
+  Q, S, I, E and sqrt(I*E) in both quality variants, from the training split;
+  depth (t); and a linear probe's accuracy (pooled features, fitted on the
+  quality subset A and scored on the validation split, as ``auto`` does; the
+  same split judges the configurations, which can only favour the probe);
 * protocol "one layer": featkd from t alone into (i) the student's deepest
   paper layer ("deepest") and (ii) the student layer at t's relative depth
   ("matched": the candidate range of the teacher mapped onto student GLs

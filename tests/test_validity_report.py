@@ -142,6 +142,14 @@ def test_held_out_check_picks_the_winner_on_the_other_teachers(results):
         assert row["winner_regret"] == pytest.approx(0.0) and row["depth_regret"] == pytest.approx(-15.0)
 
 
+def test_held_out_check_leaves_out_the_fixed_standard_set():
+    """The baselines' standard layers are not a rule a new teacher could be given."""
+    choices = {t: {"Q/paper": {"regret": -0.5}, "depth": {"regret": -1.0}, vr.STANDARD: {"regret": 0.0}}
+               for t in TEACHERS}
+    rows = vr.held_out(choices, ["Q/paper", "depth", vr.STANDARD])
+    assert [r["winner"] for r in rows] == ["Q/paper"] * 3
+
+
 def test_markdown_renders_every_part_and_marks_partial_results(tmp_path):
     results_file("resnet34", tmp_path)
     results_file("vgg19_bn", tmp_path)
