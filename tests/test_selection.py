@@ -29,6 +29,8 @@ def test_top_k_breaks_ties_deeper_and_ranks_nan_last():
     assert top_k([1, 2, 3, 4], [0.5, 0.5, 0.5, 0.1], 2) == [2, 3]
     assert top_k([1, 2, 3], [NAN, 0.0, -1.0], 2) == [2, 3]
     assert top_k([1, 2, 3], [NAN, NAN, -1.0], 2) == [2, 3]  # NaNs tie: the deeper one
+    assert top_k([1, 2], [-math.inf, NAN], 1) == [1]  # NaN below even -inf
+    assert bands([1, 2], [-math.inf, NAN], 1) == [1]
 
 
 def test_band_edges_cover_every_layer_once():

@@ -7,7 +7,9 @@ A rule has a name usable on the command line (``featkd quality --by RULE``,
   ``Q``, ``S``, ``I``, ``E``, ``sqrtIE`` (knowledge quality and its parts, in
   the variant the report was measured in), ``depth`` (the GL index: deeper
   is better) and ``probe`` (the accuracy of a linear probe on the layer's
-  pooled features, fitted and scored on two halves of the training subset).
+  pooled features, fitted on the quality subset and scored on the validation
+  split when one is held out, else on two halves of the subset; never the
+  test split).
 * ``bands:SCORE``: the candidate layers, in depth order, cut into k bands of
   (nearly) equal size; the best layer by SCORE in each band. A set that spans
   the teacher's depth, as the student's fixed layers span the student's.
@@ -66,9 +68,11 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ set builders
-def _rank_key(value: float, layer: int) -> tuple[float, int]:
-    """Sort key, best first when sorted in reverse: higher score, then deeper layer; NaN last."""
-    return (-math.inf if math.isnan(value) else value, layer)
+def _rank_key(value: float, layer: int) -> tuple[bool, float, int]:
+    """Sort key, best first when sorted in reverse: a score (NaN last, below -inf), higher score,
+    then deeper layer."""
+    missing = math.isnan(value)
+    return (not missing, 0.0 if missing else value, layer)
 
 
 def top_k(layers: Sequence[int], scores: Sequence[float], k: int) -> list[int]:
