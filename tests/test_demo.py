@@ -15,7 +15,7 @@ from featkd.selection import PAPER_RULE
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_quick_demo_writes_a_report(tmp_path, capsys):
+def test_quick_demo_writes_a_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -43,6 +43,16 @@ def test_quick_demo_writes_a_report(tmp_path, capsys):
     data = json.loads((out / "featkd" / "quality.json").read_text())
     (out / "featkd" / "quality.json").write_text(json.dumps({**data, "variant": "paper"}))
     assert paper_q_layers(out / "featkd", 4, out / "teacher") == saved.select(4, "Q")
+    # measured again, it uses the subset auto measured: drawn with data_seed, not the run seed
+    (out / "featkd" / "quality.json").write_text(json.dumps(data))
+    config = out / "featkd" / "config.yaml"
+    config.write_text(config.read_text().replace("\nseed: 0\n", "\nseed: 7\n"))
+    assert "seed: 7" in config.read_text() and "data_seed: 0" in config.read_text()
+    import featkd.quality
+
+    real, seeds = featkd.quality.measure, []
+    monkeypatch.setattr(featkd.quality, "measure", lambda *a, seed, **k: seeds.append(seed) or real(*a, seed=seed, **k))
+    assert paper_q_layers(out / "featkd", 4, out / "teacher") == paper and seeds == [0]
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):

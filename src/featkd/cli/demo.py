@@ -134,7 +134,7 @@ def paper_q_layers(run_dir: Path, k: int, teacher_dir: Path) -> list[int]:
         teacher = create_model(config.teacher, train.num_classes, in_channels=channels, image_size=size,
                                width=config.teacher_width)
         load_model_weights(teacher, teacher_dir)
-        report = measure(teacher, train, candidate_layers(teacher, k), variant=variant, seed=config.seed,
+        report = measure(teacher, train, candidate_layers(teacher, k), variant=variant, seed=config.data_seed,
                          subset_size=config.quality_subset, progress=False)
     return report.select(k, PAPER_RULE)
 
