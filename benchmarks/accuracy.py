@@ -342,7 +342,10 @@ def train_row(row: str, cell: CellResults, train_seed: Any, seeds: int, name: st
             cell.save(row, unfinished=entry)
     except Exception as err:  # one method's failure (e.g. a NaN loss) must not stop the others
         log.exception("%s %s failed", name, row)
-        return cell.save(row, done={"error": f"{type(err).__name__}: {err}"})
+        error = f"{type(err).__name__}: {err}"
+        if now.methods.get(row):  # a finished row getting more seeds keeps its finished set
+            return cell.save(row, unfinished={**(entry or {}), "error": error})
+        return cell.save(row, done={"error": error})
     log.info("%s %-12s final %s", name, row, _format(entry["final_test_acc"]))
     return cell.save(row, done=entry, unfinished=None)
 

@@ -195,13 +195,16 @@ def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
 
 
 def p_text(p: float | None) -> str:
-    """A p-value to 3 decimals; one more where 3 would round it onto the 0.05 threshold."""
+    """A p-value to 3 decimals; more where fewer would round it onto the 0.05 threshold."""
     if p is None:
         return "n/a"
     if p < 0.001:
         return "<0.001"
-    text = f"{p:.3f}"
-    return f"{p:.4f}" if text == f"{stats.ALPHA:.3f}" else text
+    for decimals in range(3, 9):
+        text = f"{p:.{decimals}f}"
+        if float(text) != stats.ALPHA or p == stats.ALPHA:
+            return text
+    return repr(p)
 
 
 def interval(c: stats.Comparison | None) -> str:

@@ -511,6 +511,26 @@ def test_cell_results_keep_what_other_processes_wrote(tmp_path):
     assert "sp" not in first.read().methods and first.read(keep_errors=True).methods["sp"] == failed["methods"]["sp"]
 
 
+def test_a_failed_extra_seed_keeps_the_finished_row(tmp_path):
+    """A row finished with 2 seeds and asked for 3: the third fails, the 2-seed row stays in the report."""
+    runs = [{"seed": s, "finished": True, "final_test_acc": 0.5, "final_val_acc": 0.5, "test_acc_at_best_val": 0.5,
+             "train_time_s": 1.0, "images_per_s": 9.0} for s in (0, 1)]
+    finished = {**common.summarize_runs(runs, 10), "method": "kd"}
+    cell = accuracy.CellResults(tmp_path / "accuracy_x_low.json", tmp_path / "x.lock",
+                                {"command": "python a", "settings": {"seeds": 3}, "teacher_cache_builds": []})
+    cell.save("kd", done=finished)
+
+    def failing(row, seed):
+        raise RuntimeError(f"nan loss in seed {seed}")
+
+    data = accuracy.train_row("kd", cell, failing, 3, "x low")
+    assert data["methods"]["kd"] == finished and "error" not in data["methods"]["kd"]
+    assert data["unfinished"]["kd"]["error"] == "RuntimeError: nan loss in seed 2"
+    assert cell.read().methods["kd"] == finished
+    fresh = accuracy.train_row("sp", cell, failing, 3, "x low")  # a row with nothing finished fails as before
+    assert fresh["methods"]["sp"] == {"error": "RuntimeError: nan loss in seed 0"}
+
+
 def test_accuracy_leaves_a_row_another_process_is_training(quick, tmp_path):
     """A row whose lock another process holds is skipped, not trained twice in the same run directory."""
     argv = ["--quick", "--work", str(quick["work"]), "--results", str(tmp_path), "--pairs", PAIR,
