@@ -677,6 +677,11 @@ def extending_rows(d: dict[str, Any]) -> list[str]:
     return [m for m in d.get("unfinished", {}) if m in methods and "error" not in methods[m]]
 
 
+def _extending_text(method: str, unfinished: dict[str, Any]) -> str:
+    failed = f"; the next failed: {unfinished['error'][:80]}" if "error" in unfinished else ""
+    return f"{method} ({len(unfinished.get('runs', []))} seeds run{failed})"
+
+
 def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[str]:
     state = "complete" if d.get("complete") else f"**partial**: missing {', '.join(missing_methods(d))}"
     images = f"{d.get('train_images')} training images" + (
@@ -684,8 +689,7 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
     lines = [f"### {pair}, {regime} regime ({images}) — {state}", ""]
     if extending := extending_rows(d):
         lines += ["More seeds under way (the table keeps each row's finished set until all its new seeds are "
-                  "run): " + ", ".join(f"{m} ({len(d['unfinished'][m]['runs'])} seeds run)" for m in extending)
-                  + ".", ""]
+                  "run): " + ", ".join(_extending_text(m, d["unfinished"][m]) for m in extending) + ".", ""]
     if not is_new_format(d):
         lines += ["Results file of the old format (no validation split, no deployed parameter counts): those "
                   "columns are empty.", ""]
@@ -712,6 +716,10 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
     rows = [[f"{a} vs {b}", question, *comparison_cells(s.comparisons.get((a, b)), s.holm.get((a, b)))]
             for a, b, question in COMPARISONS if (a, b) in s.comparisons]
     lines += table(["comparison", "question", "difference (points)", "95 % CI", "p", "Holm p", "verdict"], rows)
+    tested = sum(p is not None for p in s.holm.values())
+    if tested and not d.get("complete"):
+        lines += ["", f"Holm p is over the {tested} comparisons tested so far; it can only grow as the missing "
+                  "methods finish."]
     lines.append("")
     ari = common.derived(methods)["ari_final"] if s.values.get("ce") else None  # needs ce's numbers
     if ari:
