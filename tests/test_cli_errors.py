@@ -32,6 +32,10 @@ DISTILL = ["distill", "--teacher", "resnet34", "--teacher-width", "1/16", "--stu
 QUALITY = ["quality", "--model", "resnet9", "--width", "0.0625", "--data", "synthetic", "--device", "cpu"]
 
 
+BAD_YAML = {"bool_epochs": "epochs: true\n", "bool_lr": "lr: false\n", "empty_layers": "teacher_layers: []\n",
+            "list_data": "data: [1]\n", "number_options": "data_options: 5\n"}
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -71,6 +75,8 @@ def files(tmp_path_factory) -> Path:
     (root / "empty_class" / "train" / "c").mkdir()
     (root / "bad.yaml").write_text("epochs: [1, 2\n")
     (root / "demo_types.yaml").write_text("teacher_width: wide\n")
+    for name, text in BAD_YAML.items():
+        (root / f"{name}.yaml").write_text(text)
     cifar = root / "cifar" / "cifar-100-python"
     cifar.mkdir(parents=True)
     with open(cifar / "test", "wb") as f:
@@ -181,6 +187,14 @@ BAD = [
      "the model outputs shape (2, 5) in eval mode, expected logits (2, 10)"),
     (["demo", "--quick", "--config", "{files}/bad.yaml"], "bad.yaml is not valid YAML"),
     (["demo", "--quick", "--config", "{files}/demo_types.yaml"], "teacher_width must be a number"),
+    # values of the wrong kind, from options, key=value overrides and config files
+    ([*TEACHER, "momentum=1"], "momentum must be in [0, 1), got 1.0"),
+    ([*TEACHER, "epochs=2.5"], "epochs must be an integer, got '2.5'"),
+    ([*TEACHER, "data_options=[1,2]"], "data_options must look like name:value,name:value"),
+    *[([*DISTILL, "--config", f"{{files}}/{name}.yaml"], message) for name, message in (
+        ("bool_epochs", "epochs must be an integer, got True"), ("bool_lr", "lr must be a number, got False"),
+        ("empty_layers", "teacher_layers is an empty list"), ("list_data", "data must be text, got [1]"),
+        ("number_options", "data_options must be a mapping of name: value, got 5"))],
 ]
 
 
@@ -315,3 +329,15 @@ def test_ctrl_c_ends_in_one_line_with_status_130(monkeypatch, tmp_path, capsys):
     assert main([*DISTILL, "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "featkd distill: interrupted; the last checkpoint is kept (rerun the same command to resume)"]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError, OSError])
+def test_debug_lets_the_error_through_with_its_traceback(error, monkeypatch, tmp_path, capsys):
+    def failing(args):
+        raise error("in the command")
+
+    monkeypatch.setattr("featkd.cli.report.run", failing)
+    with pytest.raises(error, match="in the command"):
+        main(["--debug", "report", str(tmp_path)])
+    assert capsys.readouterr().err == ""
+    assert main(["report", str(tmp_path)]) == (130 if error is KeyboardInterrupt else 2)  # without it: one line

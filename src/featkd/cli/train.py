@@ -22,7 +22,7 @@ from typing import Any
 from featkd.cli.common import CliError
 from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
 
-__all__ = ["add_config_arguments", "add_parsers", "config_from_args", "print_result", "run"]
+__all__ = ["add_config_arguments", "add_parsers", "config_from_args", "print_result", "run_distill", "run_train_teacher"]
 
 # Short help lines for the options shown first; all other fields follow.
 _TEACHER_EPILOG = "example: featkd train-teacher --model resnet34 --width 1/8 --data digits --epochs 10 --out runs/teacher"
@@ -87,7 +87,7 @@ def add_parsers(subparsers: Any) -> None:
         epilog=_TEACHER_EPILOG,
     )
     add_config_arguments(teacher, TrainConfig)
-    teacher.set_defaults(func=run_train_teacher, featkd_command="train-teacher")
+    teacher.set_defaults(func=run_train_teacher)
 
     distill = subparsers.add_parser(
         "distill", help="distil a student from a trained teacher",
@@ -95,15 +95,7 @@ def add_parsers(subparsers: Any) -> None:
         epilog=_DISTILL_EPILOG,
     )
     add_config_arguments(distill, DistillConfig)
-    distill.set_defaults(func=run_distill, featkd_command="distill")
-
-
-add_parser = add_parsers
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the command ``args`` was parsed for."""
-    return run_distill(args) if args.featkd_command == "distill" else run_train_teacher(args)
+    distill.set_defaults(func=run_distill)
 
 
 def run_train_teacher(args: argparse.Namespace) -> int:
