@@ -68,6 +68,7 @@ def test_synthetic_is_deterministic_and_class_structured():
     assert train.images.shape == (24, 3, 8, 8) and test.images.shape == (12, 3, 8, 8)
     assert torch.equal(train.images, again.images) and not torch.equal(train.images, other.images)
     assert torch.bincount(train.labels).tolist() == [6] * 4 and train.num_classes == 4
+    assert repr(train) == f"ImageDataset({train.name or 'unnamed'}: 24 images (3, 8, 8), 4 classes, augment=False)"
     # samples sit closer to their own class mean than to the other classes' means
     x = train.images.float().flatten(1)
     means = torch.stack([x[train.labels == c].mean(0) for c in range(4)])

@@ -461,6 +461,8 @@ def test_layer_lists(data, teacher):
     assert api.resolve_student_layers("paper", student(), "resnet9") == [1, 2, 3, 4]
     assert api.resolve_teacher_layers("standard", teacher, "resnet34", 4, train, device=torch.device("cpu")) == [3, 7, 13, 16]
     assert api.spread_layers(teacher, 4) == [1, 6, 11, 16]  # GLs 1..16 (head at 18)
+    unnamed = api.resolve_teacher_layers("standard", teacher, None, 4, train, device=torch.device("cpu"))
+    assert unnamed == [1, 6, 11, 16]  # no standard list without a zoo name: evenly spread
     assert api.spread_layers(student(), 4) == [1, 2, 3, 4]
     assert api.resolve_student_layers("paper", dropout_net(), None) == [0, 1]  # only 2 GLs below the head
     assert api.resolve_teacher_layers([12, "layer3.1"], teacher, None, 4, train, device=torch.device("cpu")) == [12, "layer3.1"]
@@ -480,7 +482,7 @@ def test_a_model_without_layers_before_its_head_is_told_to_name_them(data):
             api.resolve_teacher_layers(spec, linear, None, 4, train, device=torch.device("cpu"))
 
 
-def test_auto_layers_measure_quality_and_write_it(tmp_path, data, teacher):
+def test_auto_layers_measure_quality_and_write_it(tmp_path, data, teacher, monkeypatch):
     train, test = data
     result = api.distill(teacher, student, train, test, method="featkd", teacher_name="resnet34",
                          student_name="resnet9", epochs=1, out=str(tmp_path), **FAST)
@@ -491,6 +493,16 @@ def test_auto_layers_measure_quality_and_write_it(tmp_path, data, teacher):
     assert (tmp_path / "quality.png").is_file()
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["teacher_layers"] == report.select(4) and results["student_layers"] == [1, 2, 3, 4]
+    # the same command again (as after an interruption): the layers come from quality.json, not measured again
+    import featkd.quality
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("quality measured again")
+
+    monkeypatch.setattr(featkd.quality, "measure", no_measuring)
+    again = api.distill(teacher, student, train, test, method="featkd", teacher_name="resnet34",
+                        student_name="resnet9", epochs=1, out=str(tmp_path), **FAST)
+    assert again.extra["teacher_layers"] == report.select(4) and again.runs[0].history == result.runs[0].history
 
 
 # ----------------------------------------------------------------------------- configs
