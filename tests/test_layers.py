@@ -161,6 +161,45 @@ def test_untraceable_model_falls_back_to_the_chain_rule(caplog):
         tail(model, "relu")
 
 
+class Branchy(nn.Module):
+    """A residual block whose own code branches on data: fx cannot trace into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = 2 * x
+        return self.relu(self.conv(x)) + x
+
+
+class WithBranchyBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.block, self.block2 = Branchy(), Branchy()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block2(self.block(self.stem(x)))).flatten(1))
+
+
+def test_a_submodule_that_cannot_be_traced_is_kept_whole(monkeypatch):
+    """The model's own forward traces; the block whose code cannot is one layer, and tail runs past it."""
+    from featkd import graph
+
+    model = WithBranchyBlocks().eval()
+    assert generalized_layers(model) == ["stem.1", "block", "block2", "fc:in"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(tail(model, "block")(model.block(model.stem(x))), model(x), atol=1e-6)
+    monkeypatch.setattr(graph, "_MAX_RETRIES", 1)  # no retry left after keeping Branchy whole
+    with pytest.raises(graph.TraceFailed, match="more than 1 module classes could not be traced"):
+        graph.trace_layers(model, lambda m: False)
+
+
 class ConvClassifier(nn.Module):
     """Convolutions end to end, SqueezeNet style: a 1x1 convolution makes the class scores."""
 

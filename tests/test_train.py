@@ -576,6 +576,11 @@ def test_report_from_run_directories(tmp_path, data):
     assert markdown_table([{"x": "1", "y": "2"}]) == "| x | y |\n|---|---|\n| 1 | 2 |"
     with pytest.raises(FileNotFoundError):
         find_runs(tmp_path / "a" / "missing")
+    assert [r.name for r in find_runs(tmp_path / "a")] == ["a"]  # a run directory itself: that run alone
+    assert "| a |" in write_report(tmp_path / "a").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no run directories"):
+        find_runs(tmp_path / "empty")
 
 
 def test_report_of_a_run_in_progress_names_the_layers_and_rule_it_trains_with(tmp_path):
@@ -597,6 +602,8 @@ def test_report_of_a_run_in_progress_names_the_layers_and_rule_it_trains_with(tm
     assert f"(3 by rule `{DEFAULT_RULE}`, in depth order): **{layers}**" in text
     row = comparison_rows([load_run(out)])[0]
     assert row["teacher layers"] != "–" and row["final acc"] == "unfinished"
+    (out / "quality.png").unlink()  # a report regenerates the plot it links to
+    assert "quality.png" in write_report(tmp_path).read_text() and (out / "quality.png").stat().st_size > 1000
 
 
 def test_report_skips_a_cut_off_last_metrics_line_and_names_damaged_files(tmp_path, data, caplog):
