@@ -117,6 +117,34 @@ def test_memmap_in_a_temporary_directory_is_removed():
     assert not directory.exists()
 
 
+def test_a_teacher_failing_mid_build_leaves_no_cache_folder(tmp_path):
+    teacher, dataset = make_teacher("resnet34"), make_dataset(size=12)
+    calls = []
+
+    def fail_on_the_second_batch(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("teacher failed")
+
+    teacher.register_forward_pre_hook(fail_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="teacher failed"):
+        TeacherCache.build(teacher, dataset, [16], need_logits=True, batch_size=4, device="cpu",
+                           memory_budget_bytes=0, cache_dir=tmp_path, progress=False)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []  # the memmap folder of batch 1 is gone
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TeacherCache.build(teacher, dataset, [16], True, batch_size=0, device="cpu", memory_budget_bytes=0)
+
+    class NoImages:  # any dataset type: ImageDataset itself refuses to be empty
+        def with_augment(self, augment):
+            return self
+
+        def __len__(self):
+            return 0
+
+    with pytest.raises(ValueError, match="empty dataset"):
+        TeacherCache.build(teacher, NoImages(), [16], True, batch_size=4, device="cpu", memory_budget_bytes=0)
+
+
 @pytest.mark.parametrize("budget", [1 << 30, 0], ids=["ram", "memmap"])
 def test_cached_and_online_teacher_give_identical_losses(budget, tmp_path):
     torch.manual_seed(0)
