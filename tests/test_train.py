@@ -153,8 +153,23 @@ def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(tmp_path, data):
     _rewrite_checkpoint(path, lambda state: state.pop("model.model.4.bias"))
     with pytest.raises(CheckpointError, match=r"checkpoint.pt does not fit this run .*model\.4\.bias"):
         api.train_teacher(dropout_net, train, test, **options)
+    for edit, message in ((lambda meta: [1, 2], r"not a featkd training checkpoint \(TypeError: its metadata is not a mapping\)"),
+                          (lambda meta: {**meta, "format": 99}, "unknown checkpoint format 99"),
+                          (lambda meta: {**meta, "epoch": 2}, r"is damaged \(its epoch history does not match")):
+        path.write_bytes(good)
+        _rewrite_checkpoint(path, lambda state: state.update(meta=_meta_tensor(edit(_meta_of(state)))))
+        with pytest.raises((CheckpointError, ValueError), match=message):
+            api.train_teacher(dropout_net, train, test, **options)
     path.write_bytes(good)
     assert api.train_teacher(dropout_net, train, test, **options).finished
+
+
+def _meta_of(state):
+    return json.loads(state["meta"].numpy().tobytes())
+
+
+def _meta_tensor(meta):
+    return torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).clone()
 
 
 def test_a_checkpoint_from_another_world_size_or_device_is_refused(tmp_path, data):
@@ -403,6 +418,13 @@ def test_optimizer_and_schedules_follow_the_recipe():
     assert max(lrs) == pytest.approx(0.01, rel=1e-3) and lrs[-1] < 1e-5
     sgd = build_optimizer(params, TrainConfig(optimizer="sgd"), 0.05)
     assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["weight_decay"] == 5e-4
+    with pytest.raises(ValueError, match="optimizer must be adamw or sgd; got 'lion'"):  # config not validated
+        build_optimizer(params, TrainConfig(optimizer="lion"), 0.05)
+    from featkd.train import Trainer
+
+    with pytest.raises(ValueError, match="Trainer needs a learning rate"):
+        Trainer(TrainConfig(lr=None, device="cpu"))
+    assert Trainer(TrainConfig(lr=None, device="cpu"), lr=0.3).lr == 0.3
     steps = build_scheduler(sgd, TrainConfig(optimizer="sgd", milestones=[2, 3]), 0.05, steps_per_epoch=5)
     seen = []
     for _ in range(20):
