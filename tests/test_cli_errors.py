@@ -111,7 +111,8 @@ BAD = [
     ([*TEACHER, "--seed", "-1"], "seed must be >= 0, got -1"),
     ([*TEACHER, "--amp", "fp8"], "amp must be one of auto, bf16, none"),
     ([*TEACHER, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-    ([*TEACHER, "--data-options", "colour:red"], "unknown option(s) ['colour'] for dataset 'synthetic'"),
+    ([*TEACHER, "--data-options", "colour:red"], "unknown option(s) ['colour'] for dataset 'synthetic'; valid: ['in_channels', 'noise', 'num_classes', "
+     "'samples_per_class', 'test_per_class']"),  # not seed, train_limit, ...: those are refused as data options
     ([*TEACHER, "--init-checkpoint", "{files}/empty.pt"], "empty.pt is empty (0 bytes)"),
     ([*TEACHER, "--init-checkpoint", "{files}/resnet18.pt"], "does not fit resnet9: "),
     ([*TEACHER, "--data", "imagefolder", "--data-root", "{files}/truncated_png", *NO_OPTIONS],

@@ -570,7 +570,7 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
     options = [p for p in inspect.signature(spec.loader).parameters if p not in ("root", "download")]
     unknown = sorted(set(kw) - set(options))
     if unknown:
-        valid = sorted({*options, "image_size", "in_channels", "train_limit", "seed", "augment", "val_size"})
+        valid = sorted({*options, "in_channels"} - set(_SETTING_OF))  # image_size, seed, ...: settings of their own
         raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; valid: {valid}")
     kw = _typed_options(key, spec.loader, kw)
     for option, value in (("image_size", image_size), ("in_channels", in_channels), ("seed", seed)):
