@@ -404,6 +404,21 @@ def test_pack_state_round_trip():
         pack_state({"f": object()}, {}, "x")
 
 
+def test_a_last_batch_of_one_image_is_dropped_only_for_batch_norm(data, caplog):
+    """24 training images in batches of 23: BatchNorm cannot normalise the 24th alone."""
+    from featkd.train import DistContext, Trainer
+
+    train, _ = data
+    trainer = Trainer(TrainConfig(batch_size=23, lr=0.1, device="cpu"))
+    with caplog.at_level("INFO", logger="featkd.train"):
+        assert [len(trainer._train_loader(train, 0, False, bn)) for bn in (False, True)] == [2, 1]
+    assert "last training batch would hold 1 image, which BatchNorm cannot normalise" in caplog.text
+    assert len(trainer._train_loader(train, 0, True, True)) == 1
+    two = Trainer(TrainConfig(batch_size=23, lr=0.1, device="cpu"), context=DistContext(world_size=2))
+    with pytest.raises(ValueError, match="batch_size 23 is not divisible by 2 processes"):
+        two._train_loader(train, 0, False, True)
+
+
 def test_optimizer_and_schedules_follow_the_recipe():
     params = [nn.Parameter(torch.zeros(2))]
     adamw = build_optimizer(params, TrainConfig(), 0.01)
