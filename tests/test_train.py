@@ -180,10 +180,10 @@ def test_a_checkpoint_from_another_world_size_or_device_is_refused(tmp_path, dat
     path = tmp_path / "checkpoint.pt"
 
     def as_if_two_processes(state):
-        meta = json.loads(state["meta"].numpy().tobytes())
+        meta = _meta_of(state)
         assert meta["runtime"] == {"device": "cpu", "world_size": 1}
         meta["runtime"]["world_size"] = 2
-        state["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).clone()
+        state["meta"] = _meta_tensor(meta)
 
     _rewrite_checkpoint(path, as_if_two_processes)
     with pytest.raises(ValueError, match="written on cpu with 2 processes, this command runs on cpu with 1 process"):
