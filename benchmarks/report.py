@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -133,6 +133,7 @@ class CellStats:
     comparisons: dict[tuple[str, str], stats.Comparison | None]  # COMPARISONS; None when a side is missing
     holm: dict[tuple[str, str], float | None]  # Holm-adjusted p within the cell's comparisons
     sensitive: list[str]  # the baselines that beat ce significantly
+    failed: list[str] = field(default_factory=list)  # the baselines whose run failed (no result to test)
 
     @property
     def tests(self) -> int:
@@ -167,7 +168,9 @@ class CellStats:
             return "ce has no finished run"
         run, tested = len(self.baselines_run), len(self.baselines_tested)
         untested = f" ({run - tested} without a test)" if run > tested else ""
-        return f"{run} of {len(BASELINES)} baselines run{untested}" + (", none beats ce so far" if tested else "")
+        failed = f", {' and '.join(self.failed)} failed (rerun to judge)" if self.failed else ""
+        return (f"{run} of {len(BASELINES)} baselines run{untested}" + (", none beats ce so far" if tested else "")
+                + failed)
 
 
 def seed_points(entry: dict[str, Any] | None, key: str = "final_test_acc") -> list[float]:
@@ -191,7 +194,8 @@ def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
     comparisons = {(a, b): compare(a, b) for a, b, _ in COMPARISONS if a != "featkd_default" or a in methods}
     adjusted = stats.holm([c.p if c else None for c in comparisons.values()])
     sensitive = [b for b in BASELINES if vs_ce.get(b) is not None and vs_ce[b].verdict == "better"]
-    return CellStats(values, vs_ce, comparisons, dict(zip(comparisons, adjusted)), sensitive)
+    failed = [b for b in BASELINES if "error" in methods.get(b, {})]
+    return CellStats(values, vs_ce, comparisons, dict(zip(comparisons, adjusted)), sensitive, failed)
 
 
 def p_text(p: float | None) -> str:

@@ -840,3 +840,7 @@ def test_baselines_without_a_test_leave_sensitivity_unjudged():
     assert not s.judged and s.pending == "7 of 7 baselines run (1 without a test), none beats ce so far"
     tested["methods"]["kd"] = entry([85.1, 84.9, 85.3])
     assert report.analyse(tested).judged
+    tested["methods"]["sp"] = {"error": "RuntimeError: nan loss", "runs": []}  # failed for good: says so
+    s = report.analyse(tested)
+    assert not s.judged and s.failed == ["sp"]
+    assert s.pending == "6 of 7 baselines run, none beats ce so far, sp failed (rerun to judge)"
