@@ -35,13 +35,14 @@ def test_train_teacher_writes_a_run_directory(teacher_dir):
         assert key in record
 
 
-def test_distill_from_a_teacher_run_directory(teacher_dir, tmp_path, capsys):
+def test_distill_from_a_teacher_run_directory(teacher_dir, tmp_path, capsys, caplog):
     """--teacher-checkpoint RUN_DIR: weights from model.pt, teacher name and width from its config."""
     out = tmp_path / "fitnet"
     code, stdout, _ = run_cli(["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9",
                                "--student-width", "1/16", "--method", "fitnet", "--epochs", "1",
                                "--out", str(out), *DATA], capsys)
     assert code == 0 and "final test acc" in stdout
+    assert "shifted inputs" not in caplog.text  # the teacher's own data: no warning
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["teacher"] == "resnet34" and config["teacher_width"] == 0.0625
     results = json.loads((out / "results.json").read_text())
@@ -50,6 +51,26 @@ def test_distill_from_a_teacher_run_directory(teacher_dir, tmp_path, capsys):
 
     code, stdout, _ = run_cli(["report", str(tmp_path)], capsys)
     assert code == 0 and "| fitnet |" in stdout and (tmp_path / "report.md").is_file()
+
+
+def test_a_teacher_trained_on_otherwise_normalised_images_is_warned_about(teacher_dir, tmp_path, capsys, caplog):
+    """The teacher's run records its input normalisation; distilling on data normalised otherwise warns."""
+    from featkd.api import check_teacher_inputs, load_data
+    from featkd.config import DistillConfig
+
+    recorded = json.loads((teacher_dir / "results.json").read_text())
+    assert len(recorded["input_mean"]) == 3 and all(s > 0 for s in recorded["input_std"])
+    same = load_data(DistillConfig(data="synthetic", image_size=8, data_options={
+        "num_classes": 3, "samples_per_class": 6, "test_per_class": 2}))[0]
+    assert same.mean.tolist() == pytest.approx(recorded["input_mean"])
+    assert check_teacher_inputs(teacher_dir, same) and check_teacher_inputs(teacher_dir / "model.pt", same)
+    assert check_teacher_inputs(tmp_path, same)  # nothing recorded there: nothing to compare
+
+    noisier = [a.replace("test_per_class:2", "test_per_class:2,noise:0.9") for a in DATA]
+    code, _, _ = run_cli(["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9",
+                          "--student-width", "1/16", "--method", "kd", "--epochs", "1",
+                          "--out", str(tmp_path / "kd"), *noisier], capsys)
+    assert code == 0 and "the teacher sees shifted inputs" in caplog.text and "normalised with mean" in caplog.text
 
 
 def test_init_checkpoint_run_directory_gives_model_width_and_weights(teacher_dir, tmp_path, capsys):

@@ -56,6 +56,7 @@ from featkd.train import (
 )
 
 __all__ = [
+    "check_teacher_inputs",
     "distill",
     "complete_train_config",
     "distill_from_config",
@@ -105,8 +106,45 @@ def sample_input(dataset: Any) -> torch.Tensor:
 
 
 def _data_info(dataset: Any) -> dict[str, Any]:
-    """What rebuilding a model for ``dataset`` takes: its class count and (C, H, W)."""
-    return {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape)}
+    """What rebuilding a model for ``dataset`` takes: its class count and (C, H, W); and, for a
+    dataset that normalises its images, the per-channel ``input_mean``/``input_std`` (pixel units
+    in [0, 1]) that new images must be normalised with."""
+    info: dict[str, Any] = {"num_classes": dataset.num_classes, "image_shape": list(dataset.image_shape)}
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+        info.update(input_mean=mean.flatten().tolist(), input_std=std.flatten().tolist())
+    return info
+
+
+def check_teacher_inputs(teacher_run: str | Path, dataset: Any, tolerance: float = 0.05) -> bool:
+    """Warn (and return False) when the teacher of run directory ``teacher_run`` (or of the
+    ``model.pt`` in it) was trained on images normalised otherwise than ``dataset`` normalises
+    them: the teacher would see shifted inputs. Tolerance: a shift of mean or std by ``tolerance``
+    of the teacher's std, in any channel. True when they agree or either side is not known."""
+    folder = Path(teacher_run) if Path(teacher_run).is_dir() else Path(teacher_run).parent
+    path, config_file = folder / "results.json", run_config_file(folder)
+    if not path.is_file() and config_file is not None:  # one run of several: the summary beside config.yaml
+        path = config_file.parent / "results.json"
+    try:
+        recorded = json.loads(path.read_text())
+        t_mean, t_std = torch.tensor(recorded["input_mean"]), torch.tensor(recorded["input_std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # not a run directory, or one written before featkd recorded its normalisation
+    info = _data_info(dataset)
+    if "input_mean" not in info or t_mean.numel() != len(info["input_mean"]):
+        return True
+    mean, std = torch.tensor(info["input_mean"]), torch.tensor(info["input_std"])
+    shift = torch.maximum((mean - t_mean).abs(), (std - t_std).abs()) / t_std.clamp_min(1e-12)
+    if float(shift.max()) <= tolerance:
+        return True
+    log.warning("the teacher in %s trained on images normalised with mean %s, std %s; this data normalises "
+                "with mean %s, std %s: the teacher sees shifted inputs and may predict worse than it did",
+                teacher_run, _rounded(t_mean), _rounded(t_std), _rounded(mean), _rounded(std))
+    return False
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in values]
 
 
 # --------------------------------------------------------------------------- layers
@@ -685,6 +723,7 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
                                width=config.teacher_width)
     if weights is not None:
         load_model_weights(teacher, weights, config.teacher)
+        check_teacher_inputs(config.teacher_checkpoint, train_set)
 
     def student() -> nn.Module:
         return create_model(config.student, num_classes, in_channels=channels, image_size=size,
@@ -706,7 +745,8 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
     the data need not be at hand. A distill run gives its deployed network: the
     student, or for SimKD the student's backbone + projector + the teacher's classifier.
     It is in the memory format it trained in (channels-last or not); with inputs in
-    that format too it reproduces the run's accuracy exactly. Raises
+    that format too, normalised with the ``input_mean``/``input_std`` of ``results.json``,
+    it reproduces the run's accuracy exactly. Raises
     FileNotFoundError for an unfinished run, ValueError when the files do not
     describe the weights.
     """
