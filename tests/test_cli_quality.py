@@ -116,7 +116,7 @@ def test_without_checkpoint_the_model_is_seeded_and_the_user_warned(tmp_path, ca
     assert "no --checkpoint: measuring a randomly initialised resnet9 (seed 0)" in caplog.text
 
 
-def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path, capsys):
+def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path, capsys, caplog):
     """A ViT teacher trained at 16 px (patch 2) only loads when measured at its own size."""
     teacher = tmp_path / "teacher"
     assert main(["train-teacher", "--model", "vit_et", "--width", "1/32", "--data", "synthetic",
@@ -144,6 +144,11 @@ def test_checkpoint_run_directory_gives_model_width_image_size_and_data(tmp_path
                  "--data-options", "samples_per_class:10", "--out", str(tmp_path / "q10")]) == 0
     settings = QualityReport.from_json(tmp_path / "q10" / "quality.json").settings
     assert settings["num_train"] == 24 and settings["num_classes"] == 3
+    assert "shifted inputs" not in caplog.text  # the same kind of images
+    # noisier images than the teacher trained on: measured, with a warning
+    assert main(["quality", "--checkpoint", str(teacher), "--device", "cpu", "--subset-size", "12",
+                 "--data-options", "noise:0.9", "--out", str(tmp_path / "noisy")]) == 0
+    assert "the teacher sees shifted inputs" in caplog.text
 
 
 def test_data_options_reach_the_dataset_and_no_bar_is_drawn_off_a_terminal(tmp_path, capsys):

@@ -138,7 +138,7 @@ def _run_config(checkpoint: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the selection, write quality.json and quality.png."""
-    from featkd.api import sample_input
+    from featkd.api import check_teacher_inputs, sample_input
     from featkd.checkpoint import read_weights
     from featkd.data import check_data_options, load_splits
     from featkd.layers import resolve_layers
@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model_from_args(settings["model"], settings["width"], train.num_classes, channels,
                                       size, checkpoint=weights)
     check_classifier(model, sample_input(train), train.num_classes, training=False)  # it can take the data's images
+    if args.checkpoint:
+        check_teacher_inputs(args.checkpoint, train)
     if layers != "all":
         try:
             resolve_layers(model, layers, model_name=settings["model"])
