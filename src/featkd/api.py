@@ -475,7 +475,7 @@ def distill(
     the student, or for SimKD the student's backbone + projector + the
     teacher's frozen classifier; ``extra["deployed_params"]`` counts its parameters.
     """
-    from featkd.distillation import METHOD_INFO, DistillModel, build_method, used_parameter_count
+    from featkd.distillation import DistillModel, build_method, used_parameter_count
     from featkd.layers import resolve_layers
     from featkd.models import check_classifier
 
@@ -501,20 +501,7 @@ def distill(
     probe_student = _instantiate(student, config.seed).to(device)
     check_classifier(teacher, sample, train_set.num_classes, "teacher", training=False)  # never trains here
     check_classifier(probe_student, sample, train_set.num_classes, "student")
-    s_layers: list[int | str] = []
-    t_layers: list[int | str] = []
-    t_spec = None
-    if METHOD_INFO[config.method].teacher_layers == "classifier":
-        s_layers = _classifier_layers(config.student_layers, probe_student, sample)
-        t_layers = _classifier_layers(config.teacher_layers, teacher, sample)
-    elif method_uses_layers(config.method):
-        s_layers = resolve_student_layers(config.student_layers, probe_student, config.student)
-        _check_layers(probe_student, s_layers, "student", config.student)
-        t_spec = config.teacher_layers or default_teacher_layers(config.method)
-        if t_spec != "auto":
-            t_layers = resolve_teacher_layers(t_spec, teacher, config.teacher, len(s_layers), train_set,
-                                              device=device)
-            _check_layers(teacher, t_layers, "teacher", config.teacher)
+    s_layers, t_layers, t_spec = _method_layers(config, teacher, probe_student, sample, train_set)
     if t_spec != "auto":
         build_method(config.method, teacher, probe_student, teacher_layers=t_layers, student_layers=s_layers,
                      num_classes=train_set.num_classes, sample_input=sample,
@@ -568,6 +555,28 @@ def distill(
             finally:
                 if teacher_feed is None:  # a feed passed in belongs to the caller
                     feed.close()
+
+
+def _method_layers(config: DistillConfig, teacher: nn.Module, student: nn.Module, sample: torch.Tensor,
+                   train_set: Any) -> tuple[list[int | str], list[int | str], Any]:
+    """The method's student and teacher layers, checked, and the teacher layers' spec; an "auto" spec
+    leaves the teacher layers to select later (their measurement writes into the run directory)."""
+    from featkd.distillation import METHOD_INFO
+
+    if METHOD_INFO[config.method].teacher_layers == "classifier":
+        return (_classifier_layers(config.student_layers, student, sample),
+                _classifier_layers(config.teacher_layers, teacher, sample), None)
+    if not method_uses_layers(config.method):
+        return [], [], None
+    s_layers = resolve_student_layers(config.student_layers, student, config.student)
+    _check_layers(student, s_layers, "student", config.student)
+    t_spec = config.teacher_layers or default_teacher_layers(config.method)
+    if t_spec == "auto":
+        return s_layers, [], t_spec
+    t_layers = resolve_teacher_layers(t_spec, teacher, config.teacher, len(s_layers), train_set,
+                                      device=sample.device)
+    _check_layers(teacher, t_layers, "teacher", config.teacher)
+    return s_layers, t_layers, t_spec
 
 
 def _pin_teacher(config: DistillConfig, teacher: nn.Module) -> None:
