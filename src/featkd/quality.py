@@ -1060,20 +1060,11 @@ def measure(
     """
     from tqdm.auto import tqdm
 
-    from featkd.layers import extract, feature_layout, generalized_layers, resolve_layers, to_canonical
+    from featkd.layers import extract, feature_layout, to_canonical
 
     _check_variant(variant)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    all_layers = generalized_layers(model)
-    if not all_layers:
-        raise ValueError(f"{type(model).__name__} has no generalized layers to measure "
-                         "(featkd.layers.generalized_layers)")
-    names = all_layers if layers == "all" else resolve_layers(model, layers)
-    not_gl = [name for name in names if name not in all_layers]
-    if not_gl:
-        raise ValueError(f"{not_gl} are not generalized layers; valid: {', '.join(all_layers)}")
-    indices = sorted({all_layers.index(name) for name in names})
-    names = [all_layers[i] for i in indices]
+    indices, names = _measured_layers(model, layers)
     if hasattr(dataset, "with_augment"):
         dataset = dataset.with_augment(False)
 
@@ -1108,15 +1099,8 @@ def measure(
                 for group in groups:
                     group_names = [names[i] for i in group]
                     group_layouts = [layouts[i] for i in group]
-                    spectra: list[list[Tensor]] = [[] for _ in group]
-                    for members in members_b:
-                        class_feats, _ = _features(model, dataset, members, group_names, device,
-                                                   batch_size, bar, group_layouts)
-                        for slot, feats in enumerate(class_feats):
-                            with _naming_layer(indices[group[slot]], group_names[slot]):
-                                spectra[slot].append(class_spectrum(
-                                    feats, dtype=dtype, device=device, memory_budget=half_budget))
-                        del class_feats
+                    spectra = _class_spectra(model, dataset, members_b, [indices[i] for i in group], group_names,
+                                             group_layouts, device, batch_size, bar, dtype, half_budget)
                     feats_a, pooled_a = _features(model, dataset, subset_a, group_names, device,
                                                   batch_size, bar, group_layouts)
                     probes = _probes(pooled_a, labels_a, seed, model, probe_set, probe_labels,
@@ -1150,6 +1134,37 @@ def measure(
     candidates = sorted(set(indices) & set(candidate_layers(model)))
     return QualityReport(rows, variant=variant, model=model_name or type(model).__name__,
                          settings=settings, candidates=None if candidates == indices else candidates)
+
+
+def _measured_layers(model: nn.Module, layers: str | Sequence[int | str]) -> tuple[list[int], list[str]]:
+    """GL indices and names of ``layers`` ("all", or GL indices / names), in model order, each once."""
+    from featkd.layers import generalized_layers, resolve_layers
+
+    all_layers = generalized_layers(model)
+    if not all_layers:
+        raise ValueError(f"{type(model).__name__} has no generalized layers to measure "
+                         "(featkd.layers.generalized_layers)")
+    names = all_layers if layers == "all" else resolve_layers(model, layers)
+    not_gl = [name for name in names if name not in all_layers]
+    if not_gl:
+        raise ValueError(f"{not_gl} are not generalized layers; valid: {', '.join(all_layers)}")
+    indices = sorted({all_layers.index(name) for name in names})
+    return indices, [all_layers[i] for i in indices]
+
+
+def _class_spectra(model: nn.Module, dataset, members_b: list[Tensor], indices: list[int], names: list[str],
+                   layouts: list[str], device: torch.device, batch_size: int, bar, dtype: torch.dtype,
+                   budget: int) -> list[list[Tensor]]:
+    """Per layer of a group, the eigenvalue spectrum of each class of subset B (one class's features
+    in memory at a time)."""
+    spectra: list[list[Tensor]] = [[] for _ in names]
+    for members in members_b:
+        class_feats, _ = _features(model, dataset, members, names, device, batch_size, bar, layouts)
+        for slot, feats in enumerate(class_feats):
+            with _naming_layer(indices[slot], names[slot]):
+                spectra[slot].append(class_spectrum(feats, dtype=dtype, device=device, memory_budget=budget))
+        del class_feats
+    return spectra
 
 
 def _probes(pooled_a: list[Tensor], labels_a: Tensor, seed: int, model: nn.Module, probe_set,
