@@ -732,7 +732,8 @@ def distill_from_config(config: DistillConfig, callbacks: Sequence[Callback] = (
                                width=config.teacher_width)
     if weights is not None:
         load_model_weights(teacher, weights, config.teacher)
-        check_teacher_inputs(config.teacher_checkpoint, train_set)
+        if context.is_main:  # one warning, not one per process
+            check_teacher_inputs(config.teacher_checkpoint, train_set)
 
     def student() -> nn.Module:
         return create_model(config.student, num_classes, in_channels=channels, image_size=size,
