@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-import stats
+from featkd import stats
 from common import PAIRS, Job, Scale
 
 log = logging.getLogger("benchmarks.convergence")

@@ -4,7 +4,7 @@ Reads accuracy_<pair>_<regime>.json, convergence_<pair>_<regime>.json,
 layer_validity_<teacher>.json (via validity_report.py), the earlier
 one-file layer_validity.json, throughput.json, quality_speed.json, probe.json and the
 quality_*.json/png files the benchmark scripts wrote; renders the tables and
-computes every verdict from the per-seed numbers (benchmarks/stats.py).
+computes every verdict from the per-seed numbers (featkd.stats).
 Missing or partial results are shown as such, never filled in.
 
     python benchmarks/report.py                               # -> BENCHMARKS.md
@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import common
 import convergence
 import gpu_check
-import stats
+from featkd import stats
 import validity_report
 from common import BASELINES
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from stats import holm
+from featkd.stats import holm
 
 N_BOOT = 2000
 ACCURACY = "final_val_acc"  # what every statistic ranks by: never the test split

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import common  # noqa: E402
 import report  # noqa: E402
-import stats  # noqa: E402
+
+from featkd import stats  # noqa: E402
 
 PAIR = "resnet34-resnet9"
 TEACHER_ACC = 0.92

@@ -1,17 +1,12 @@
-"""benchmarks/stats.py: Welch's t-test against scipy, interval coverage, the studentized bootstrap, Holm."""
+"""featkd.stats: Welch's t-test against scipy, interval coverage, the studentized bootstrap, Holm."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import stats  # noqa: E402
+from featkd import stats
 
 A = [86.17, 85.02, 85.27]
 B = [84.31, 84.90, 84.77, 84.20, 85.01]

@@ -1,7 +1,8 @@
-"""Two-sample statistics of the benchmark report: Welch's t-test, a studentized bootstrap, Holm's correction.
+"""Two-sample statistics of per-seed accuracies: Welch's t-test, a studentized bootstrap, Holm's correction.
 
-Pure functions of plain numbers (per-seed accuracies; no torch). A difference is
-``mean(a) - mean(b)`` in the units of the inputs (report.py passes percentage points).
+Pure functions of plain numbers (no torch), used by ``featkd report --reference`` and
+the benchmark report. A difference is ``mean(a) - mean(b)`` in the units of the inputs
+(both reports pass percentage points).
 
 When there is no test: a sample of one value has no variance estimate, and when
 both samples are constant (zero variance each) the t statistic is 0/0 and any p
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
+
+__all__ = ["ALPHA", "TESTS", "Comparison", "bootstrap", "holm", "mean_interval", "welch"]
 
 ALPHA = 0.05  # two-sided level of every verdict; the intervals are (1 - ALPHA) = 95 %
 BOOTSTRAP_RESAMPLES = 9_999
