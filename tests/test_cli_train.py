@@ -51,6 +51,25 @@ def test_distill_from_a_teacher_run_directory(teacher_dir, tmp_path, capsys, cap
 
     code, stdout, _ = run_cli(["report", str(tmp_path)], capsys)
     assert code == 0 and "| fitnet |" in stdout and (tmp_path / "report.md").is_file()
+    assert "Compared with" not in (tmp_path / "report.md").read_text()  # only against a reference named
+
+
+def test_report_compares_run_directories_with_a_reference_over_their_seeds(tmp_path, capsys):
+    for method in ("ce", "kd"):
+        assert main(["distill", "--teacher", "resnet34", "--teacher-width", "1/16", "--student", "resnet9",
+                     "--student-width", "1/16", "--method", method, "--epochs", "1", "--runs", "2",
+                     "--out", str(tmp_path / method), *DATA]) == 0
+    capsys.readouterr()
+    code, stdout, _ = run_cli(["report", str(tmp_path), "--reference", "ce"], capsys)
+    assert code == 0 and "compared with ce:" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("| kd | ce | 2 vs 2 |"))
+    assert any(v in row for v in ("better", "worse", "no significant difference", "n/a (both samples constant"))
+    text = (tmp_path / "report.md").read_text()
+    assert "## Compared with `ce`" in text and "Welch's t-test" in text and "| kd | ce | 2 vs 2 |" in text
+    before = text
+    code, _, err = run_cli(["report", str(tmp_path), "--reference", "best"], capsys)
+    assert code == 2 and "no run directory named 'best'" in err and "ce, kd" in err
+    assert (tmp_path / "report.md").read_text() == before  # a bad name leaves the report as it was
 
 
 def test_a_teacher_trained_on_otherwise_normalised_images_is_warned_about(teacher_dir, tmp_path, capsys, caplog):

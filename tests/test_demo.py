@@ -26,6 +26,8 @@ def test_quick_demo_writes_a_report(tmp_path, capsys, monkeypatch):
     report = (out / "report.md").read_text()
     assert "## Results" in report and "| teacher |" in report and "wall (s)" in report
     assert "Selected teacher layers" in report and "featkd/quality.png" in report
+    assert "## Compared with `ce`" in report and "| kd | ce | 1 vs 1 |" in report
+    assert "n/a (one seed: no variance estimate)" in report  # one seed a side settles nothing
     assert (out / "curves.png").stat().st_size > 1000 and (out / "featkd" / "quality.png").is_file()
     # the default rule's choice is printed beside the paper's Q choice
     from featkd.quality import QualityReport

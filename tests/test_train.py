@@ -620,6 +620,35 @@ def test_report_from_run_directories(tmp_path, data):
         find_runs(tmp_path / "empty")
 
 
+def test_report_compares_every_run_with_the_reference_named(tmp_path):
+    """Welch's test over seeds against the one reference given; one seed a side has no test."""
+    from scipy import stats as scipy_stats
+
+    from featkd.report import RunRecord, compare_to
+
+    def record(name, accs):
+        runs = [{"seed": i, "finished": True, "final_test_acc": a / 100} for i, a in enumerate(accs)]
+        return RunRecord(name, tmp_path / name, {"method": "kd"}, {"runs": runs})
+
+    ce, kd, fitnet = [85.0, 85.4, 84.9], [86.5, 86.9, 86.6], [85.1, 84.8, 85.3]
+    runs = [record("ce", ce), record("kd", kd), record("fitnet", fitnet), record("one", [90.0]),
+            RunRecord("unfinished", tmp_path / "u", {}, None)]
+    rows = {row["run"]: row for row in compare_to(runs, "ce")}
+    assert set(rows) == {"kd", "fitnet", "one", "unfinished"} and rows["kd"]["vs"] == "ce"
+    reference = scipy_stats.ttest_ind(kd, ce, equal_var=False)
+    assert rows["kd"]["difference (points)"] == f"{sum(kd) / 3 - sum(ce) / 3:+.2f}"
+    assert rows["kd"]["p"] == (f"{reference.pvalue:.3f}" if reference.pvalue >= 0.001 else "<0.001")
+    assert rows["kd"]["verdict"] == "better" and rows["fitnet"]["verdict"] == "no significant difference"
+    assert rows["kd"]["seeds"] == "3 vs 3" and float(rows["kd"]["Holm p"].lstrip("<")) >= float(rows["kd"]["p"].lstrip("<"))
+    assert rows["one"]["verdict"] == "n/a (one seed: no variance estimate)" and rows["one"]["p"] == "—"
+    assert rows["unfinished"]["verdict"] == "no finished run"
+    assert compare_to(runs, "ce", "bootstrap")[0]["verdict"] == "better"
+    with pytest.raises(ValueError, match="no run directory named 'best'.*ce, kd"):
+        compare_to(runs, "best")
+    with pytest.raises(ValueError, match="test must be one of"):
+        compare_to(runs, "ce", "magic")
+
+
 def test_report_of_a_run_in_progress_names_the_layers_and_rule_it_trains_with(tmp_path):
     """Before results.json exists the report reads run.json, not a guess (k = 4, rule Q)."""
     from featkd.report import comparison_rows, load_run

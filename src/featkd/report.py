@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 __all__ = [
     "RunRecord",
     "comparison_rows",
+    "compare_to",
     "find_runs",
     "format_mean_std",
     "load_run",
@@ -180,6 +182,49 @@ def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
     return rows
 
 
+def final_accuracies(run: RunRecord) -> list[float]:
+    """Final-epoch test accuracy (%) of each finished run of ``run``'s directory (one per seed)."""
+    per_run = (run.results or {}).get("runs", [])
+    return [100 * r["final_test_acc"] for r in per_run
+            if r.get("finished", True) and isinstance(r.get("final_test_acc"), (int, float))
+            and math.isfinite(r["final_test_acc"])]
+
+
+def compare_to(runs: Sequence[RunRecord], reference: str, test: str = "welch") -> list[dict[str, str]]:
+    """One row per other run directory: its final test accuracy minus ``reference``'s (the name of
+    one of ``runs``, fixed before looking), in percentage points over seeds, with the 95 %
+    confidence interval, the two-sided p of ``test`` ("welch" or "bootstrap", :mod:`featkd.stats`),
+    Holm's adjusted p over these comparisons, and the verdict: better or worse only when p < 0.05,
+    n/a without a test (one seed a side has no variance estimate)."""
+    from featkd import stats
+
+    names = [run.name for run in runs]
+    if reference not in names:
+        raise ValueError(f"no run directory named {reference!r} to compare with; there are: {', '.join(names)}")
+    if test not in stats.TESTS:
+        raise ValueError(f"test must be one of {sorted(stats.TESTS)}, got {test!r}")
+    base = final_accuracies(runs[names.index(reference)])
+    others = [(run.name, final_accuracies(run)) for run in runs if run.name != reference]
+    results = [stats.TESTS[test](values, base) if values and base else None for _, values in others]
+    adjusted = stats.holm([c.p if c is not None else None for c in results])
+    rows = []
+    for (name, values), c, holm_p in zip(others, results, adjusted):
+        seeds = f"{len(values)} vs {len(base)}"
+        if c is None:
+            rows.append({"run": name, "vs": reference, "seeds": seeds, "difference (points)": "—",
+                         "95 % CI": "—", "p": "—", "Holm p": "—", "verdict": "no finished run"})
+            continue
+        interval = f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c.ci else "—"
+        rows.append({"run": name, "vs": reference, "seeds": seeds, "difference (points)": f"{c.diff:+.2f}",
+                     "95 % CI": interval, "p": _p(c.p), "Holm p": _p(holm_p),
+                     "verdict": c.verdict if c.p is not None else f"n/a ({c.note})"})
+    return rows
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _layers(layers: Any) -> str:
     return ", ".join(str(x) for x in layers) if layers else "–"
 
@@ -254,6 +299,22 @@ def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
     return lines
 
 
+def _comparison_section(runs: Sequence[RunRecord], reference: str, test: str) -> list[str]:
+    name = {"welch": "Welch's t-test", "bootstrap": "a studentized bootstrap"}.get(test, test)
+    return [
+        f"## Compared with `{reference}`",
+        "",
+        f"Final-epoch test accuracy minus `{reference}`'s, in percentage points, mean over seeds, with "
+        f"its 95 % confidence interval and the two-sided p of {name} on the per-seed accuracies; Holm's "
+        "correction over the comparisons of this table. *Better* or *worse* needs p < 0.05; otherwise "
+        "*no significant difference*. With one seed on a side there is no variance estimate and no "
+        "test (n/a): run more seeds (`--runs`).",
+        "",
+        markdown_table(compare_to(runs, reference, test)),
+        "",
+    ]
+
+
 def _relative(path: Path, start: Path) -> str:
     import os
 
@@ -267,13 +328,17 @@ def write_report(
     title: str = "featkd report",
     notes: Sequence[str] = (),
     rows: Sequence[dict[str, str]] | None = None,
+    reference: str | None = None,
+    test: str = "welch",
 ) -> Path:
     """Write ``out_dir/report.md`` (+ curves.png) for ``runs`` (default: :func:`find_runs` of ``out_dir``).
 
-    ``rows``: the results table (default :func:`comparison_rows` of ``runs``).
+    ``rows``: the results table (default :func:`comparison_rows` of ``runs``). ``reference``: the
+    run directory every other one is compared with (:func:`compare_to`, with ``test``).
     """
     out_dir = Path(out_dir)
     runs = list(runs) if runs is not None else find_runs(out_dir)
+    compared = _comparison_section(runs, reference, test) if reference is not None else []  # bad name: fail first
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(runs, out_dir / CURVES_FILE)
     lines = [f"# {title}", ""]
@@ -287,6 +352,9 @@ def write_report(
         "",
         markdown_table(rows if rows is not None else comparison_rows(runs)),
         "",
+    ]
+    lines += compared
+    lines += [
         "## Training curves",
         "",
         f"![test accuracy and training loss per epoch]({_relative(curves, out_dir)})",

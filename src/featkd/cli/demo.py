@@ -202,7 +202,8 @@ def run_demo(plan: DemoPlan, out: Path, progress: bool = True) -> Path:
         "",
         f"Wall time of the whole demo: {total:.0f} s (this call; resumed steps are not re-run).",
     ] + (["", choice] if choice else [])
-    report = write_report(out, runs, title="featkd demo", notes=notes, rows=rows)
+    reference = "ce" if "ce" in plan.methods else None  # one seed each: the comparison shows it settles nothing
+    report = write_report(out, runs, title="featkd demo", notes=notes, rows=rows, reference=reference)
     columns = ["run", "model", "method", "teacher layers", "final acc", "acc at best val epoch", "params",
                "wall (s)"]
     print()

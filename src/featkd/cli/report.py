@@ -17,15 +17,23 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("directory", metavar="DIR", help="a run directory or a folder of them")
     parser.add_argument("--title", default="featkd report", help="report title")
+    parser.add_argument("--reference", metavar="NAME",
+                        help="compare every other run directory with this one (e.g. ce): difference in "
+                             "points, 95%% CI, p and verdict over the seeds of each (--runs)")
+    parser.add_argument("--test", choices=("welch", "bootstrap"), default="welch",
+                        help="the test of --reference's comparisons")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """``featkd report``."""
-    from featkd.report import comparison_rows, find_runs, markdown_table, write_report
+    from featkd.report import compare_to, comparison_rows, find_runs, markdown_table, write_report
 
     runs = find_runs(Path(args.directory))
-    path = write_report(Path(args.directory), runs, title=args.title)
+    path = write_report(Path(args.directory), runs, title=args.title, reference=args.reference, test=args.test)
     print(markdown_table(comparison_rows(runs)))
+    if args.reference is not None:
+        print(f"\ncompared with {args.reference}:")
+        print(markdown_table(compare_to(runs, args.reference, args.test)))
     print(f"\nreport: {path}")
     return 0
