@@ -198,19 +198,6 @@ def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
     return CellStats(values, vs_ce, comparisons, dict(zip(comparisons, adjusted)), sensitive, failed)
 
 
-def p_text(p: float | None) -> str:
-    """A p-value to 3 decimals; more where fewer would round it onto the 0.05 threshold."""
-    if p is None:
-        return "n/a"
-    if p < 0.001:
-        return "<0.001"
-    for decimals in range(3, 9):
-        text = f"{p:.{decimals}f}"
-        if float(text) != stats.ALPHA or p == stats.ALPHA:
-            return text
-    return repr(p)
-
-
 def interval(c: stats.Comparison | None) -> str:
     return f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c is not None and c.ci is not None else "n/a"
 
@@ -227,7 +214,7 @@ def describe(c: stats.Comparison | None) -> str:
         return "—"
     if c.p is None:
         return f"{c.diff:+.2f} (n/a: {c.note})"
-    return f"{c.diff:+.2f} {interval(c)}, p {p_text(c.p)}: {verdict_text(c)}"
+    return f"{c.diff:+.2f} {interval(c)}, p {stats.format_p(c.p)}: {verdict_text(c)}"
 
 
 def mean_std_points(values: list[float]) -> str:
@@ -712,7 +699,7 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
                          params_text(m.get("deployed_params")),
                          mean_std_points(seed_points(m, "test_acc_at_best_val")),
                          "—" if vs_ce is None else f"{vs_ce.diff:+.2f} {interval(vs_ce)}",
-                         "—" if vs_ce is None else p_text(vs_ce.p),
+                         "—" if vs_ce is None else stats.format_p(vs_ce.p),
                          number(m.get("train_time_s", {}).get("mean"), ".0f"), str(m.get("teacher_layers") or "—")])
     lines += table(["method", "final test acc", "seeds", "deployed params", "test acc at best val", "− ce (points)",
                     "p", "s/run", "teacher layers"], rows)
@@ -760,7 +747,7 @@ def comparison_cells(c: stats.Comparison | None, holm: float | None) -> list[str
     if c is None:
         return ["not run", "—", "—", "—", "—"]
     verdict = verdict_text(c) if c.p is not None else f"n/a ({c.note})"
-    return [f"{c.diff:+.2f}", interval(c), p_text(c.p), p_text(holm), verdict]
+    return [f"{c.diff:+.2f}", interval(c), stats.format_p(c.p), stats.format_p(holm), verdict]
 
 
 def section_layer_validity(found: dict[str, Any]) -> list[str]:

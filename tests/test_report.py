@@ -415,13 +415,13 @@ def test_probe_parts_show_the_hours_their_finished_methods_took():
 
 
 def test_p_values_next_to_the_threshold_keep_the_side_they_fall_on():
-    assert report.p_text(0.0497) == "0.0497"
-    assert report.p_text(0.0503) == "0.0503"
-    assert report.p_text(0.04996) == "0.04996" and report.p_text(0.05002) == "0.05002"  # either side of 0.05
-    assert report.p_text(0.05) == "0.050"
-    assert report.p_text(0.0123) == "0.012"
-    assert report.p_text(0.0004) == "<0.001"
-    assert report.p_text(None) == "n/a"
+    assert stats.format_p(0.0497) == "0.0497"
+    assert stats.format_p(0.0503) == "0.0503"
+    assert stats.format_p(0.04996) == "0.04996" and stats.format_p(0.05002) == "0.05002"  # either side of 0.05
+    assert stats.format_p(0.05) == "0.050"
+    assert stats.format_p(0.0123) == "0.012"
+    assert stats.format_p(0.0004) == "<0.001"
+    assert stats.format_p(None) == "n/a"
 
 
 def test_seed_points_skip_non_finite_accuracies_as_the_stored_summaries_do():

@@ -642,6 +642,7 @@ def test_report_compares_every_run_with_the_reference_named(tmp_path):
     assert rows["kd"]["seeds"] == "3 vs 3" and float(rows["kd"]["Holm p"].lstrip("<")) >= float(rows["kd"]["p"].lstrip("<"))
     assert rows["one"]["verdict"] == "n/a (one seed: no variance estimate)" and rows["one"]["p"] == "—"
     assert rows["unfinished"]["verdict"] == "no finished run"
+    assert compare_to(runs, "unfinished")[0]["verdict"] == "unfinished has no finished run"
     assert compare_to(runs, "ce", "bootstrap")[0]["verdict"] == "better"
     with pytest.raises(ValueError, match="no run directory named 'best'.*ce, kd"):
         compare_to(runs, "best")

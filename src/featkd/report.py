@@ -212,17 +212,15 @@ def compare_to(runs: Sequence[RunRecord], reference: str, test: str = "welch") -
         seeds = f"{len(values)} vs {len(base)}"
         if c is None:
             rows.append({"run": name, "vs": reference, "seeds": seeds, "difference (points)": "—",
-                         "95 % CI": "—", "p": "—", "Holm p": "—", "verdict": "no finished run"})
+                         "95 % CI": "—", "p": "—", "Holm p": "—",
+                         "verdict": "no finished run" if not values else f"{reference} has no finished run"})
             continue
         interval = f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c.ci else "—"
         rows.append({"run": name, "vs": reference, "seeds": seeds, "difference (points)": f"{c.diff:+.2f}",
-                     "95 % CI": interval, "p": _p(c.p), "Holm p": _p(holm_p),
+                     "95 % CI": interval, "p": stats.format_p(c.p, "—"),
+                     "Holm p": stats.format_p(holm_p, "—"),
                      "verdict": c.verdict if c.p is not None else f"n/a ({c.note})"})
     return rows
-
-
-def _p(p: float | None) -> str:
-    return "—" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _layers(layers: Any) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ["ALPHA", "TESTS", "Comparison", "bootstrap", "holm", "mean_interval", "welch"]
+__all__ = ["ALPHA", "TESTS", "Comparison", "bootstrap", "format_p", "holm", "mean_interval", "welch"]
 
 ALPHA = 0.05  # two-sided level of every verdict; the intervals are (1 - ALPHA) = 95 %
 BOOTSTRAP_RESAMPLES = 9_999
@@ -134,6 +134,20 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
         running = max(running, min(1.0, (len(present) - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def format_p(p: float | None, missing: str = "n/a") -> str:
+    """A p-value to 3 decimals; more where fewer would round it onto the 0.05 threshold; ``missing``
+    for no test."""
+    if p is None:
+        return missing
+    if p < 0.001:
+        return "<0.001"
+    for decimals in range(3, 9):
+        text = f"{p:.{decimals}f}"
+        if float(text) != ALPHA or p == ALPHA:
+            return text
+    return repr(p)
 
 
 def _sample(values: Sequence[float], name: str) -> np.ndarray:
