@@ -67,6 +67,9 @@ def test_layer_subset_and_selection_criterion(tmp_path, capsys):
     assert [row.index for row in report.layers] == [1, 2, 4]
     printed = capsys.readouterr().out
     assert "selected by E (k=3): 1,2,4" in printed  # k capped at the layers measured
+    as_teacher = ["--teacher" if arg == "--model" else arg for arg in BASE]  # the same option, named for its role
+    assert main(as_teacher + ["--layers", "1,2", "--out", str(tmp_path / "t")]) == 0
+    assert QualityReport.from_json(tmp_path / "t" / "quality.json").model == "resnet9"
 
 
 def test_bad_layer_index_exits_2_with_valid_range(tmp_path, capsys):

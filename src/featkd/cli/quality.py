@@ -33,7 +33,8 @@ def add_parser(subparsers) -> None:
         "scores the linear probe).",
         formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--model", help="zoo model name (e.g. resnet34), torchvision:NAME or "
+    parser.add_argument("--model", "--teacher", dest="model",
+                        help="the teacher to measure: zoo model name (e.g. resnet34), torchvision:NAME or "
                         "timm:NAME[:key=value,...] (default: the run directory's)")
     parser.add_argument("--checkpoint", help="weights file or run directory (model.pt, config.yaml)")
     parser.add_argument("--data", help="dataset name, e.g. cifar100 (default: the run directory's)")
