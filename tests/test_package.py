@@ -19,7 +19,7 @@ def test_import_stays_light_and_sub_packages_resolve_on_first_use() -> None:
     run_fresh("heavy = ['featkd.models', 'featkd.data', 'featkd.cli', 'featkd.distillation', 'featkd.layers',\n"
               "         'featkd.report']\n"
               "assert not [m for m in heavy if m in sys.modules], sorted(sys.modules)\n"
-              "for name in ['layers', 'models', 'data', 'distillation', 'report', 'cli']:\n"
+              "for name in ['layers', 'models', 'data', 'distillation', 'report', 'stats', 'cli']:\n"
               "    assert name in dir(featkd)\n"
               "    assert getattr(featkd, name).__name__ == 'featkd.' + name\n"
               "assert callable(featkd.layers.register_block) and callable(featkd.layers.generalized_layers)\n"

@@ -9,7 +9,8 @@ Distillation" (Cooper et al., NeurReps 2025, arXiv 2511.14981).
 
 Sub-packages: ``models`` (the paper's zoo), ``data``, ``layers`` (generalized
 layers and taps), ``quality``, ``distillation`` (methods, losses, projectors,
-teacher outputs), ``train`` (the method-agnostic trainer), ``cli``; each is reachable
+teacher outputs), ``train`` (the method-agnostic trainer), ``stats`` (two-sample tests of
+per-seed accuracies), ``report``, ``cli``; each is reachable
 as ``featkd.<name>`` after ``import featkd`` and imported on first use.
 """
 
@@ -25,7 +26,7 @@ __all__ = ["distill", "quality", "train_teacher"]
 #: Sub-packages reachable as ``featkd.<name>`` after ``import featkd``; imported on first
 #: use, so ``import featkd`` stays light.
 _LAZY_SUBMODULES = frozenset({"api", "checkpoint", "cli", "config", "data", "distillation", "graph",
-                              "layers", "models", "report", "selection", "train"})
+                              "layers", "models", "report", "selection", "stats", "train"})
 
 
 def __getattr__(name: str) -> ModuleType:
