@@ -219,8 +219,17 @@ def compare_to(runs: Sequence[RunRecord], reference: str, test: str = "welch") -
         rows.append({"run": name, "vs": reference, "seeds": seeds, "difference (points)": f"{c.diff:+.2f}",
                      "95 % CI": interval, "p": stats.format_p(c.p, "—"),
                      "Holm p": stats.format_p(holm_p, "—"),
-                     "verdict": c.verdict if c.p is not None else f"n/a ({c.note})"})
+                     "verdict": _verdict(c)})
     return rows
+
+
+def _verdict(c: Any) -> str:
+    from featkd import stats
+
+    if c.p is None:
+        return f"n/a ({c.note})"
+    close = f" (close: {stats.SEEDS_WHEN_CLOSE} seeds a side could move it)" if c.wants_seeds else ""
+    return c.verdict + close
 
 
 def _layers(layers: Any) -> str:
