@@ -90,6 +90,12 @@ def test_a_teacher_trained_on_otherwise_normalised_images_is_warned_about(teache
                           "--student-width", "1/16", "--method", "kd", "--epochs", "1",
                           "--out", str(tmp_path / "kd"), *noisier], capsys)
     assert code == 0 and "the teacher sees shifted inputs" in caplog.text and "normalised with mean" in caplog.text
+    caplog.clear()
+    larger = ["16" if a == "8" else a for a in DATA]  # --image-size 16: a CNN teacher loads, at another scale
+    code, _, _ = run_cli(["distill", "--teacher-checkpoint", str(teacher_dir), "--student", "resnet9",
+                          "--student-width", "1/16", "--method", "kd", "--epochs", "1",
+                          "--out", str(tmp_path / "kd16"), *larger], capsys)
+    assert code == 0 and "trained on 3×8×8 images; this data has 3×16×16" in caplog.text
 
 
 def test_init_checkpoint_run_directory_gives_model_width_and_weights(teacher_dir, tmp_path, capsys):

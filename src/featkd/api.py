@@ -118,19 +118,29 @@ def _data_info(dataset: Any) -> dict[str, Any]:
 
 def check_teacher_inputs(teacher_run: str | Path, dataset: Any, tolerance: float = 0.05) -> bool:
     """Warn (and return False) when the teacher of run directory ``teacher_run`` (or of the
-    ``model.pt`` in it) was trained on images normalised otherwise than ``dataset`` normalises
-    them: the teacher would see shifted inputs. Tolerance: a shift of mean or std by ``tolerance``
-    of the teacher's std, in any channel. True when they agree or either side is not known."""
+    ``model.pt`` in it) was trained on images of another shape, or normalised otherwise than
+    ``dataset`` normalises them: the teacher would see inputs unlike those it learnt from.
+    Tolerance: a shift of mean or std by ``tolerance`` of the teacher's std, in any channel.
+    True when they agree or either side is not known."""
     folder = Path(teacher_run) if Path(teacher_run).is_dir() else Path(teacher_run).parent
     path, config_file = folder / "results.json", run_config_file(folder)
     if not path.is_file() and config_file is not None:  # one run of several: the summary beside config.yaml
         path = config_file.parent / "results.json"
     try:
         recorded = json.loads(path.read_text())
-        t_mean, t_std = torch.tensor(recorded["input_mean"]), torch.tensor(recorded["input_std"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return True  # not a run directory, or one written before featkd recorded its normalisation
+    except (OSError, ValueError):
+        return True  # not a run directory
     info = _data_info(dataset)
+    shape = recorded.get("image_shape") if isinstance(recorded, dict) else None
+    if isinstance(shape, list) and shape != info["image_shape"]:
+        log.warning("the teacher in %s trained on %s images; this data has %s: the teacher sees inputs unlike "
+                    "those it learnt from", teacher_run, "×".join(map(str, shape)),
+                    "×".join(map(str, info["image_shape"])))
+        return False
+    try:
+        t_mean, t_std = torch.tensor(recorded["input_mean"]), torch.tensor(recorded["input_std"])
+    except (KeyError, TypeError, ValueError):
+        return True  # written before featkd recorded its normalisation
     if "input_mean" not in info or t_mean.numel() != len(info["input_mean"]):
         return True
     mean, std = torch.tensor(info["input_mean"]), torch.tensor(info["input_std"])
