@@ -70,6 +70,9 @@ def test_report_compares_run_directories_with_a_reference_over_their_seeds(tmp_p
     code, _, err = run_cli(["report", str(tmp_path), "--reference", "best"], capsys)
     assert code == 2 and "no run directory named 'best'" in err and "ce, kd" in err
     assert (tmp_path / "report.md").read_text() == before  # a bad name leaves the report as it was
+    code, stdout, _ = run_cli(["report", str(tmp_path / "ce"), "--reference", "ce"], capsys)
+    assert code == 0 and "no other run directory" in stdout
+    assert "No other run directory to compare with." in (tmp_path / "ce" / "report.md").read_text()
 
 
 def test_a_teacher_trained_on_otherwise_normalised_images_is_warned_about(teacher_dir, tmp_path, capsys, caplog):

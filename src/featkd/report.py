@@ -317,7 +317,7 @@ def _comparison_section(runs: Sequence[RunRecord], reference: str, test: str) ->
         "*no significant difference*. With one seed on a side there is no variance estimate and no "
         "test (n/a): run more seeds (`--runs`).",
         "",
-        markdown_table(compare_to(runs, reference, test)),
+        markdown_table(compare_to(runs, reference, test)) or "No other run directory to compare with.",
         "",
     ]
 

@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(comparison_rows(runs)))
     if args.reference is not None:
         print(f"\ncompared with {args.reference}:")
-        print(markdown_table(compare_to(runs, args.reference, args.test)))
+        print(markdown_table(compare_to(runs, args.reference, args.test)) or "no other run directory")
     print(f"\nreport: {path}")
     return 0
