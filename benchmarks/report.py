@@ -26,6 +26,7 @@ import common
 import convergence
 import gpu_check
 from featkd import stats
+from featkd.report import seed_accuracies
 import validity_report
 from common import BASELINES
 
@@ -178,8 +179,7 @@ def seed_points(entry: dict[str, Any] | None, key: str = "final_test_acc") -> li
     count them); empty when the method is missing or failed."""
     if not entry or "error" in entry:
         return []
-    return [100 * r[key] for r in entry.get("runs", [])
-            if r.get("finished", True) and r.get(key) is not None and math.isfinite(r[key])]
+    return seed_accuracies(entry, key)
 
 
 def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
@@ -198,10 +198,6 @@ def analyse(data: dict[str, Any], test: str = "welch") -> CellStats:
     return CellStats(values, vs_ce, comparisons, dict(zip(comparisons, adjusted)), sensitive, failed)
 
 
-def interval(c: stats.Comparison | None) -> str:
-    return f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c is not None and c.ci is not None else "n/a"
-
-
 def verdict_text(c: stats.Comparison) -> str:
     """The verdict, bold when significant, marked when it is close and wants more seeds."""
     text = f"**{c.verdict}**" if c.significant else c.verdict
@@ -214,7 +210,7 @@ def describe(c: stats.Comparison | None) -> str:
         return "—"
     if c.p is None:
         return f"{c.diff:+.2f} (n/a: {c.note})"
-    return f"{c.diff:+.2f} {interval(c)}, p {stats.format_p(c.p)}: {verdict_text(c)}"
+    return f"{c.diff:+.2f} {stats.format_interval(c)}, p {stats.format_p(c.p)}: {verdict_text(c)}"
 
 
 def mean_std_points(values: list[float]) -> str:
@@ -698,7 +694,7 @@ def cell_lines(pair: str, regime: str, d: dict[str, Any], s: CellStats) -> list[
             rows.append([method, mean_std_points(s.values[method]), str(len(s.values[method])),
                          params_text(m.get("deployed_params")),
                          mean_std_points(seed_points(m, "test_acc_at_best_val")),
-                         "—" if vs_ce is None else f"{vs_ce.diff:+.2f} {interval(vs_ce)}",
+                         "—" if vs_ce is None else f"{vs_ce.diff:+.2f} {stats.format_interval(vs_ce)}",
                          "—" if vs_ce is None else stats.format_p(vs_ce.p),
                          number(m.get("train_time_s", {}).get("mean"), ".0f"), str(m.get("teacher_layers") or "—")])
     lines += table(["method", "final test acc", "seeds", "deployed params", "test acc at best val", "− ce (points)",
@@ -747,7 +743,7 @@ def comparison_cells(c: stats.Comparison | None, holm: float | None) -> list[str
     if c is None:
         return ["not run", "—", "—", "—", "—"]
     verdict = verdict_text(c) if c.p is not None else f"n/a ({c.note})"
-    return [f"{c.diff:+.2f}", interval(c), stats.format_p(c.p), stats.format_p(holm), verdict]
+    return [f"{c.diff:+.2f}", stats.format_interval(c), stats.format_p(c.p), stats.format_p(holm), verdict]
 
 
 def section_layer_validity(found: dict[str, Any]) -> list[str]:

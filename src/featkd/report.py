@@ -28,6 +28,7 @@ __all__ = [
     "load_run",
     "markdown_table",
     "plot_curves",
+    "seed_accuracies",
     "write_report",
 ]
 
@@ -182,12 +183,11 @@ def comparison_rows(runs: Sequence[RunRecord]) -> list[dict[str, str]]:
     return rows
 
 
-def final_accuracies(run: RunRecord) -> list[float]:
-    """Final-epoch test accuracy (%) of each finished run of ``run``'s directory (one per seed)."""
-    per_run = (run.results or {}).get("runs", [])
-    return [100 * r["final_test_acc"] for r in per_run
-            if r.get("finished", True) and isinstance(r.get("final_test_acc"), (int, float))
-            and math.isfinite(r["final_test_acc"])]
+def seed_accuracies(results: dict[str, Any] | None, key: str = "final_test_acc") -> list[float]:
+    """``key`` in percent for each finished run (one per seed) listed under ``results["runs"]`` (a
+    results.json, or a benchmark's entry of the same shape), where it is a finite number."""
+    return [100 * r[key] for r in (results or {}).get("runs", [])
+            if r.get("finished", True) and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
 def compare_to(runs: Sequence[RunRecord], reference: str, test: str = "welch") -> list[dict[str, str]]:
@@ -203,8 +203,8 @@ def compare_to(runs: Sequence[RunRecord], reference: str, test: str = "welch") -
         raise ValueError(f"no run directory named {reference!r} to compare with; there are: {', '.join(names)}")
     if test not in stats.TESTS:
         raise ValueError(f"test must be one of {sorted(stats.TESTS)}, got {test!r}")
-    base = final_accuracies(runs[names.index(reference)])
-    others = [(run.name, final_accuracies(run)) for run in runs if run.name != reference]
+    base = seed_accuracies(runs[names.index(reference)].results)
+    others = [(run.name, seed_accuracies(run.results)) for run in runs if run.name != reference]
     results = [stats.TESTS[test](values, base) if values and base else None for _, values in others]
     adjusted = stats.holm([c.p if c is not None else None for c in results])
     rows = []
@@ -215,9 +215,8 @@ def compare_to(runs: Sequence[RunRecord], reference: str, test: str = "welch") -
                          "95 % CI": "—", "p": "—", "Holm p": "—",
                          "verdict": "no finished run" if not values else f"{reference} has no finished run"})
             continue
-        interval = f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c.ci else "—"
         rows.append({"run": name, "vs": reference, "seeds": seeds, "difference (points)": f"{c.diff:+.2f}",
-                     "95 % CI": interval, "p": stats.format_p(c.p, "—"),
+                     "95 % CI": stats.format_interval(c, "—"), "p": stats.format_p(c.p, "—"),
                      "Holm p": stats.format_p(holm_p, "—"),
                      "verdict": _verdict(c)})
     return rows
@@ -306,7 +305,7 @@ def _quality_section(run: RunRecord, out_dir: Path) -> list[str]:
     return lines
 
 
-def _comparison_section(runs: Sequence[RunRecord], reference: str, test: str) -> list[str]:
+def _comparison_section(reference: str, test: str, comparisons: Sequence[dict[str, str]]) -> list[str]:
     name = {"welch": "Welch's t-test", "bootstrap": "a studentized bootstrap"}.get(test, test)
     return [
         f"## Compared with `{reference}`",
@@ -317,7 +316,7 @@ def _comparison_section(runs: Sequence[RunRecord], reference: str, test: str) ->
         "*no significant difference*. With one seed on a side there is no variance estimate and no "
         "test (n/a): run more seeds (`--runs`).",
         "",
-        markdown_table(compare_to(runs, reference, test)) or "No other run directory to compare with.",
+        markdown_table(comparisons) or "No other run directory to compare with.",
         "",
     ]
 
@@ -337,15 +336,19 @@ def write_report(
     rows: Sequence[dict[str, str]] | None = None,
     reference: str | None = None,
     test: str = "welch",
+    comparisons: Sequence[dict[str, str]] | None = None,
 ) -> Path:
     """Write ``out_dir/report.md`` (+ curves.png) for ``runs`` (default: :func:`find_runs` of ``out_dir``).
 
     ``rows``: the results table (default :func:`comparison_rows` of ``runs``). ``reference``: the
-    run directory every other one is compared with (:func:`compare_to`, with ``test``).
+    run directory every other one is compared with; ``comparisons``: that table (default
+    :func:`compare_to` of ``runs``, with ``test``).
     """
     out_dir = Path(out_dir)
     runs = list(runs) if runs is not None else find_runs(out_dir)
-    compared = _comparison_section(runs, reference, test) if reference is not None else []  # bad name: fail first
+    if reference is not None and comparisons is None:
+        comparisons = compare_to(runs, reference, test)  # a bad name fails before anything is written
+    compared = _comparison_section(reference, test, comparisons) if reference is not None else []
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(runs, out_dir / CURVES_FILE)
     lines = [f"# {title}", ""]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ["ALPHA", "TESTS", "Comparison", "bootstrap", "format_p", "holm", "mean_interval", "welch"]
+__all__ = ["ALPHA", "TESTS", "Comparison", "bootstrap", "format_interval", "format_p", "holm", "mean_interval", "welch"]
 
 ALPHA = 0.05  # two-sided level of every verdict; the intervals are (1 - ALPHA) = 95 %
 BOOTSTRAP_RESAMPLES = 9_999
@@ -148,6 +148,11 @@ def format_p(p: float | None, missing: str = "n/a") -> str:
         if float(text) != ALPHA or p == ALPHA:
             return text
     return repr(p)
+
+
+def format_interval(c: Comparison | None, missing: str = "n/a") -> str:
+    """A comparison's 95 % interval as ``[-0.12, +0.34]``; ``missing`` when there is none."""
+    return f"[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]" if c is not None and c.ci is not None else missing
 
 
 def _sample(values: Sequence[float], name: str) -> np.ndarray:

@@ -30,10 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from featkd.report import compare_to, comparison_rows, find_runs, markdown_table, write_report
 
     runs = find_runs(Path(args.directory))
-    path = write_report(Path(args.directory), runs, title=args.title, reference=args.reference, test=args.test)
-    print(markdown_table(comparison_rows(runs)))
-    if args.reference is not None:
+    rows = comparison_rows(runs)
+    compared = compare_to(runs, args.reference, args.test) if args.reference is not None else None
+    path = write_report(Path(args.directory), runs, title=args.title, rows=rows, reference=args.reference,
+                        test=args.test, comparisons=compared)
+    print(markdown_table(rows))
+    if compared is not None:
         print(f"\ncompared with {args.reference}:")
-        print(markdown_table(compare_to(runs, args.reference, args.test)) or "no other run directory")
+        print(markdown_table(compared) or "no other run directory")
     print(f"\nreport: {path}")
     return 0
