@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -258,8 +259,9 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     if not cells:
         return lines + ["No accuracy results yet: run `python benchmarks/accuracy.py` (see benchmarks/README.md).",
                         ""] + unreadable + rule
+    missing = [f"{p} {r}" for p, r in expected_cells(cells) if (p, r) not in cells]
     lines += [method_of_test(test), ""]
-    lines += sensitivity_lines(analysed)
+    lines += sensitivity_lines(analysed, missing)
     lines += close_verdict_lines(analysed)
     lines += overview_table(cells, analysed)
     lines += tally_lines(analysed)
@@ -269,17 +271,14 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     lines += gap_summary(cells)
     lines += layer_validity_summary(found.get("layer_validity"))
     lines += rule
-    missing = [f"{p} {r}" for p, r in expected_cells(cells) if (p, r) not in cells]
     partial = [f"{p} {r} ({', '.join(missing_methods(d))})" for (p, r), d in cells.items() if not d.get("complete")]
-    if missing:
-        lines.append(f"Not run yet: {', '.join(missing)}.")
     lines += unreadable
     if partial:
         lines.append(f"Partial (methods missing): {'; '.join(partial)}.")
     return lines + [""]
 
 
-def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+def sensitivity_lines(analysed: dict[tuple[str, str], CellStats], missing: Sequence[str] = ()) -> list[str]:
     sensitive = [(key, s.sensitive) for key, s in sorted_cells(analysed) if s.sensitive]
     chance = 1 - (1 - stats.ALPHA / 2) ** len(BASELINES)
     lines = [f"A cell is *sensitive* when at least one baseline ({', '.join(BASELINES)}) beats ce significantly: "
@@ -290,6 +289,8 @@ def sensitivity_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
     judged = len(analysed) - len(unjudged)
     if unjudged:
         lines += [f"Not judged yet: {'; '.join(unjudged)}.", ""]
+    if missing:
+        lines += [f"Not run yet, so in no table or verdict below: {', '.join(missing)}.", ""]
     if not sensitive:
         return lines + [f"**No cell is sensitive**: in none of the {judged} cells judged does any baseline beat ce "
                         "significantly, so no verdict below can rank the methods.", ""]

@@ -644,7 +644,8 @@ def test_report_renders_results_and_marks_missing_cells(quick, tmp_path):
     featkd = report.mean_std_points(report.seed_points(data["methods"]["featkd"]))
     assert f"| featkd | {featkd} | 2 |" in text
     assert "| semckd | missing |" in text and "**partial**" in text
-    assert "Not run yet:" in text and "vit_b-vit_et low" in text
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert "Not run yet, so in no table or verdict below:" in summary and "vit_b-vit_et low" in summary
     assert "## Which rule picks the teacher layers? (`benchmarks/layer_validity.py`)" in text
     assert "- resnet34-resnet9: teacher width 0.0625" in text and "### Held-out check" in text
     assert "featkd (online teacher)" in text
