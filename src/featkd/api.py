@@ -21,7 +21,8 @@ which it uses the deepest entries.
 
 Every result records ``deployed_params`` (the parameters the network used at
 inference holds) and the data's ``num_classes`` / ``image_shape``;
-:func:`load_trained_model` rebuilds that network from a finished run directory.
+:func:`load_trained_model` rebuilds that network from a finished run directory and
+:func:`evaluate_run` measures it on a dataset split.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ from featkd.train import (
     ClassifierModel,
     DistContext,
     TrainResult,
+    autocast_context,
     channels_last_format,
     check_output,
     default_lr,
     held_exclusively,
     init_distributed,
     prepare_output,
+    resolve_device,
     show_progress,
     sigterm_as_exit,
     train_runs,
@@ -60,6 +63,7 @@ __all__ = [
     "distill",
     "complete_train_config",
     "distill_from_config",
+    "evaluate_run",
     "load_data",
     "load_trained_model",
     "resolve_student_layers",
@@ -811,6 +815,128 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
     load_model_weights(network, weights)
     memory_format = channels_last_format(network, config.channels_last)
     return network.to(device, memory_format=memory_format).eval()
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    *,
+    dataset: Any = None,
+    data: str | None = None,
+    data_root: str | None = None,
+    data_options: str | dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+) -> dict[str, Any]:
+    """Top-1 accuracy, overall and per class, of a finished run's deployed network on a split.
+
+    ``run_dir`` as for :func:`load_trained_model`. The images are, in order of precedence:
+    ``dataset`` (an ImageDataset, e.g. ``load_splits(...).test``); the ``split`` ("test",
+    "val" or "train") of another dataset named by ``data``, ``data_root`` and
+    ``data_options`` (text as on the command line, or a dict), with the run's classes,
+    whole (the run's ``train_limit``/``val_size`` are not applied) and resized to the
+    run's image shape; or the ``split`` of the run's own data, rebuilt from its
+    ``config.yaml`` (``data_root`` alone: where its files have moved), whose test split
+    gives back the run's final test accuracy (``recorded_accuracy``; None otherwise).
+    Images are always normalised with the run's ``input_mean``/``input_std``, as in
+    training. ``batch_size`` defaults to the run's ``eval_batch_size``. Returns ``data``,
+    ``split``, ``images``, ``accuracy``, ``per_class_accuracy`` ({class: accuracy, None
+    for a class without images}) and ``recorded_accuracy``.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test; got {split!r}")
+    if dataset is not None and (data or data_root or data_options):
+        raise ValueError("give dataset= or data=/data_root=/data_options=, not both")
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    model = load_trained_model(run_dir, device)  # checks the run is finished before data is loaded
+    config_file = run_config_file(run_dir) or run_dir / "config.yaml"
+    config, summary = _run_config(config_file), _run_summary(config_file.parent)
+    name, same_data = getattr(dataset, "name", "") or "the dataset given", False
+    if dataset is None:
+        dataset, same_data = _evaluation_split(config, summary, split, data, data_root, data_options)
+        name = config.data  # the run's, or data
+    dataset = _as_run_saw_it(dataset, summary)
+    memory_format = channels_last_format(model, config.channels_last)
+    predictions = _predict(model, dataset, batch_size or config.eval_batch_size, device, config.amp, memory_format)
+    correct = predictions == dataset.labels
+    per_class = torch.bincount(dataset.labels[correct], minlength=dataset.num_classes)
+    counts = torch.bincount(dataset.labels, minlength=dataset.num_classes)
+    return {
+        "data": name, "split": split, "images": len(dataset),
+        "accuracy": int(correct.sum()) / len(dataset) if len(dataset) else float("nan"),
+        "per_class_accuracy": {name: (int(c) / int(n) if n else None)
+                               for name, c, n in zip(dataset.classes, per_class, counts)},
+        "recorded_accuracy": _recorded_test_accuracy(run_dir) if split == "test" and same_data else None,
+    }
+
+
+def _evaluation_split(config: RunConfig, summary: dict[str, Any], split: str, data: str | None,
+                      data_root: str | None, data_options: str | dict[str, Any] | None) -> tuple[Any, bool]:
+    """``split`` of the run's own data or of ``data``, and whether it is the run's own data
+    (rebuilt as the run normalised it)."""
+    overrides: dict[str, Any] = {"data": data, "data_root": data_root, "data_options": data_options}
+    if data is not None:
+        # the run's root, options, subset and validation split belong to its own dataset
+        config.data_root, config.data_options, config.train_limit, config.val_size = None, {}, None, None
+        overrides["image_size"] = summary["image_shape"][1]
+    apply_overrides(config, {key: value for key, value in overrides.items() if value is not None})
+    if data is not None:
+        config.data_options.setdefault("in_channels", summary["image_shape"][0])
+    config.augment = False
+    splits = load_data(config)
+    if getattr(splits, split) is None:
+        raise ValueError(f"{'the run held' if data is None else f'{data} holds'} no validation split "
+                         "(val_size is not set)")
+    same_data = data is None and _normalised_alike(splits.train, summary)
+    if data is None and not same_data:
+        log.warning("the data rebuilt from the run's config.yaml is normalised otherwise than the data it "
+                    "trained on: the config may not describe the run's data (a run started from the Python "
+                    "API records settings, not datasets); pass dataset= or data= (--data)")
+    return getattr(splits, split), same_data
+
+
+def _recorded_test_accuracy(run_dir: Path) -> float | None:
+    """The final test accuracy recorded beside the run's model.pt (one run's results, or a
+    summary of exactly one run)."""
+    record = json.loads((_finished_model_file(run_dir).parent / "results.json").read_text())
+    runs = record.get("runs", [record])
+    return runs[0].get("final_test_acc") if len(runs) == 1 else None
+
+
+def _normalised_alike(train_set: Any, summary: dict[str, Any]) -> bool:
+    """Whether ``train_set`` is normalised exactly as the run's training data was (when recorded)."""
+    if "input_mean" not in summary:
+        return True
+    recorded = torch.tensor(summary["input_mean"] + summary["input_std"])
+    return torch.allclose(torch.cat([train_set.mean, train_set.std]), recorded, rtol=1e-5, atol=1e-6)
+
+
+def _as_run_saw_it(dataset: Any, summary: dict[str, Any]) -> Any:
+    """``dataset`` checked against the run's classes and image shape, normalised with its statistics."""
+    from featkd.data import ImageDataset
+
+    shape, classes = list(dataset.image_shape), dataset.num_classes
+    if shape != summary["image_shape"] or classes != summary["num_classes"]:
+        raise ValueError(f"the data has {classes} classes of images {shape}; the run learnt "
+                         f"{summary['num_classes']} classes of images {summary['image_shape']}")
+    if "input_mean" not in summary:
+        return dataset
+    return ImageDataset(dataset.images, dataset.labels, dataset.classes, torch.tensor(summary["input_mean"]),
+                        torch.tensor(summary["input_std"]), name=dataset.name)
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, dataset: Any, batch_size: int, device: torch.device, amp: str,
+             memory_format: torch.memory_format) -> torch.Tensor:
+    """The class ``model`` predicts for every image of ``dataset``, in order."""
+    from featkd.data import BatchLoader
+
+    predictions = []
+    for x, _, _ in BatchLoader(dataset, batch_size, shuffle=False):
+        with autocast_context(device, amp):
+            predictions.append(model(x.to(device, memory_format=memory_format)).argmax(1).cpu())
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64)
 
 
 def _finished_model_file(run_dir: Path) -> Path:

@@ -15,7 +15,7 @@ __all__ = ["build_parser", "main"]
 
 # Each module exposes add_parser(subparsers) or add_parsers(subparsers);
 # every sub-command sets `func(args) -> int` as its default.
-COMMAND_MODULES = ("quality", "train", "demo", "report")
+COMMAND_MODULES = ("quality", "train", "evaluate", "demo", "report")
 
 
 # A value such as "-1,2" or "-0.5" after an option: argparse would read it as an option.
