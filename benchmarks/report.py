@@ -303,19 +303,27 @@ def close_verdict_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]
     low, high = stats.CLOSE_P
     head = (f"A verdict is *close* when {low} ≤ p ≤ {high}: a few more seeds could move it across "
             f"{stats.ALPHA}, so it wants {stats.SEEDS_WHEN_CLOSE} seeds on each side.")
-    lines, count = [], 0
-    for (pair, regime), s in sorted_cells(analysed):
-        close = [key for key, c in s.all_comparisons().items() if c is not None and c.wants_seeds]
-        count += len(close)
-        if close:
-            methods = ",".join(dict.fromkeys(m for key in close for m in key))
-            lines.append(f"- {pair} {regime}: {', '.join(f'{a} vs {b}' for a, b in close)}: "
-                         f"`python benchmarks/accuracy.py --pairs {pair} --regimes {regime} --methods {methods} "
-                         f"--seeds {stats.SEEDS_WHEN_CLOSE}`")
-    if not lines:
+    extensions = close_extensions(analysed)
+    if not extensions:
         return [head + " None is on fewer seeds.", ""]
+    count = sum(len(close) for _, _, close, _ in extensions)
+    lines = [f"- {pair} {regime}: {', '.join(f'{a} vs {b}' for a, b in close)}: `{command}`"
+             for pair, regime, close, command in extensions]
     return [head + f" {count} close verdicts are on fewer seeds so far; the commands that extend them:", "",
             *lines, ""]
+
+
+def close_extensions(analysed: dict[tuple[str, str], CellStats]
+                     ) -> list[tuple[str, str, list[tuple[str, str]], str]]:
+    """(pair, regime, its close comparisons on too few seeds, the command that extends them) per cell."""
+    extensions = []
+    for (pair, regime), s in sorted_cells(analysed):
+        close = [key for key, c in s.all_comparisons().items() if c is not None and c.wants_seeds]
+        if close:
+            methods = ",".join(dict.fromkeys(m for key in close for m in key))
+            extensions.append((pair, regime, close, f"python benchmarks/accuracy.py --pairs {pair} --regimes "
+                               f"{regime} --methods {methods} --seeds {stats.SEEDS_WHEN_CLOSE}"))
+    return extensions
 
 
 OVERVIEW = (("featkd", "ce"), ("featkd", "kd"), ("featkd", "featkd_std"), ("featkd_default", "featkd"))
@@ -1017,11 +1025,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(common.REPO_DIR / "BENCHMARKS.md"), help="Markdown file to write")
     parser.add_argument("--test", choices=sorted(stats.TESTS), default="welch",
                         help="two-sample test of every comparison (default: welch)")
+    parser.add_argument("--close-commands", action="store_true",
+                        help="print only the commands that give the close verdicts their seeds, one a line; "
+                             "write nothing")
     args = parser.parse_args(argv)
     results, out = Path(args.results), Path(args.out)
     if not results.is_dir():
         print(f"report.py: error: no results folder {results}", file=sys.stderr)
         return 2
+    if args.close_commands:
+        found = load_results(results)
+        analysed = {key: analyse(d, args.test) for key, d in found["accuracy"].items()}
+        for *_, command in close_extensions(analysed):
+            print(command)
+        return 0
     text = render(results, out, args.test)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -198,6 +198,18 @@ def test_close_verdicts_on_too_few_seeds_are_listed_with_the_command_that_extend
     assert f"{len(close)} close verdicts are on fewer seeds so far" in summary
 
 
+def test_close_commands_option_prints_the_same_commands_and_writes_nothing(results, capsys):
+    listed = [line.split(": ")[-1].strip("`") for line in section(render(results), "## Summary").splitlines()
+              if line.startswith(f"- {PAIR} ")]
+    written = (results.parent / "BENCHMARKS.md").read_text()
+    (results.parent / "BENCHMARKS.md").unlink()
+    capsys.readouterr()
+    assert report.main(["--results", str(results), "--out", str(results.parent / "BENCHMARKS.md"),
+                        "--close-commands"]) == 0
+    assert capsys.readouterr().out.splitlines() == listed and listed and "--seeds 5" in written
+    assert not (results.parent / "BENCHMARKS.md").exists()
+
+
 def test_summary_says_plainly_when_no_cell_is_sensitive(results):
     (results / f"accuracy_{PAIR}_full.json").unlink()
     summary = section(render(results), "## Summary")
@@ -429,3 +441,26 @@ def test_seed_points_skip_non_finite_accuracies_as_the_stored_summaries_do():
     entry["runs"][1]["final_test_acc"] = float("nan")
     assert report.seed_points(entry) == pytest.approx([85.0, 87.0])
     assert common.mean_std([r["final_test_acc"] for r in entry["runs"]])["n"] == 2
+
+
+def test_extend_close_runs_each_listed_command_once_reading_the_list_again_after_each(tmp_path):
+    """benchmarks/extend_close.sh with an interpreter that lists commands from a file and logs runs:
+    the first run settles a and makes c close; b stays listed (as when its runs failed) and is not rerun."""
+    import os
+    import subprocess
+
+    listing, log, fake = tmp_path / "listing", tmp_path / "log", tmp_path / "python"
+    command = "python benchmarks/accuracy.py --pairs {} --seeds 5"
+    listing.write_text(f"{command.format('a')}\n{command.format('b')}\n")
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = benchmarks/report.py ] && [ "$2" = --close-commands ]; then cat {listing}; exit 0; fi
+echo "$*" >> {log}
+printf '%s\\n' "{command.format('b')}" "{command.format('c')}" > {listing}
+""")
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "extend_close.sh"
+    done = subprocess.run([str(script), "--workers", "1"], env={**os.environ, "PYTHON": str(fake)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == [command.format(p)[len("python "):] + " --workers 1" for p in "abc"]
+    assert "every close verdict listed has had its command run" in done.stdout
