@@ -138,6 +138,8 @@ def test_evaluate_run_takes_a_dataset_at_hand(teacher_dir):
     assert measured["data"] == "digits/test" and measured["recorded_accuracy"] is None
     with pytest.raises(ValueError, match="not both"):
         api.evaluate_run(teacher_dir, dataset=splits.test, data="digits")
+    with pytest.raises(TypeError, match="must be a featkd.data.ImageDataset, got list"):
+        api.evaluate_run(teacher_dir, dataset=[splits.test.images])
 
 
 def test_the_evaluate_command_has_help(capsys):

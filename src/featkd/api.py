@@ -856,7 +856,7 @@ def evaluate_run(
     if dataset is None:
         dataset, same_data = _evaluation_split(config, summary, split, data, data_root, data_options)
         name = config.data  # the run's, or data
-    dataset = _as_run_saw_it(dataset, summary)
+    dataset = _normalised_as_run(dataset, summary)
     memory_format = channels_last_format(model, config.channels_last)
     predictions = _predict(model, dataset, batch_size or config.eval_batch_size, device, config.amp, memory_format)
     correct = predictions == dataset.labels
@@ -912,10 +912,12 @@ def _normalised_alike(train_set: Any, summary: dict[str, Any]) -> bool:
     return torch.allclose(torch.cat([train_set.mean, train_set.std]), recorded, rtol=1e-5, atol=1e-6)
 
 
-def _as_run_saw_it(dataset: Any, summary: dict[str, Any]) -> Any:
+def _normalised_as_run(dataset: Any, summary: dict[str, Any]) -> Any:
     """``dataset`` checked against the run's classes and image shape, normalised with its statistics."""
     from featkd.data import ImageDataset
 
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be a featkd.data.ImageDataset, got {type(dataset).__name__}")
     shape, classes = list(dataset.image_shape), dataset.num_classes
     if shape != summary["image_shape"] or classes != summary["num_classes"]:
         raise ValueError(f"the data has {classes} classes of images {shape}; the run learnt "
