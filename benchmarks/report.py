@@ -991,10 +991,15 @@ def _load(values: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in values) if values else "n/a"
 
 
+def analyse_cells(found: dict[str, Any], test: str) -> dict[tuple[str, str], CellStats]:
+    """The statistics of every accuracy cell found."""
+    return {key: analyse(d, test) for key, d in found["accuracy"].items()}
+
+
 def render(results: Path, out: Path, test: str = "welch") -> str:
     """The whole BENCHMARKS.md text; ``test`` names the two-sample test of stats.TESTS."""
     found = load_results(results)
-    analysed = {key: analyse(d, test) for key, d in found["accuracy"].items()}
+    analysed = analyse_cells(found, test)
     out_dir = out.parent
     source = display_path(results)
     lines = [header(source), "", "# featkd benchmarks", "",
@@ -1034,9 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report.py: error: no results folder {results}", file=sys.stderr)
         return 2
     if args.close_commands:
-        found = load_results(results)
-        analysed = {key: analyse(d, args.test) for key, d in found["accuracy"].items()}
-        for *_, command in close_extensions(analysed):
+        for *_, command in close_extensions(analyse_cells(load_results(results), args.test)):
             print(command)
         return 0
     text = render(results, out, args.test)

@@ -141,23 +141,31 @@ def check_teacher_inputs(teacher_run: str | Path, dataset: Any, tolerance: float
                     "those it learnt from", teacher_run, "×".join(map(str, shape)),
                     "×".join(map(str, info["image_shape"])))
         return False
-    try:
-        t_mean, t_std = torch.tensor(recorded["input_mean"]), torch.tensor(recorded["input_std"])
-    except (KeyError, TypeError, ValueError):
-        return True  # written before featkd recorded its normalisation
-    if "input_mean" not in info or t_mean.numel() != len(info["input_mean"]):
-        return True
-    mean, std = torch.tensor(info["input_mean"]), torch.tensor(info["input_std"])
-    shift = torch.maximum((mean - t_mean).abs(), (std - t_std).abs()) / t_std.clamp_min(1e-12)
-    if float(shift.max()) <= tolerance:
+    shift = _normalisation_shift(recorded, info)
+    if shift is None or shift <= tolerance:
         return True
     log.warning("the teacher in %s trained on images normalised with mean %s, std %s; this data normalises "
                 "with mean %s, std %s: the teacher sees shifted inputs and may predict worse than it did",
-                teacher_run, _rounded(t_mean), _rounded(t_std), _rounded(mean), _rounded(std))
+                teacher_run, _rounded(recorded["input_mean"]), _rounded(recorded["input_std"]),
+                _rounded(info["input_mean"]), _rounded(info["input_std"]))
     return False
 
 
-def _rounded(values: torch.Tensor) -> list[float]:
+def _normalisation_shift(recorded: dict[str, Any], info: dict[str, Any]) -> float | None:
+    """The largest shift of ``info``'s per-channel ``input_mean`` or ``input_std`` from those
+    ``recorded`` (a run's results.json), in units of the recorded std; None when either side
+    does not give them (runs written before featkd recorded them) or the channels differ."""
+    try:
+        t_mean, t_std = torch.tensor(recorded["input_mean"]), torch.tensor(recorded["input_std"])
+        mean, std = torch.tensor(info["input_mean"]), torch.tensor(info["input_std"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if t_mean.shape != mean.shape or t_std.shape != std.shape or t_mean.shape != t_std.shape:
+        return None
+    return float((torch.maximum((mean - t_mean).abs(), (std - t_std).abs()) / t_std.clamp_min(1e-12)).max())
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
     return [round(float(v), 4) for v in values]
 
 
@@ -888,7 +896,8 @@ def _evaluation_split(config: RunConfig, summary: dict[str, Any], split: str, da
     if getattr(splits, split) is None:
         raise ValueError(f"{'the run held' if data is None else f'{data} holds'} no validation split "
                          "(val_size is not set)")
-    same_data = data is None and _normalised_alike(splits.train, summary)
+    shift = _normalisation_shift(summary, _data_info(splits.train))
+    same_data = data is None and (shift is None or shift < 1e-5)  # the same images give the same statistics
     if data is None and not same_data:
         log.warning("the data rebuilt from the run's config.yaml is normalised otherwise than the data it "
                     "trained on: the config may not describe the run's data (a run started from the Python "
@@ -902,14 +911,6 @@ def _recorded_test_accuracy(run_dir: Path) -> float | None:
     record = json.loads((_finished_model_file(run_dir).parent / "results.json").read_text())
     runs = record.get("runs", [record])
     return runs[0].get("final_test_acc") if len(runs) == 1 else None
-
-
-def _normalised_alike(train_set: Any, summary: dict[str, Any]) -> bool:
-    """Whether ``train_set`` is normalised exactly as the run's training data was (when recorded)."""
-    if "input_mean" not in summary:
-        return True
-    recorded = torch.tensor(summary["input_mean"] + summary["input_std"])
-    return torch.allclose(torch.cat([train_set.mean, train_set.std]), recorded, rtol=1e-5, atol=1e-6)
 
 
 def _normalised_as_run(dataset: Any, summary: dict[str, Any]) -> Any:
