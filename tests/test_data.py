@@ -587,6 +587,33 @@ def test_validation_split_is_held_out_first_stratified_and_fixed():
         load_splits("synthetic", num_classes=3, samples_per_class=20, val_size=60)
 
 
+
+def test_splits_name_the_settings_that_load_them_again(tmp_path):
+    from featkd.api import data_source
+    from featkd.data import load_splits
+
+    settings = dict(image_size=12, in_channels=3, train_limit=40, seed=4, val_size=9, val_seed=1)
+    splits = load_splits("synthetic", num_classes=3, samples_per_class=20, test_per_class=4, **settings)
+    source = data_source(*splits)
+    assert source == {"data": "synthetic", "data_root": None, "image_size": 12, "train_limit": 40, "data_seed": 4,
+                      "val_size": 9, "val_seed": 1, "data_options": {"num_classes": 3, "samples_per_class": 20,
+                                                                     "test_per_class": 4, "in_channels": 3}}
+    assert [s.source["split"] for s in splits] == ["train", "val", "test"]
+    again = load_splits(source["data"], source["data_root"], image_size=source["image_size"],
+                        train_limit=source["train_limit"], seed=source["data_seed"], val_size=source["val_size"],
+                        val_seed=source["val_seed"], **source["data_options"])
+    for old, new in zip(splits, again):
+        assert torch.equal(old.images, new.images) and torch.equal(old.labels, new.labels)
+    assert splits.train.with_augment(True).source is splits.train.source  # the same images
+    assert splits.train.subset(torch.arange(5)).source is None            # not what loading gives
+    assert data_source(splits.train, None, splits.test) == source
+    other = load_splits("synthetic", num_classes=3, samples_per_class=20, test_per_class=4, **{**settings, "seed": 5})
+    assert data_source(splits.train, splits.val, other.test) is None        # splits of two loads
+    assert data_source(splits.train, None, splits.val) is None              # the val split as test
+    assert data_source(ImageDataset(splits.train.images, splits.train.labels), None, splits.test) is None
+    (tmp_path / "digits").mkdir()
+    assert load_splits("digits", tmp_path / "digits").test.source["data_root"] == str(tmp_path / "digits")
+
 def write_cifar10(root, batches, meta=None):
     """cifar-10-batches-py under ``root``: ``batches`` maps file name -> (data, labels)."""
     folder = root / "cifar-10-batches-py"

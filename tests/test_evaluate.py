@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 import featkd.api as api
@@ -51,6 +52,7 @@ def test_evaluate_run_gives_back_the_recorded_test_and_validation_accuracy(teach
 
 def test_evaluate_run_measures_the_deployed_network_of_each_run(simkd_dir):
     """SimKD predicts through the teacher's classifier: the network evaluated is the one deployed."""
+    assert results(simkd_dir)["data_source"]["train_limit"] == 300  # the command's data, loaded as it said
     for run in results(simkd_dir)["runs"]:
         measured = api.evaluate_run(simkd_dir / f"run-{run['seed']}")
         assert measured["accuracy"] == measured["recorded_accuracy"] == run["final_test_acc"]
@@ -117,18 +119,70 @@ def test_the_evaluate_command_names_an_unfinished_run(tmp_path, capsys):
     assert "holds no model.pt (is the run finished?)" in capsys.readouterr().err
 
 
-def test_evaluate_run_warns_when_the_config_does_not_describe_the_runs_data(tmp_path, caplog):
-    """A run started from the Python API records settings, not datasets: here its 300-image subset
-    was drawn outside featkd, so the rebuilt training data is normalised otherwise."""
+def _api_teacher(train_set, test_set, out, **options):
     from featkd.models import create_model
 
-    splits = load_splits("digits", image_size=8, train_limit=300, seed=3)
-    api.train_teacher(lambda: create_model("resnet9", 10, 1, 8, 1 / 16), splits.train, splits.test,
-                      model_name="resnet9", width=1 / 16, data="digits", image_size=8, epochs=1, lr=0.01,
-                      out=str(tmp_path), progress=False, device="cpu")
+    return api.train_teacher(lambda: create_model("resnet9", 10, 1, 8, 1 / 16), train_set, test_set,
+                             model_name="resnet9", width=1 / 16, epochs=1, lr=0.01, out=out and str(out),
+                             progress=False, device="cpu", **options)
+
+
+def test_an_api_run_records_the_splits_it_learnt_from(tmp_path, caplog):
+    """Splits of load_splits name their settings: config.yaml and results.json say which images the
+    run learnt from, and evaluate_run loads the same splits again (the validation split's seed too)."""
+    import yaml
+
+    splits = load_splits("digits", image_size=8, train_limit=300, seed=3, val_size=50, val_seed=2)
+    _api_teacher(splits.train, splits.test, tmp_path, val_set=splits.val)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (config["data"], config["image_size"], config["train_limit"], config["data_seed"],
+            config["val_size"]) == ("digits", 8, 300, 3, 50)
+    assert results(tmp_path)["data_source"] == {"data": "digits", "data_root": None, "image_size": 8,
+                                                "data_options": {}, "train_limit": 300, "data_seed": 3,
+                                                "val_size": 50, "val_seed": 2}
+    run = results(tmp_path)["runs"][0]
+    test = api.evaluate_run(tmp_path)
+    assert test["accuracy"] == test["recorded_accuracy"] == run["final_test_acc"]
+    val = api.evaluate_run(tmp_path, "val")
+    assert val["accuracy"] == run["final_val_acc"] and val["images"] == 50
+    assert api.evaluate_run(tmp_path, "train")["images"] == 300
+
+    # A run from before data_source was recorded, whose config.yaml held the defaults rather than the
+    # subset: the config is what is rebuilt, and the mismatch is warned about.
+    summary = results(tmp_path)
+    del summary["data_source"]
+    (tmp_path / "results.json").write_text(json.dumps(summary))
+    config.update(train_limit=None, data_seed=0, val_size=None)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     measured = api.evaluate_run(tmp_path)
     assert "normalised otherwise than the data it trained on" in caplog.text and measured["recorded_accuracy"] is None
     assert measured["images"] == 359
+
+
+def test_a_config_naming_other_data_than_the_splits_given_is_warned_about(caplog):
+    from featkd.config import TrainConfig
+
+    splits = load_splits("synthetic", num_classes=10, samples_per_class=4, test_per_class=1, image_size=8,
+                         in_channels=1)
+    result = _api_teacher(splits.train, splits.test, None, config=TrainConfig(data="digits"))
+    assert "the config names data 'digits' but the training images are synthetic's" in caplog.text
+    assert result.extra["data_source"]["data"] == "synthetic"
+
+
+def test_evaluate_run_asks_for_the_images_of_a_run_on_data_given_in_python(tmp_path, capsys):
+    """A subset drawn outside featkd cannot be loaded again: evaluate_run says so, and takes the
+    images as dataset= (or other data by name)."""
+    splits = load_splits("digits", image_size=8)
+    subset = splits.train.subset(torch.arange(300))
+    _api_teacher(subset, splits.test, tmp_path, image_size=8)  # what the config of an older run said
+    assert results(tmp_path)["data_source"] is None
+    with pytest.raises(ValueError, match="images given in Python"):
+        api.evaluate_run(tmp_path)
+    measured = api.evaluate_run(tmp_path, dataset=splits.test)
+    assert measured["accuracy"] == results(tmp_path)["runs"][0]["final_test_acc"]
+    assert api.evaluate_run(tmp_path, data="digits")["images"] == 359
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "images given in Python" in capsys.readouterr().err
 
 
 def test_evaluate_run_takes_a_dataset_at_hand(teacher_dir):

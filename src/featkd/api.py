@@ -60,6 +60,7 @@ from featkd.train import (
 
 __all__ = [
     "check_teacher_inputs",
+    "data_source",
     "distill",
     "complete_train_config",
     "distill_from_config",
@@ -84,15 +85,39 @@ ModelSpec = nn.Module | Callable[[], nn.Module]
 
 
 # --------------------------------------------------------------------------- data and models
-def load_data(config: RunConfig) -> Any:
+def load_data(config: RunConfig, val_seed: int = 0) -> Any:
     """``DataSplits(train, val, test)`` named by ``config`` (augmentation on the training split only;
-    ``val`` is None unless ``config.val_size`` is set)."""
+    ``val`` is None unless ``config.val_size`` is set, and drawn with ``val_seed``)."""
     from featkd.data import check_data_options, load_splits
 
     check_data_options(config.data_options)
     return load_splits(config.data, root=config.data_root, image_size=config.image_size, augment=config.augment,
                        train_limit=config.train_limit, seed=config.data_seed, val_size=config.val_size,
-                       **config.data_options)
+                       val_seed=val_seed, **config.data_options)
+
+
+# The config fields that say which images a run learns from (ImageDataset.source holds them, and val_seed).
+DATA_FIELDS = ("data", "data_root", "image_size", "data_options", "train_limit", "data_seed", "val_size")
+
+
+def data_source(train_set: Any, val_set: Any, test_set: Any) -> dict[str, Any] | None:
+    """The :func:`featkd.data.load_splits` settings that load these splits again (``source``
+    without ``split``), or None unless all of them are the splits of one such call."""
+    sets = {"train": train_set, "val": val_set, "test": test_set}
+    sources = {split: getattr(dataset, "source", None) for split, dataset in sets.items() if dataset is not None}
+    if any(source is None or source.get("split") != split for split, source in sources.items()):
+        return None
+    settings = [{k: v for k, v in source.items() if k != "split"} for source in sources.values()]
+    return copy.deepcopy(settings[0]) if all(s == settings[0] for s in settings) else None
+
+
+def _describe_data(config: RunConfig, train_set: Any) -> None:
+    """Fill ``config``'s data fields from the training split's ``source``, so that config.yaml
+    names the images the run learns from."""
+    source = getattr(train_set, "source", None)
+    if source is not None:
+        for name in DATA_FIELDS:
+            setattr(config, name, copy.deepcopy(source[name]))
 
 
 def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:
@@ -403,9 +428,19 @@ class TeacherFeed:
 
 # --------------------------------------------------------------------------- public API
 def _config(cls: type, config: RunConfig | None, options: dict[str, Any], train_set: Any) -> Any:
-    config = copy.deepcopy(config) if config is not None else cls()
-    if not isinstance(config, cls):
+    """``config`` (copied) or a new one, with ``options`` applied. Without a config, the data fields
+    come from ``train_set``'s ``source``; a config naming other data than it is warned about."""
+    source = getattr(train_set, "source", None)
+    if config is None:
+        config = cls()
+        _describe_data(config, train_set)
+    elif not isinstance(config, cls):
         raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    else:
+        config = copy.deepcopy(config)
+        if source is not None and config.data != source["data"]:
+            log.warning("the config names data %r but the training images are %s's; results.json records "
+                        "where they came from (data_source)", config.data, source["data"])
     apply_overrides(config, {k: v for k, v in options.items() if v is not None})
     config.augment = bool(getattr(train_set, "augment", config.augment))
     config.validate()
@@ -439,7 +474,7 @@ def train_teacher(
     context = context or init_distributed(config.device)
     lr = config.lr or default_lr(config.model, config.optimizer)
     sample = sample_input(train_set)
-    extra = _data_info(train_set)
+    extra = {**_data_info(train_set), "data_source": data_source(train_set, val_set, test_set)}
     # a model that cannot take the data's images fails before the run directory is claimed
     check_classifier(_instantiate(model, config.seed), sample, train_set.num_classes)
 
@@ -560,7 +595,7 @@ def distill(
             return model, deployed
 
         extra = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
-                 **_data_info(train_set)}
+                 **_data_info(train_set), "data_source": data_source(train_set, val_set, test_set)}
         settings = {"method": config.method, "teacher_layers": t_layers, "student_layers": s_layers,
                     "teacher_layer_names": resolve_layers(teacher, t_layers) if t_layers else [],
                     "student_layer_names": resolve_layers(probe_student, s_layers) if s_layers else []}
@@ -884,6 +919,14 @@ def _evaluation_split(config: RunConfig, summary: dict[str, Any], split: str, da
     """``split`` of the run's own data or of ``data``, and whether it is the run's own data
     (rebuilt as the run normalised it)."""
     overrides: dict[str, Any] = {"data": data, "data_root": data_root, "data_options": data_options}
+    source, val_seed = summary.get("data_source"), 0
+    if data is None and "data_source" in summary and source is None:
+        raise ValueError("the run learnt from images given in Python, which loading data does not give again: "
+                         "pass them as dataset=, or name data to evaluate on with data= (--data)")
+    if data is None and source is not None:  # the run's own splits, as they were loaded
+        for name in DATA_FIELDS:
+            setattr(config, name, source[name])
+        val_seed = source["val_seed"]
     if data is not None:
         # the run's root, options, subset and validation split belong to its own dataset
         config.data_root, config.data_options, config.train_limit, config.val_size = None, {}, None, None
@@ -892,7 +935,7 @@ def _evaluation_split(config: RunConfig, summary: dict[str, Any], split: str, da
     if data is not None:
         config.data_options.setdefault("in_channels", summary["image_shape"][0])
     config.augment = False
-    splits = load_data(config)
+    splits = load_data(config, val_seed)
     if getattr(splits, split) is None:
         raise ValueError(f"{'the run held' if data is None else f'{data} holds'} no validation split "
                          "(val_size is not set)")
@@ -900,8 +943,8 @@ def _evaluation_split(config: RunConfig, summary: dict[str, Any], split: str, da
     same_data = data is None and (shift is None or shift < 1e-5)  # the same images give the same statistics
     if data is None and not same_data:
         log.warning("the data rebuilt from the run's config.yaml is normalised otherwise than the data it "
-                    "trained on: the config may not describe the run's data (a run started from the Python "
-                    "API records settings, not datasets); pass dataset= or data= (--data)")
+                    "trained on: the config may not describe the run's data (an older featkd recorded an API "
+                    "run's settings, not its datasets); pass dataset= or data= (--data)")
     return getattr(splits, split), same_data
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -18,11 +18,14 @@ class ImageDataset(Dataset):
 
     ``mean``/``std`` are per-channel in [0, 1] pixel units (default: computed from ``images``;
     :func:`get_datasets` passes the training split's values to both splits).
+    ``source``: for a split of :func:`~featkd.data.load_splits`, the settings that load it
+    again (``data``, ``data_root``, ``image_size``, ``data_options``, ``train_limit``,
+    ``data_seed``, ``val_size``, ``val_seed`` and ``split``); None for other images. Read only.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str] | None = None,
                  mean: Tensor | None = None, std: Tensor | None = None, augment: bool = False,
-                 name: str = "") -> None:
+                 name: str = "", source: dict[str, Any] | None = None) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         labels = label_tensor(labels)
@@ -39,6 +42,7 @@ class ImageDataset(Dataset):
             raise ValueError(f"mean/std need {images.shape[1]} values, one per channel")
         self.augment = bool(augment)
         self.name = name
+        self.source = source
 
     @property
     def num_classes(self) -> int:
@@ -85,7 +89,8 @@ class ImageDataset(Dataset):
     def subset(self, indices: Tensor) -> "ImageDataset":
         """A dataset of the given samples (copied), keeping classes and normalisation statistics.
 
-        Sample indices yielded by the subset are positions within it, not in the parent.
+        Sample indices yielded by the subset are positions within it, not in the parent. It has
+        no ``source``: loading the data again does not give it.
         """
         indices = torch.as_tensor(indices, dtype=torch.int64)
         return ImageDataset(self.images[indices], self.labels[indices], self.classes, self.mean,

@@ -573,6 +573,11 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
         valid = sorted({*options, "in_channels"} - set(_SETTING_OF))  # image_size, seed, ...: settings of their own
         raise ValueError(f"unknown option(s) {unknown} for dataset {key!r}; valid: {valid}")
     kw = _typed_options(key, spec.loader, kw)
+    # what loads these splits again, in TrainConfig's terms (kept on each split as ``source``)
+    given = {**kw, "in_channels": in_channels} if in_channels is not None else dict(kw)
+    source = {"data": key, "data_root": str(Path(root).expanduser()) if root is not None else None,
+              "image_size": image_size, "data_options": given, "train_limit": train_limit,
+              "data_seed": seed, "val_size": val_size, "val_seed": val_seed}
     for option, value in (("image_size", image_size), ("in_channels", in_channels), ("seed", seed)):
         if option in options and value is not None:
             kw[option] = value
@@ -606,10 +611,13 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
         keep = stratified_subset(train_y, train_limit, seed)
         train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)
-    train = ImageDataset(train_x, train_y, splits.classes, mean, std, augment, name=f"{key}/train")
-    val = (ImageDataset(val_x, val_y, splits.classes, mean, std, False, name=f"{key}/val")
-           if val_x is not None else None)
-    test = ImageDataset(test_x, splits.test_labels, splits.classes, mean, std, False, name=f"{key}/test")
+    def split(images: Tensor, labels: Tensor, name: str, augmented: bool) -> ImageDataset:
+        return ImageDataset(images, labels, splits.classes, mean, std, augmented, name=f"{key}/{name}",
+                            source={**source, "split": name})
+
+    train = split(train_x, train_y, "train", augment)
+    val = split(val_x, val_y, "val", False) if val_x is not None else None
+    test = split(test_x, splits.test_labels, "test", False)
     log.info("loaded %s: %d train, %d validation, %d test, shape %s, %d classes", key, len(train),
              len(val) if val is not None else 0, len(test), train.image_shape, train.num_classes)
     return DataSplits(train, val, test)
