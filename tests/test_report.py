@@ -443,24 +443,57 @@ def test_seed_points_skip_non_finite_accuracies_as_the_stored_summaries_do():
     assert common.mean_std([r["final_test_acc"] for r in entry["runs"]])["n"] == 2
 
 
-def test_extend_close_runs_each_listed_command_once_reading_the_list_again_after_each(tmp_path):
-    """benchmarks/extend_close.sh with an interpreter that lists commands from a file and logs runs:
-    the first run settles a and makes c close; b stays listed (as when its runs failed) and is not rerun."""
-    import os
-    import subprocess
-
-    listing, log, fake = tmp_path / "listing", tmp_path / "log", tmp_path / "python"
-    command = "python benchmarks/accuracy.py --pairs {} --seeds 5"
-    listing.write_text(f"{command.format('a')}\n{command.format('b')}\n")
+def fake_python(tmp_path, listing, unfinished=""):
+    """An interpreter for the benchmark shell scripts: ``report.py --close-commands`` prints
+    ``listing``; any other command is logged and then lists b and c; a command with
+    ``unfinished`` in it exits 1, as accuracy.py does when it leaves rows unfinished."""
+    log, fake = tmp_path / "log", tmp_path / "python"
     fake.write_text(f"""#!/bin/sh
 if [ "$1" = benchmarks/report.py ] && [ "$2" = --close-commands ]; then cat {listing}; exit 0; fi
 echo "$*" >> {log}
-printf '%s\\n' "{command.format('b')}" "{command.format('c')}" > {listing}
+printf '%s\\n' "{CLOSE.format('b')}" "{CLOSE.format('c')}" > {listing}
+case "$*" in *"{unfinished or '@never@'}"*) exit 1;; esac
 """)
     fake.chmod(0o755)
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "extend_close.sh"
-    done = subprocess.run([str(script), "--workers", "1"], env={**os.environ, "PYTHON": str(fake)},
+    return fake, log
+
+
+CLOSE = "python benchmarks/accuracy.py --pairs {} --seeds 5"
+
+
+def run_script(name, args, fake):
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    return subprocess.run([str(script), *args], env={**os.environ, "PYTHON": str(fake)},
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert log.read_text().splitlines() == [command.format(p)[len("python "):] + " --workers 1" for p in "abc"]
+
+
+@pytest.mark.parametrize("unfinished", ["", "--pairs a "])
+def test_extend_close_runs_each_listed_command_once_reading_the_list_again_after_each(tmp_path, unfinished):
+    """benchmarks/extend_close.sh: the first run settles a and makes c close; b stays listed (as when
+    its runs failed) and is not rerun. A command left unfinished does not stop the others."""
+    listing = tmp_path / "listing"
+    listing.write_text(f"{CLOSE.format('a')}\n{CLOSE.format('b')}\n")
+    fake, log = fake_python(tmp_path, listing, unfinished)
+    done = run_script("extend_close.sh", ["--workers", "1"], fake)
+    assert done.returncode == (1 if unfinished else 0), done.stderr
+    assert log.read_text().splitlines() == [CLOSE.format(p)[len("python "):] + " --workers 1" for p in "abc"]
     assert "every close verdict listed has had its command run" in done.stdout
+    assert ("exit status 1 (left unfinished), going on" in done.stdout) == bool(unfinished)
+
+
+@pytest.mark.parametrize("args", [[], ["--workers", "2"]])
+def test_a_grid_worker_runs_every_cell_then_the_close_verdicts_seeds(tmp_path, args):
+    """benchmarks/grid.sh: accuracy.py over every cell (one process and one thread by default), left
+    unfinished here as when another worker holds a row, then extend_close.sh all the same."""
+    listing = tmp_path / "listing"
+    listing.write_text(f"{CLOSE.format('a')}\n")
+    fake, log = fake_python(tmp_path, listing, unfinished="accuracy.py --w")
+    done = run_script("grid.sh", args, fake)
+    assert done.returncode == 1, done.stderr
+    options = " ".join(args or ["--workers", "1", "--threads", "1"])
+    # the grid's own run settled a and made c close, as a run of any command does here
+    assert log.read_text().splitlines() == [f"benchmarks/accuracy.py {options}",
+                                            *(CLOSE.format(p)[len("python "):] + f" {options}" for p in "bc")]
