@@ -549,7 +549,7 @@ def distill(
     lr = config.lr or default_lr(config.student, config.optimizer)
 
     _pin_teacher(config, teacher)
-    teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last)).eval()
+    teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last, warn=False)).eval()
     teacher.requires_grad_(False)
     if out is not None:
         check_output(out, config)  # refuse a different run's directory (or teacher) before any work
@@ -856,7 +856,7 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
         )
         network = method.deployed(student)
     load_model_weights(network, weights)
-    memory_format = channels_last_format(network, config.channels_last)
+    memory_format = channels_last_format(network, config.channels_last, warn=False)
     return network.to(device, memory_format=memory_format).eval()
 
 
@@ -900,7 +900,7 @@ def evaluate_run(
         dataset, same_data = _evaluation_split(config, summary, split, data, data_root, data_options)
         name = config.data  # the run's, or data
     dataset = _normalised_as_run(dataset, summary)
-    memory_format = channels_last_format(model, config.channels_last)
+    memory_format = channels_last_format(model, config.channels_last, warn=False)
     predictions = _predict(model, dataset, batch_size or config.eval_batch_size, device, config.amp, memory_format)
     correct = predictions == dataset.labels
     per_class = torch.bincount(dataset.labels[correct], minlength=dataset.num_classes)

@@ -511,18 +511,20 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- the loop
-def channels_last_format(model: nn.Module, enabled: bool = True) -> torch.memory_format:
+def channels_last_format(model: nn.Module, enabled: bool = True, warn: bool = True) -> torch.memory_format:
     """``torch.channels_last`` when ``enabled`` and ``model`` has a 2-d convolution, else contiguous.
 
     Contiguous (with a warning) for a model with a strided 1x1 convolution of fewer than 8
     input channels per group: oneDNN's AVX2 kernel for its weight gradient in channels-last
     writes past its workspace (oneDNN issue 6035), giving wrong gradients or a crash.
+    ``warn=False`` for a model that only predicts (a frozen teacher, a finished run): it gets
+    the format its training had, so its outputs are the same, without a warning about gradients.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not enabled or not convs:
         return torch.contiguous_format
     if unsafe := [c for c in convs if _hits_onednn_1x1_bug(c)]:
-        if (reason := repr(unsafe[0])) not in _CHANNELS_LAST_WARNED:  # once per process, not per run
+        if warn and (reason := repr(unsafe[0])) not in _CHANNELS_LAST_WARNED:  # once per process, not per run
             _CHANNELS_LAST_WARNED.add(reason)
             log.warning("channels_last off: %d strided 1x1 convolution(s) with fewer than 8 input channels "
                         "(e.g. %s); oneDNN computes their weight gradient wrongly in channels-last on AVX2 "
