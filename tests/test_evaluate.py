@@ -129,13 +129,15 @@ def _api_teacher(train_set, test_set, out, **options):
                              progress=False, device="cpu", **options)
 
 
-def test_an_api_run_records_the_splits_it_learnt_from(tmp_path, caplog):
+def test_an_api_run_records_the_splits_it_learnt_from(tmp_path, caplog, monkeypatch):
     """Splits of load_splits name their settings: config.yaml and results.json say which images the
     run learnt from, and evaluate_run loads the same splits again (the validation split's seed too)."""
     import yaml
 
     splits = load_splits("digits", image_size=8, train_limit=300, seed=3, val_size=50, val_seed=2)
+    monkeypatch.setattr("featkd.train._CHANNELS_LAST_WARNED", set())
     _api_teacher(splits.train, splits.test, tmp_path, val_set=splits.val)
+    assert "channels_last off" in caplog.text  # resnet9 at 1/16 trains contiguous, and training says so
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert (config["data"], config["image_size"], config["train_limit"], config["data_seed"],
             config["val_size"]) == ("digits", 8, 300, 3, 50)

@@ -760,11 +760,11 @@ def test_channels_last_is_off_for_strided_1x1_convolutions_of_few_channels(caplo
 
     monkeypatch.setattr("featkd.train._CHANNELS_LAST_WARNED", set())
     with caplog.at_level("WARNING", logger="featkd.train"):
-        assert channels_last_format(net(4, 2)) is torch.contiguous_format
-        assert channels_last_format(net(4, 2)) is torch.contiguous_format
+        assert channels_last_format(net(4, 2), warn=True) is torch.contiguous_format
+        assert channels_last_format(net(4, 2), warn=True) is torch.contiguous_format
     assert caplog.text.count("channels_last off") == 1  # once, not once per run
     with caplog.at_level("WARNING", logger="featkd.train"):  # a model that only predicts: the same format, quietly
-        assert channels_last_format(net(4, 3), warn=False) is torch.contiguous_format
+        assert channels_last_format(net(4, 3)) is torch.contiguous_format
     assert caplog.text.count("channels_last off") == 1
     # resnet9 at 1/16: layer2's downsample is a 1x1/2 convolution of 4 input channels
     assert channels_last_format(create_model("resnet9", 3, 3, 8, 1 / 16)) is torch.contiguous_format

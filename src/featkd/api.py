@@ -111,13 +111,10 @@ def data_source(train_set: Any, val_set: Any, test_set: Any) -> dict[str, Any] |
     return copy.deepcopy(settings[0]) if all(s == settings[0] for s in settings) else None
 
 
-def _describe_data(config: RunConfig, train_set: Any) -> None:
-    """Fill ``config``'s data fields from the training split's ``source``, so that config.yaml
-    names the images the run learns from."""
-    source = getattr(train_set, "source", None)
-    if source is not None:
-        for name in DATA_FIELDS:
-            setattr(config, name, copy.deepcopy(source[name]))
+def _describe_data(config: RunConfig, source: dict[str, Any]) -> None:
+    """Set ``config``'s data fields to those of ``source`` (a split's, or a run's data_source)."""
+    for name in DATA_FIELDS:
+        setattr(config, name, copy.deepcopy(source[name]))
 
 
 def _instantiate(spec: ModelSpec, seed: int) -> nn.Module:
@@ -433,7 +430,8 @@ def _config(cls: type, config: RunConfig | None, options: dict[str, Any], train_
     source = getattr(train_set, "source", None)
     if config is None:
         config = cls()
-        _describe_data(config, train_set)
+        if source is not None:  # config.yaml then names the images the run learns from
+            _describe_data(config, source)
     elif not isinstance(config, cls):
         raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
     else:
@@ -549,7 +547,7 @@ def distill(
     lr = config.lr or default_lr(config.student, config.optimizer)
 
     _pin_teacher(config, teacher)
-    teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last, warn=False)).eval()
+    teacher = teacher.to(device, memory_format=channels_last_format(teacher, config.channels_last)).eval()
     teacher.requires_grad_(False)
     if out is not None:
         check_output(out, config)  # refuse a different run's directory (or teacher) before any work
@@ -856,7 +854,7 @@ def load_trained_model(run_dir: str | Path, device: str | torch.device = "cpu") 
         )
         network = method.deployed(student)
     load_model_weights(network, weights)
-    memory_format = channels_last_format(network, config.channels_last, warn=False)
+    memory_format = channels_last_format(network, config.channels_last)
     return network.to(device, memory_format=memory_format).eval()
 
 
@@ -900,7 +898,7 @@ def evaluate_run(
         dataset, same_data = _evaluation_split(config, summary, split, data, data_root, data_options)
         name = config.data  # the run's, or data
     dataset = _normalised_as_run(dataset, summary)
-    memory_format = channels_last_format(model, config.channels_last, warn=False)
+    memory_format = channels_last_format(model, config.channels_last)
     predictions = _predict(model, dataset, batch_size or config.eval_batch_size, device, config.amp, memory_format)
     correct = predictions == dataset.labels
     per_class = torch.bincount(dataset.labels[correct], minlength=dataset.num_classes)
@@ -924,8 +922,7 @@ def _evaluation_split(config: RunConfig, summary: dict[str, Any], split: str, da
         raise ValueError("the run learnt from images given in Python, which loading data does not give again: "
                          "pass them as dataset=, or name data to evaluate on with data= (--data)")
     if data is None and source is not None:  # the run's own splits, as they were loaded
-        for name in DATA_FIELDS:
-            setattr(config, name, source[name])
+        _describe_data(config, source)
         val_seed = source["val_seed"]
     if data is not None:
         # the run's root, options, subset and validation split belong to its own dataset

@@ -511,14 +511,14 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- the loop
-def channels_last_format(model: nn.Module, enabled: bool = True, warn: bool = True) -> torch.memory_format:
+def channels_last_format(model: nn.Module, enabled: bool = True, warn: bool = False) -> torch.memory_format:
     """``torch.channels_last`` when ``enabled`` and ``model`` has a 2-d convolution, else contiguous.
 
-    Contiguous (with a warning) for a model with a strided 1x1 convolution of fewer than 8
-    input channels per group: oneDNN's AVX2 kernel for its weight gradient in channels-last
-    writes past its workspace (oneDNN issue 6035), giving wrong gradients or a crash.
-    ``warn=False`` for a model that only predicts (a frozen teacher, a finished run): it gets
-    the format its training had, so its outputs are the same, without a warning about gradients.
+    Contiguous for a model with a strided 1x1 convolution of fewer than 8 input channels per
+    group: oneDNN's AVX2 kernel for its weight gradient in channels-last writes past its
+    workspace (oneDNN issue 6035), giving wrong gradients or a crash. ``warn``: say so (once per
+    process), for a model about to train; a model that only predicts (a frozen teacher, a
+    finished run) gets the same format as its training had, quietly.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not enabled or not convs:
@@ -597,7 +597,7 @@ class Trainer:
 
     def memory_format(self, model: nn.Module) -> torch.memory_format:
         """channels_last for models with 2-d convolutions when the config asks for it."""
-        return channels_last_format(model, self.config.channels_last)
+        return channels_last_format(model, self.config.channels_last, warn=True)
 
     def fit(
         self,

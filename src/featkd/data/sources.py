@@ -611,6 +611,7 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
         keep = stratified_subset(train_y, train_limit, seed)
         train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)
+
     def split(images: Tensor, labels: Tensor, name: str, augmented: bool) -> ImageDataset:
         return ImageDataset(images, labels, splits.classes, mean, std, augmented, name=f"{key}/{name}",
                             source={**source, "split": name})
