@@ -174,12 +174,22 @@ def test_a_config_naming_other_data_than_the_splits_given_is_warned_about(caplog
 
 
 def test_evaluate_run_asks_for_the_images_of_a_run_on_data_given_in_python(tmp_path, capsys):
-    """A subset drawn outside featkd cannot be loaded again: evaluate_run says so, and takes the
-    images as dataset= (or other data by name)."""
+    """A subset drawn outside featkd cannot be loaded again: config.yaml says in-memory rather than a
+    dataset; evaluate_run, quality and train say so, and evaluate_run takes the images as dataset=
+    (or other data by name)."""
+    import yaml
+
     splits = load_splits("digits", image_size=8)
     subset = splits.train.subset(torch.arange(300))
-    _api_teacher(subset, splits.test, tmp_path, image_size=8)  # what the config of an older run said
+    _api_teacher(subset, splits.test, tmp_path, image_size=8)
     assert results(tmp_path)["data_source"] is None
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"] == "in-memory"
+    _api_teacher(subset, splits.test, tmp_path, image_size=8)  # the same call finds its finished run
+    assert main(["quality", "--checkpoint", str(tmp_path), "--no-progress"]) == 2
+    assert "learnt from images given in Python (in-memory): give --data" in capsys.readouterr().err
+    assert main(["train-teacher", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "again")]) == 2
+    assert "in-memory stands for images given in Python" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
     with pytest.raises(ValueError, match="images given in Python"):
         api.evaluate_run(tmp_path)
     measured = api.evaluate_run(tmp_path, dataset=splits.test)
