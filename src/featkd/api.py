@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from featkd.config import IN_MEMORY_DATA, DistillConfig, RunConfig, TrainConfig, apply_overrides
+from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
 from featkd.experiment_log import experiment_logs
 from featkd.train import (
     Callback,
@@ -90,9 +90,6 @@ def load_data(config: RunConfig, val_seed: int = 0) -> Any:
     ``val`` is None unless ``config.val_size`` is set, and drawn with ``val_seed``)."""
     from featkd.data import check_data_options, load_splits
 
-    if config.data == IN_MEMORY_DATA:
-        raise ValueError(f"data: {IN_MEMORY_DATA} stands for images given in Python, which loading data does not "
-                         "give again: name a dataset (data=, --data)")
     check_data_options(config.data_options)
     return load_splits(config.data, root=config.data_root, image_size=config.image_size, augment=config.augment,
                        train_limit=config.train_limit, seed=config.data_seed, val_size=config.val_size,
@@ -437,6 +434,8 @@ def _config(cls: type, config: RunConfig | None, options: dict[str, Any], train_
         if source is not None:  # config.yaml then names the images the run learns from
             _describe_data(config, source)
         else:  # and never a dataset it did not learn from
+            from featkd.data import IN_MEMORY_DATA
+
             config.data = IN_MEMORY_DATA
     elif not isinstance(config, cls):
         raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")

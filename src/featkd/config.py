@@ -41,9 +41,6 @@ RUNTIME_FIELDS = frozenset({"out", "progress", "stop_after_epochs", "cache_memor
 
 C = TypeVar("C", bound="RunConfig")
 
-# ``data`` of a Python API run on images no dataset loader gives again (a subset, tensors of your own).
-IN_MEMORY_DATA = "in-memory"
-
 
 def _recorded(help: str) -> Any:
     """A field the run fills in itself (not a command-line option); a config file may pin it."""
@@ -62,7 +59,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
 class RunConfig:
     """The training recipe shared by teacher training and distillation."""
 
-    data: str = _opt("digits", "dataset name (featkd.data.list_datasets())")  # or IN_MEMORY_DATA
+    data: str = _opt("digits", "dataset name (featkd.data.list_datasets())")  # or featkd.data.IN_MEMORY_DATA
     data_root: str | None = _opt(None, "folder holding the dataset files")
     image_size: int | None = _opt(None, "image size in pixels (default: the dataset's)")
     augment: bool = _opt(False, "random crop (pad 4) + horizontal flip on the training set")
@@ -181,7 +178,7 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.log != "none" and not self.out:
             raise ValueError(f"log={self.log} writes into the run directory: set out")
-        from featkd.data import list_datasets
+        from featkd.data import IN_MEMORY_DATA, list_datasets
 
         if self.data != IN_MEMORY_DATA and self.data not in list_datasets():
             raise ValueError(f"unknown dataset {self.data!r}; known: {', '.join(list_datasets())}")

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from featkd.cli.common import CliError, DefaultsHelpFormatter, build_model_from_args, parse_layers
-from featkd.config import IN_MEMORY_DATA
 
 __all__ = ["add_parser", "run"]
 
@@ -101,8 +100,6 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "data"):
         if settings[key] is None:
             raise CliError(f"give --{key} (or a train-teacher run directory as --checkpoint)")
-    if settings["data"] == IN_MEMORY_DATA:
-        raise CliError(f"{args.checkpoint} learnt from images given in Python ({IN_MEMORY_DATA}): give --data")
     return settings
 
 

@@ -494,6 +494,10 @@ _ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "
             "tinyimagenet": "tiny_imagenet", "image_folder": "imagefolder"}
 
 
+#: ``data`` of a run on images given in Python that no loader gives again (a subset, tensors of your own)
+IN_MEMORY_DATA = "in-memory"
+
+
 def list_datasets() -> list[str]:
     """Names accepted by :func:`get_datasets`."""
     return sorted(_DATASETS)
@@ -564,6 +568,9 @@ def load_splits(name: str, root: str | Path | None = None, download: bool = Fals
     keywords go to the dataset's loader.
     """
     key = _ALIASES.get(name.lower(), name.lower())
+    if key == IN_MEMORY_DATA:
+        raise ValueError(f"data {IN_MEMORY_DATA} stands for images given in Python, which loading data does not "
+                         "give again: name a dataset (data=, --data)")
     if key not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {list_datasets()}")
     spec = _DATASETS[key]
