@@ -35,7 +35,15 @@ archive helper) where a network exists; without files a FileNotFoundError says w
 """
 
 from .dataset import BatchLoader, ImageDataset
-from .sources import IN_MEMORY_DATA, DataSplits, check_data_options, default_root, get_datasets, list_datasets, load_splits
+from .sources import (
+    IN_MEMORY_DATA,
+    DataSplits,
+    check_data_options,
+    default_root,
+    get_datasets,
+    list_datasets,
+    load_splits,
+)
 from .tensors import (
     CROP_PADDING,
     channel_stats,
@@ -49,7 +57,8 @@ from .tensors import (
 )
 
 __all__ = [
-    "CROP_PADDING", "IN_MEMORY_DATA", "BatchLoader", "DataSplits", "ImageDataset", "channel_stats", "class_balanced_subset",
-    "check_data_options", "convert_channels", "default_root", "derive_generator", "get_datasets",
-    "list_datasets", "load_splits", "normalize", "random_crop_flip", "resize_images", "stratified_subset",
+    "CROP_PADDING", "IN_MEMORY_DATA", "BatchLoader", "DataSplits", "ImageDataset", "channel_stats",
+    "class_balanced_subset", "check_data_options", "convert_channels", "default_root", "derive_generator",
+    "get_datasets", "list_datasets", "load_splits", "normalize", "random_crop_flip", "resize_images",
+    "stratified_subset",
 ]
