@@ -723,7 +723,8 @@ def complete_distill_config(config: DistillConfig) -> DistillConfig:
         if config.teacher_width is None and config.teacher == previous.model:
             config.teacher_width = previous.width
     if config.teacher is None:
-        raise ValueError("no teacher model: give --teacher NAME (or a train-teacher run directory as --teacher-checkpoint)")
+        raise ValueError("no teacher model: give --teacher NAME "
+                         "(or a train-teacher run directory as --teacher-checkpoint)")
     if config.teacher_width is None:
         config.teacher_width = 1.0
     if config.student is None:

@@ -54,7 +54,8 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """"better" / "worse" (a vs b) only when p < 0.05, "no significant difference" otherwise, "n/a" without a test."""
+        """"better" / "worse" (a vs b) only when p < 0.05, "no significant difference" otherwise,
+        "n/a" without a test."""
         if self.p is None:
             return "n/a"
         if not self.significant:

@@ -1114,7 +1114,8 @@ def train_runs(
         if run_dir is not None and context.is_main and result.finished and config.runs > 1:
             write_json(run_dir / RESULTS_FILE, result.to_dict())
         if not result.finished:
-            log.info("stopped after epoch %d of %d; rerun the same command to resume", len(result.history), config.epochs)
+            log.info("stopped after epoch %d of %d; rerun the same command to resume",
+                     len(result.history), config.epochs)
             break
     summary = TrainResult(results, out, dict(extra or {}))
     if out is not None and context.is_main and summary.finished and len(results) == config.runs:

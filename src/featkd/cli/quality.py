@@ -71,7 +71,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--subset-size", type=int, default=5000, help="size of subset A")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--memory-gb", type=float, default=4.0, help="memory budget in GiB: half for the stored features (host), half for "
+    parser.add_argument("--memory-gb", type=float, default=4.0,
+                        help="memory budget in GiB: half for the stored features (host), half for "
                         "each layer's computation (on --device)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="a progress bar (only on a terminal)")

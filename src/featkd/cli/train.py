@@ -22,10 +22,12 @@ from typing import Any
 from featkd.cli.common import CliError
 from featkd.config import DistillConfig, RunConfig, TrainConfig, apply_overrides
 
-__all__ = ["add_config_arguments", "add_parsers", "config_from_args", "print_result", "run_distill", "run_train_teacher"]
+__all__ = ["add_config_arguments", "add_parsers", "config_from_args", "print_result", "run_distill",
+           "run_train_teacher"]
 
 # Short help lines for the options shown first; all other fields follow.
-_TEACHER_EPILOG = "example: featkd train-teacher --model resnet34 --width 1/8 --data digits --epochs 10 --out runs/teacher"
+_TEACHER_EPILOG = ("example: featkd train-teacher --model resnet34 --width 1/8 --data digits --epochs 10 "
+                   "--out runs/teacher")
 _DISTILL_EPILOG = (
     "example: featkd distill --teacher-checkpoint runs/teacher --student resnet9 --student-width 1/16 "
     "--method featkd --teacher-layers auto --data digits --epochs 10 --out runs/featkd"
