@@ -419,7 +419,8 @@ def run_suite(scale: Scale, pairs: list[str], regimes: list[str], methods: list[
     for name, err in failed.items():
         print(f"FAILED {name}: {err}", file=sys.stderr)
     print(f"results in {results}" + (f"; incomplete: {', '.join(incomplete)}" if incomplete else ""))
-    print("render them with: python benchmarks/report.py" + (f" --results {results}" if results != common.RESULTS_DIR else ""))
+    results_flag = f" --results {results}" if results != common.RESULTS_DIR else ""
+    print(f"render them with: python benchmarks/report.py{results_flag}")
     return 1 if failed or incomplete else 0
 
 

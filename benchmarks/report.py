@@ -774,8 +774,8 @@ def section_layer_validity(found: dict[str, Any]) -> list[str]:
                      pct(entry.get("test_acc_at_best_val", entry.get("best_test_acc"))) if entry else "—"]
                     + [number(qp.get(m), ".3f") for m in ("Q", "S", "I", "E", "sqrtIE")]
                     + [number(qc.get(m), ".3f") for m in ("Q", "S", "I", "E", "sqrtIE")])
-    lines += table(["GL", "final acc", "acc at best val epoch", "Q", "S", "I", "E", "√(IE)", "Q corr.", "S corr.", "I corr.",
-                    "E corr.", "√(IE) corr."], rows)
+    lines += table(["GL", "final acc", "acc at best val epoch", "Q", "S", "I", "E", "√(IE)",
+                    "Q corr.", "S corr.", "I corr.", "E corr.", "√(IE) corr."], rows)
     if "spearman_final" in d:
         lines += ["", "Spearman correlation with the student's final-epoch accuracy (over the layers above):", ""]
         metrics = ("Q", "S", "I", "E", "sqrtIE")
@@ -815,7 +815,9 @@ def section_throughput(found: dict[str, Any]) -> list[str]:
 
 
 def section_gpu(results: Path) -> list[str]:
-    """``gpu/gpu_check.json``: each call's steps, with command, accuracy and speed (a line saying it has not run, else)."""
+    """``gpu/gpu_check.json``: each call's steps, with command, accuracy and speed.
+
+    Without that file, a line saying the check has not run."""
     lines = ["## GPU check (`benchmarks/gpu_check.py`)", ""]
     path = results / "gpu" / "gpu_check.json"
     if not path.is_file():
@@ -983,8 +985,9 @@ def part_progress(d: dict[str, Any] | None) -> PartProgress:
     seeds = sum(len(m["runs"]) for m in started)
     methods = f"{len(done)} of {total}" + (f" (+ {seeds} seed{'s' * (seeds != 1)} of {len(started)} more)"
                                            if started else "")
-    return PartProgress(methods, sum(e["wall_s"] for e in entries.values()) / 3600,
-                        sum(len(e.get("runs", [])) for e in entries.values()), total, len(done) == total and not started)
+    hours = sum(e["wall_s"] for e in entries.values()) / 3600
+    runs = sum(len(e.get("runs", [])) for e in entries.values())
+    return PartProgress(methods, hours, runs, total, len(done) == total and not started)
 
 
 def _load(values: list[float] | None) -> str:

@@ -328,7 +328,8 @@ def _verdict_lines(verdict: dict[str, Any]) -> list[str]:
     else:
         default = parse_rule(DEFAULT_RULE).in_variant(measure_variant(DEFAULT_RULE)).name  # as the results name it
         agrees = "matches" if verdict["rule"] == default else "**does not match**"
-        lines.append(f"Verdict: **{verdict['rule']}** (rules beating depth: {', '.join(verdict['beat_depth']) or 'none'}); "
+        beating = ", ".join(verdict["beat_depth"]) or "none"
+        lines.append(f"Verdict: **{verdict['rule']}** (rules beating depth: {beating}); "
                      f"featkd's `DEFAULT_RULE` (`{DEFAULT_RULE}`) {agrees} it.")
     return lines + [""]
 

@@ -67,7 +67,8 @@ def test_convergence_verdict_is_one_rule_for_the_script_and_the_report():
 
 def test_convergence_over_seeds_judges_the_mean_gain_and_gives_its_interval():
     seeds = [convergence.gains({"final_val_acc": 0.850, "final_test_acc": 0.84},
-                               {"final_val_acc": 0.850 + gain, "final_test_acc": 0.84}) for gain in (0.0034, -0.001, 0.002)]
+                               {"final_val_acc": 0.850 + gain, "final_test_acc": 0.84})
+             for gain in (0.0034, -0.001, 0.002)]
     out = convergence.verdict(seeds)
     mean = (0.34 - 0.1 + 0.2) / 3
     assert out["val_gain_points"] == pytest.approx(mean) and out["converged"]  # one seed alone: +0.34, not
@@ -545,7 +546,8 @@ def test_accuracy_leaves_a_row_another_process_is_training(quick, tmp_path):
     assert "ce" in data["methods"] and "kd" not in data["methods"] and "kd" in data["missing"]
     assert accuracy.main(argv) == 1  # the lock is free again: kd trains now, ce is kept
     again = json.loads((tmp_path / f"accuracy_{PAIR}_low.json").read_text())
-    assert again["methods"]["ce"] == data["methods"]["ce"] and [r["seed"] for r in again["methods"]["kd"]["runs"]] == [0]
+    assert again["methods"]["ce"] == data["methods"]["ce"]
+    assert [r["seed"] for r in again["methods"]["kd"]["runs"]] == [0]
 
 
 def test_accuracy_rejects_unknown_names(quick, capsys):

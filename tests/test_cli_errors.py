@@ -111,7 +111,8 @@ BAD = [
     ([*TEACHER, "--seed", "-1"], "seed must be >= 0, got -1"),
     ([*TEACHER, "--amp", "fp8"], "amp must be one of auto, bf16, none"),
     ([*TEACHER, "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-    ([*TEACHER, "--data-options", "colour:red"], "unknown option(s) ['colour'] for dataset 'synthetic'; valid: ['in_channels', 'noise', 'num_classes', "
+    ([*TEACHER, "--data-options", "colour:red"],
+     "unknown option(s) ['colour'] for dataset 'synthetic'; valid: ['in_channels', 'noise', 'num_classes', "
      "'samples_per_class', 'test_per_class']"),  # not seed, train_limit, ...: those are refused as data options
     ([*TEACHER, "--init-checkpoint", "{files}/empty.pt"], "empty.pt is empty (0 bytes)"),
     ([*TEACHER, "--init-checkpoint", "{files}/resnet18.pt"], "does not fit resnet9: "),
@@ -119,8 +120,10 @@ BAD = [
      "truncated_png/train/b/0.png: cannot decode image"),
     ([*TEACHER, "--data", "imagefolder", "--data-root", "{files}/empty_class", *NO_OPTIONS],
      "empty_class/train/c: class folder holds no images"),
-    ([*TEACHER, "--data", "cifar100", "--data-root", "{files}/cifar", *NO_OPTIONS], "train: refused to unpickle posix.system"),
-    ([*TEACHER, "--data", "fashion_mnist", "--data-root", "/no/such/dir", *NO_OPTIONS], "Fashion-MNIST IDX files not found"),
+    ([*TEACHER, "--data", "cifar100", "--data-root", "{files}/cifar", *NO_OPTIONS],
+     "train: refused to unpickle posix.system"),
+    ([*TEACHER, "--data", "fashion_mnist", "--data-root", "/no/such/dir", *NO_OPTIONS],
+     "Fashion-MNIST IDX files not found"),
     ([*TEACHER, "--data", "imagefolder", "--data-root", "{files}/empty_test", *NO_OPTIONS],
      "dataset 'imagefolder' in {files}/empty_test has no test images"),
     ([*TEACHER, "--data-options", "seed:3"], "data options ['seed'] are not dataset options: use --data-seed"),
@@ -168,7 +171,8 @@ BAD = [
     ([*QUALITY, "--memory-gb", "0"], "--memory-gb must be a positive number, got 0.0"),
     ([*QUALITY, "--memory-gb", "inf"], "--memory-gb must be a positive number, got inf"),
     ([*QUALITY, "--memory-gb", "0.000001"], "memory_budget of 536 bytes is too small"),
-    ([*QUALITY, "--data-options", "train_limit:10"], "data options ['train_limit'] are not dataset options: use --train-limit"),
+    ([*QUALITY, "--data-options", "train_limit:10"],
+     "data options ['train_limit'] are not dataset options: use --train-limit"),
     ([*QUALITY, "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     *([([*QUALITY, "--device", "cuda"], "device 'cuda' asked for but CUDA is not available")]
       if not torch.cuda.is_available() else []),

@@ -21,7 +21,8 @@ def run_cli(args, capsys):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    assert main(["train-teacher", "--model", "resnet34", "--width", "1/16", "--epochs", "1", "--out", str(out), *DATA]) == 0
+    argv = ["train-teacher", "--model", "resnet34", "--width", "1/16", "--epochs", "1", "--out", str(out), *DATA]
+    assert main(argv) == 0
     return out
 
 

@@ -194,7 +194,8 @@ def test_close_verdicts_on_too_few_seeds_are_listed_with_the_command_that_extend
     assert {tuple(c.split(" vs ")) for c in comparisons.split(", ")} == close
     methods = command.split("--methods ")[1].split()[0].split(",")
     assert set(methods) == {m for key in close for m in key} and len(methods) == len(set(methods))
-    assert command == f"`python benchmarks/accuracy.py --pairs {PAIR} --regimes full --methods {','.join(methods)} --seeds 5`"
+    expected = f"python benchmarks/accuracy.py --pairs {PAIR} --regimes full --methods {','.join(methods)} --seeds 5"
+    assert command == f"`{expected}`"
     assert f"{len(close)} close verdicts are on fewer seeds so far" in summary
 
 

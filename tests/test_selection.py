@@ -319,7 +319,8 @@ def test_auto_teacher_layers_follow_the_selection_rule(tmp_path):
     spread = api.distill(teacher, student, train, test, select_by="bands:S", out=str(tmp_path / "bands"),
                          **options)
     report = QualityReport.from_json(tmp_path / "bands" / "quality.json")
-    assert spread.extra["teacher_layers"] == report.select(4, "bands:S") == report.to_dict()["selected"]["bands:S/paper"]
+    selected = report.to_dict()["selected"]["bands:S/paper"]
+    assert spread.extra["teacher_layers"] == report.select(4, "bands:S") == selected
     assert [sum(lo <= t <= hi for t in spread.extra["teacher_layers"]) for lo, hi in
             ((1, 4), (5, 8), (9, 12), (13, 17))] == [1, 1, 1, 1]
     default = api.resolve_teacher_layers("auto", teacher, "resnet34", 4, train, device=torch.device("cpu"),

@@ -153,7 +153,8 @@ def test_a_damaged_or_foreign_checkpoint_is_one_clear_error(tmp_path, data):
     _rewrite_checkpoint(path, lambda state: state.pop("model.model.4.bias"))
     with pytest.raises(CheckpointError, match=r"checkpoint.pt does not fit this run .*model\.4\.bias"):
         api.train_teacher(dropout_net, train, test, **options)
-    for edit, message in ((lambda meta: [1, 2], r"not a featkd training checkpoint \(TypeError: its metadata is not a mapping\)"),
+    not_a_mapping = r"not a featkd training checkpoint \(TypeError: its metadata is not a mapping\)"
+    for edit, message in ((lambda meta: [1, 2], not_a_mapping),
                           (lambda meta: {**meta, "format": 99}, "unknown checkpoint format 99"),
                           (lambda meta: {**meta, "epoch": 2}, r"is damaged \(its epoch history does not match")):
         path.write_bytes(good)
@@ -496,13 +497,14 @@ def test_unused_parameter_probe_finds_unused_student_head(data, teacher):
 def test_layer_lists(data, teacher):
     train, _ = data
     assert api.resolve_student_layers("paper", student(), "resnet9") == [1, 2, 3, 4]
-    assert api.resolve_teacher_layers("standard", teacher, "resnet34", 4, train, device=torch.device("cpu")) == [3, 7, 13, 16]
+    cpu = torch.device("cpu")
+    assert api.resolve_teacher_layers("standard", teacher, "resnet34", 4, train, device=cpu) == [3, 7, 13, 16]
     assert api.spread_layers(teacher, 4) == [1, 6, 11, 16]  # GLs 1..16 (head at 18)
-    unnamed = api.resolve_teacher_layers("standard", teacher, None, 4, train, device=torch.device("cpu"))
+    unnamed = api.resolve_teacher_layers("standard", teacher, None, 4, train, device=cpu)
     assert unnamed == [1, 6, 11, 16]  # no standard list without a zoo name: evenly spread
     assert api.spread_layers(student(), 4) == [1, 2, 3, 4]
     assert api.resolve_student_layers("paper", dropout_net(), None) == [0, 1]  # only 2 GLs below the head
-    assert api.resolve_teacher_layers([12, "layer3.1"], teacher, None, 4, train, device=torch.device("cpu")) == [12, "layer3.1"]
+    assert api.resolve_teacher_layers([12, "layer3.1"], teacher, None, 4, train, device=cpu) == [12, "layer3.1"]
     assert api.default_teacher_layers("featkd") == "auto" and api.default_teacher_layers("fitnet") == "standard"
     assert api.method_uses_layers("fitnet") and not api.method_uses_layers("kd")
     with pytest.raises(ValueError, match="auto, standard"):
@@ -642,7 +644,8 @@ def test_report_compares_every_run_with_the_reference_named(tmp_path):
     close = {row["run"]: row for row in compare_to([record("ce", ce), record("near", [85.8, 85.6, 86.1])], "ce")}
     assert 0.01 <= float(close["near"]["p"]) <= 0.1 and close["near"]["verdict"].endswith(
         "(close: 5 seeds a side could move it)")
-    assert rows["kd"]["seeds"] == "3 vs 3" and float(rows["kd"]["Holm p"].lstrip("<")) >= float(rows["kd"]["p"].lstrip("<"))
+    assert rows["kd"]["seeds"] == "3 vs 3"
+    assert float(rows["kd"]["Holm p"].lstrip("<")) >= float(rows["kd"]["p"].lstrip("<"))
     assert rows["one"]["verdict"] == "n/a (one seed: no variance estimate)" and rows["one"]["p"] == "—"
     assert rows["unfinished"]["verdict"] == "no finished run"
     assert compare_to(runs, "unfinished")[0]["verdict"] == "unfinished has no finished run"
