@@ -1,5 +1,5 @@
 #!/bin/sh
-# Give every close verdict its seeds: run the first command `report.py --close-commands` lists,
+# Give every close verdict its seeds: run the first (cheapest) command `report.py --close-commands` lists,
 # then read the list again (new seeds can settle verdicts or make others close), until every
 # command listed has run once in this call. Arguments go to accuracy.py (e.g. --workers 1 --threads 1);
 # PYTHON names the interpreter (default: python). Resumable like accuracy.py: rerun after a stop.

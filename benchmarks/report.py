@@ -262,7 +262,7 @@ def section_summary(found: dict[str, Any], analysed: dict[tuple[str, str], CellS
     missing = [f"{p} {r}" for p, r in expected_cells(cells) if (p, r) not in cells]
     lines += [method_of_test(test), ""]
     lines += sensitivity_lines(analysed, missing)
-    lines += close_verdict_lines(analysed)
+    lines += close_verdict_lines(analysed, cells)
     lines += overview_table(cells, analysed)
     lines += tally_lines(analysed)
     lines += multiplicity_lines(analysed)
@@ -298,32 +298,39 @@ def sensitivity_lines(analysed: dict[tuple[str, str], CellStats], missing: Seque
         f"{pair} {regime} ({', '.join(baselines)} beat ce)" for (pair, regime), baselines in sensitive) + ".", ""]
 
 
-def close_verdict_lines(analysed: dict[tuple[str, str], CellStats]) -> list[str]:
+def close_verdict_lines(analysed: dict[tuple[str, str], CellStats], cells: dict[tuple[str, str], Any]
+                        ) -> list[str]:
     """The close verdicts still on too few seeds, with the command that gives them their seeds."""
     low, high = stats.CLOSE_P
     head = (f"A verdict is *close* when {low} ≤ p ≤ {high}: a few more seeds could move it across "
             f"{stats.ALPHA}, so it wants {stats.SEEDS_WHEN_CLOSE} seeds on each side.")
-    extensions = close_extensions(analysed)
+    extensions = close_extensions(analysed, cells)
     if not extensions:
         return [head + " None is on fewer seeds.", ""]
-    count = sum(len(close) for _, _, close, _ in extensions)
-    lines = [f"- {pair} {regime}: {', '.join(f'{a} vs {b}' for a, b in close)}: `{command}`"
-             for pair, regime, close, command in extensions]
-    return [head + f" {count} close verdicts are on fewer seeds so far; the commands that extend them:", "",
-            *lines, ""]
+    count = sum(len(close) for _, _, close, _, _ in extensions)
+    lines = [f"- {pair} {regime} (about {seconds / 3600:.1f} h of one core): "
+             f"{', '.join(f'{a} vs {b}' for a, b in close)}: `{command}`"
+             for pair, regime, close, seconds, command in extensions]
+    return [head + f" {count} close verdicts are on fewer seeds so far; the commands that extend them, cheapest "
+            "first (the order `benchmarks/extend_close.sh` runs them in; hours from each row's mean run time):",
+            "", *lines, ""]
 
 
-def close_extensions(analysed: dict[tuple[str, str], CellStats]
-                     ) -> list[tuple[str, str, list[tuple[str, str]], str]]:
-    """(pair, regime, its close comparisons on too few seeds, the command that extends them) per cell."""
+def close_extensions(analysed: dict[tuple[str, str], CellStats], cells: dict[tuple[str, str], Any]
+                     ) -> list[tuple[str, str, list[tuple[str, str]], float, str]]:
+    """(pair, regime, its close comparisons on too few seeds, the seconds its missing seeds should take, the
+    command that extends them) per cell, cheapest first: whole cells get settled sooner."""
     extensions = []
     for (pair, regime), s in sorted_cells(analysed):
         close = [key for key, c in s.all_comparisons().items() if c is not None and c.wants_seeds]
         if close:
-            methods = ",".join(dict.fromkeys(m for key in close for m in key))
-            extensions.append((pair, regime, close, f"python benchmarks/accuracy.py --pairs {pair} --regimes "
-                               f"{regime} --methods {methods} --seeds {stats.SEEDS_WHEN_CLOSE}"))
-    return extensions
+            methods = list(dict.fromkeys(m for key in close for m in key))
+            run_seconds = {m: scalar(cells[(pair, regime)]["methods"][m].get("train_time_s")) or 0.0
+                           for m in methods}
+            seconds = sum(max(stats.SEEDS_WHEN_CLOSE - len(s.values[m]), 0) * run_seconds[m] for m in methods)
+            extensions.append((pair, regime, close, seconds, f"python benchmarks/accuracy.py --pairs {pair} "
+                               f"--regimes {regime} --methods {','.join(methods)} --seeds {stats.SEEDS_WHEN_CLOSE}"))
+    return sorted(extensions, key=lambda extension: extension[3])
 
 
 OVERVIEW = (("featkd", "ce"), ("featkd", "kd"), ("featkd", "featkd_std"), ("featkd_default", "featkd"))
@@ -1042,7 +1049,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report.py: error: no results folder {results}", file=sys.stderr)
         return 2
     if args.close_commands:
-        for *_, command in close_extensions(analyse_cells(load_results(results), args.test)):
+        found = load_results(results)
+        for *_, command in close_extensions(analyse_cells(found, args.test), found["accuracy"]):
             print(command)
         return 0
     text = render(results, out, args.test)

@@ -199,6 +199,20 @@ def test_close_verdicts_on_too_few_seeds_are_listed_with_the_command_that_extend
     assert f"{len(close)} close verdicts are on fewer seeds so far" in summary
 
 
+def test_close_extensions_come_cheapest_first_with_the_hours_their_missing_seeds_take():
+    cells = {(PAIR, "full"): accuracy_file("full", FULL), (PAIR, "low"): accuracy_file("full", FULL)}
+    for method in cells[(PAIR, "low")]["methods"].values():
+        method["train_time_s"]["mean"] = 3.0  # the same close verdicts, but runs a third as long
+    analysed = {key: report.analyse(d) for key, d in cells.items()}
+    extensions = report.close_extensions(analysed, cells)
+    assert [regime for _, regime, *_ in extensions] == ["low", "full"]
+    for _, regime, close, seconds, _ in extensions:
+        methods = {m for key in close for m in key}  # 3 seeds each, 2 missing
+        assert seconds == pytest.approx(2 * len(methods) * (3.0 if regime == "low" else 10.0))
+    listed = [line for line in report.close_verdict_lines(analysed, cells) if line.startswith("- ")]
+    assert [line.split(" (about ")[0] for line in listed] == [f"- {PAIR} low", f"- {PAIR} full"]
+
+
 def test_close_commands_option_prints_the_same_commands_and_writes_nothing(results, capsys):
     listed = [line.split(": ")[-1].strip("`") for line in section(render(results), "## Summary").splitlines()
               if line.startswith(f"- {PAIR} ")]
