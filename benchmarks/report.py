@@ -325,9 +325,11 @@ def close_extensions(analysed: dict[tuple[str, str], CellStats], cells: dict[tup
         close = [key for key, c in s.all_comparisons().items() if c is not None and c.wants_seeds]
         if close:
             methods = list(dict.fromkeys(m for key in close for m in key))
-            run_seconds = {m: scalar(cells[(pair, regime)]["methods"][m].get("train_time_s")) or 0.0
-                           for m in methods}
-            seconds = sum(max(stats.SEEDS_WHEN_CLOSE - len(s.values[m]), 0) * run_seconds[m] for m in methods)
+            data = cells[(pair, regime)]
+            extending = data.get("unfinished", {})  # a row getting more seeds: the new ones finished so far
+            run_seconds = {m: scalar(data["methods"][m].get("train_time_s")) or 0.0 for m in methods}
+            run = {m: max(len(s.values[m]), len(seed_points(extending.get(m)))) for m in methods}
+            seconds = sum(max(stats.SEEDS_WHEN_CLOSE - run[m], 0) * run_seconds[m] for m in methods)
             extensions.append((pair, regime, close, seconds, f"python benchmarks/accuracy.py --pairs {pair} "
                                f"--regimes {regime} --methods {','.join(methods)} --seeds {stats.SEEDS_WHEN_CLOSE}"))
     return sorted(extensions, key=lambda extension: extension[3])

@@ -211,6 +211,11 @@ def test_close_extensions_come_cheapest_first_with_the_hours_their_missing_seeds
         assert seconds == pytest.approx(2 * len(methods) * (3.0 if regime == "low" else 10.0))
     listed = [line for line in report.close_verdict_lines(analysed, cells) if line.startswith("- ")]
     assert [line.split(" (about ")[0] for line in listed] == [f"- {PAIR} low", f"- {PAIR} full"]
+    # featkd (in a close verdict) has a 4th seed in already: one run fewer to go
+    cells[(PAIR, "full")]["unfinished"] = {"featkd": method_entry(FULL["featkd"] + [88.1], 12_345)}
+    before = next(seconds for _, regime, _, seconds, _ in extensions if regime == "full")
+    after = next(seconds for _, regime, _, seconds, _ in report.close_extensions(analysed, cells) if regime == "full")
+    assert after == pytest.approx(before - 10.0)
 
 
 def test_close_commands_option_prints_the_same_commands_and_writes_nothing(results, capsys):
