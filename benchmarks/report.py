@@ -326,7 +326,7 @@ def close_extensions(analysed: dict[tuple[str, str], CellStats], cells: dict[tup
         if close:
             methods = list(dict.fromkeys(m for key in close for m in key))
             data = cells[(pair, regime)]
-            extending = data.get("unfinished", {})  # a row getting more seeds: the new ones finished so far
+            extending = data.get("unfinished", {})  # a row getting more seeds: all its seeds run so far
             run_seconds = {m: scalar(data["methods"][m].get("train_time_s")) or 0.0 for m in methods}
             run = {m: max(len(s.values[m]), len(seed_points(extending.get(m)))) for m in methods}
             seconds = sum(max(stats.SEEDS_WHEN_CLOSE - run[m], 0) * run_seconds[m] for m in methods)
