@@ -311,9 +311,10 @@ def close_verdict_lines(analysed: dict[tuple[str, str], CellStats], cells: dict[
     lines = [f"- {pair} {regime} (about {seconds / 3600:.1f} h of one core): "
              f"{', '.join(f'{a} vs {b}' for a, b in close)}: `{command}`"
              for pair, regime, close, seconds, command in extensions]
-    return [head + f" {count} close verdicts are on fewer seeds so far; the commands that extend them, cheapest "
-            "first (the order `benchmarks/extend_close.sh` runs them in; hours from each row's mean run time):",
-            "", *lines, ""]
+    verdicts = "1 close verdict is" if count == 1 else f"{count} close verdicts are"
+    commands = "the command that extends it" if count == 1 else "the commands that extend them"
+    return [head + f" {verdicts} on fewer seeds so far; {commands}, cheapest first (the order "
+            "`benchmarks/extend_close.sh` runs them in; hours from each row's mean run time):", "", *lines, ""]
 
 
 def close_extensions(analysed: dict[tuple[str, str], CellStats], cells: dict[tuple[str, str], Any]

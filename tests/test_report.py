@@ -218,6 +218,14 @@ def test_close_extensions_come_cheapest_first_with_the_hours_their_missing_seeds
     assert after == pytest.approx(before - 10.0)
 
 
+def test_a_single_close_verdict_is_named_in_the_singular(monkeypatch):
+    one = [(PAIR, "full", [("semckd", "ce")], 7200.0, "python benchmarks/accuracy.py --methods semckd,ce")]
+    monkeypatch.setattr(report, "close_extensions", lambda analysed, cells: one)
+    head, _, line, _ = report.close_verdict_lines({}, {})
+    assert "1 close verdict is on fewer seeds so far; the command that extends it, cheapest first" in head
+    assert line == f"- {PAIR} full (about 2.0 h of one core): semckd vs ce: `{one[0][4]}`"
+
+
 def test_close_commands_option_prints_the_same_commands_and_writes_nothing(results, capsys):
     listed = [line.split(": ")[-1].strip("`") for line in section(render(results), "## Summary").splitlines()
               if line.startswith(f"- {PAIR} ")]
